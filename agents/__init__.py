@@ -1,0 +1,20 @@
+"""Everything that chooses a steering command: privileged experts, learned models,
+baselines, behind one stable-baselines3 ``predict`` contract."""
+
+from __future__ import annotations
+
+from agents.baselines import ZerosPolicy
+from agents.experts import ExpertPolicy
+
+BUILTIN_POLICIES = ("expert", "expert:stanley", "expert:pure_pursuit", "zeros")
+
+
+def load_policy(name: str):
+    """A policy from its command-line name: ``expert`` (default law), ``expert:LAW`` or ``zeros``."""
+    if name == "zeros":
+        return ZerosPolicy()
+    if name == "expert":
+        return ExpertPolicy()
+    if name.startswith("expert:"):
+        return ExpertPolicy(name.split(":", 1)[1])
+    raise ValueError(f"unknown policy {name!r}; use one of {BUILTIN_POLICIES}")

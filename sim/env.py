@@ -260,6 +260,22 @@ class LaneKeepEnv(gym.Env):
         self.s = s
         self._update_state()
 
+    def kick_heading(self, delta: float) -> None:
+        """Rotate the car (and its velocity) by ``delta`` [rad] about the vertical, in place."""
+        c, body = self.client, self.vehicle.body_id
+        position, orientation = c.getBasePositionAndOrientation(body)
+        linear, angular = c.getBaseVelocity(body)
+        roll, pitch, yaw = c.getEulerFromQuaternion(orientation)
+        cos, sin = math.cos(delta), math.sin(delta)
+        c.resetBasePositionAndOrientation(body, position, c.getQuaternionFromEuler([roll, pitch, yaw + delta]))
+        c.resetBaseVelocity(body, [cos * linear[0] - sin * linear[1], sin * linear[0] + cos * linear[1], linear[2]],
+                            angular)
+        self._update_state()
+
+    def current_observation(self) -> dict:
+        """The observation of the current state (after the car was moved by a wrapper)."""
+        return self._observation()
+
     # ------------------------------------------------------------------ API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
