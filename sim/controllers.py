@@ -34,9 +34,11 @@ class LaneFeatures:
     front_curvature: float  # [1/m] road curvature at the front axle's projection
     speed: float  # [m/s]
     wheel_angle: float  # [rad] current road-wheel angle
-    lookahead: np.ndarray  # (K, 2) centre-line points at LOOKAHEAD_DISTANCES, rear-axle frame (x fwd, y left)
+    lookahead: np.ndarray | None  # (K, 2) centre-line points at LOOKAHEAD_DISTANCES, rear-axle frame
+    # (x forward, y left); None when the environment was not asked for them
 
     def to_array(self) -> np.ndarray:
+        assert self.lookahead is not None, "lookahead points were not computed (env needs privileged=True)"
         head = [self.offset, self.heading_error, self.front_offset, self.front_heading_error,
                 self.front_curvature, self.speed, self.wheel_angle]
         return np.concatenate([np.asarray(head, np.float64), self.lookahead.reshape(-1)]).astype(np.float32)
@@ -71,19 +73,20 @@ def stanley(features: LaneFeatures, wheelbase: float, max_wheel_angle: float,
     cross_track = features.front_offset - target_offset
     delta = (-STANLEY_HEADING_GAIN * features.front_heading_error
              - math.atan2(STANLEY_K * cross_track, features.speed + STANLEY_SOFT_SPEED))
-    return float(np.clip(delta / max_wheel_angle, -1.0, 1.0))
+    return min(max(delta / max_wheel_angle, -1.0), 1.0)
 
 
 def pure_pursuit(features: LaneFeatures, wheelbase: float, max_wheel_angle: float,
                  target_offset: float = 0.0) -> float:
     """Pure pursuit towards the centre-line point one lookahead distance ahead."""
-    lookahead = float(np.clip(PURE_PURSUIT_LOOKAHEAD_TIME * features.speed, PURE_PURSUIT_MIN_LOOKAHEAD,
-                              PURE_PURSUIT_MAX_LOOKAHEAD))
+    assert features.lookahead is not None, "pure pursuit needs the lookahead points (env privileged=True)"
+    lookahead = min(max(PURE_PURSUIT_LOOKAHEAD_TIME * features.speed, PURE_PURSUIT_MIN_LOOKAHEAD),
+                    PURE_PURSUIT_MAX_LOOKAHEAD)
     x = np.interp(lookahead, LOOKAHEAD_DISTANCES, features.lookahead[:, 0])
     y = np.interp(lookahead, LOOKAHEAD_DISTANCES, features.lookahead[:, 1]) + target_offset
     alpha = math.atan2(y, x)
     delta = math.atan2(2.0 * wheelbase * math.sin(alpha), math.hypot(x, y))
-    return float(np.clip(delta / max_wheel_angle, -1.0, 1.0))
+    return min(max(delta / max_wheel_angle, -1.0), 1.0)
 
 
 CONTROLLERS = {"stanley": stanley, "pure_pursuit": pure_pursuit}

@@ -196,6 +196,8 @@ class LaneKeepEnv(gym.Env):
                                         pitch_deg=cfg.camera_pitch_deg, mount_height=cfg.camera_height)
                              for name in cfg.cameras]
         self.expert_law = controllers.CONTROLLERS[cfg.expert]
+        # The centre-line points ahead cost a little per step; only compute them when read.
+        self.needs_lookahead = cfg.privileged or cfg.expert == "pure_pursuit"
 
         obs_spaces = {
             "image": spaces.Box(0, 255, (height, width, 3), np.uint8),
@@ -270,6 +272,7 @@ class LaneKeepEnv(gym.Env):
         c.resetBasePositionAndOrientation(body, position, c.getQuaternionFromEuler([roll, pitch, yaw + delta]))
         c.resetBaseVelocity(body, [cos * linear[0] - sin * linear[1], sin * linear[0] + cos * linear[1], linear[2]],
                             angular)
+        self.vehicle.refresh()
         self._update_state()
 
     def current_observation(self) -> dict:
@@ -376,10 +379,12 @@ class LaneKeepEnv(gym.Env):
         half = params.wheelbase / 2
         c, s_ = math.cos(yaw), math.sin(yaw)
         front = track.lane_state(x + half * c, y + half * s_, yaw, s_hint=self.s + half)
-        rear = track.lane_state(x - half * c, y - half * s_, yaw, s_hint=max(self.s - half, 0.0))
-        px, py, _ = track.pose(rear.s + controllers.LOOKAHEAD_DISTANCES)
-        dx, dy = px - (x - half * c), py - (y - half * s_)
-        lookahead = np.c_[c * dx + s_ * dy, -s_ * dx + c * dy]
+        lookahead = None
+        if self.needs_lookahead:
+            rear = track.lane_state(x - half * c, y - half * s_, yaw, s_hint=max(self.s - half, 0.0))
+            px, py, _ = track.pose(rear.s + controllers.LOOKAHEAD_DISTANCES)
+            dx, dy = px - (x - half * c), py - (y - half * s_)
+            lookahead = np.stack([c * dx + s_ * dy, -s_ * dx + c * dy], axis=1)
         self.features = controllers.LaneFeatures(
             offset=self.lane.offset, heading_error=self.lane.heading_error, front_offset=front.offset,
             front_heading_error=front.heading_error, front_curvature=front.curvature,
@@ -404,7 +409,7 @@ class LaneKeepEnv(gym.Env):
     def _observation(self) -> dict:
         obs = {
             "image": self.frames[self.camera_specs[0].name],
-            "speed": np.array([np.clip(self.features.speed, -5.0, MAX_SPEED_OBS)], dtype=np.float32),
+            "speed": np.array([min(max(self.features.speed, -5.0), MAX_SPEED_OBS)], dtype=np.float32),
         }
         if self.config.privileged:
             obs["privileged"] = np.clip(self.features.to_array(), -PRIVILEGED_BOUND, PRIVILEGED_BOUND)

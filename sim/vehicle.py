@@ -21,11 +21,12 @@ y left, z up. ``pose()`` reports that point on the ground plane.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pybullet as p
@@ -104,8 +105,8 @@ class CruiseController:
 
     def __call__(self, target_speed: float, speed: float, dt: float) -> float:
         error = target_speed - speed
-        self.integral = float(np.clip(self.integral + error * dt, -MAX_SPEED_INTEGRAL, MAX_SPEED_INTEGRAL))
-        return float(np.clip(KP_SPEED * error + KI_SPEED * self.integral, -1.0, 1.0))
+        self.integral = min(max(self.integral + error * dt, -MAX_SPEED_INTEGRAL), MAX_SPEED_INTEGRAL)
+        return min(max(KP_SPEED * error + KI_SPEED * self.integral, -1.0), 1.0)
 
 
 class SteeringActuator:
@@ -128,7 +129,7 @@ class SteeringActuator:
         delayed = self._queue.popleft()
         target = delayed * self.params.max_wheel_angle
         max_delta = self.params.max_steer_rate * self.control_dt
-        self.angle += float(np.clip(target - self.angle, -max_delta, max_delta))
+        self.angle += min(max(target - self.angle, -max_delta), max_delta)
         return self.angle
 
 
@@ -183,13 +184,14 @@ def vehicle_urdf(params: VehicleParams) -> str:
 
 
 def _urdf_path(params: VehicleParams) -> str:
-    """Write the URDF for ``params`` once per process into a temporary directory."""
-    key = abs(hash(tuple(asdict(params).items())))
-    path = os.path.join(tempfile.gettempdir(), f"steerloop_car_{os.getpid()}_{key:x}.urdf")
+    """Path of the URDF for ``params``, written once into the temp directory (named by content)."""
+    text = vehicle_urdf(params)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"steerloop_car_{digest}.urdf")
     if not os.path.exists(path):
-        tmp = f"{path}.tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            f.write(vehicle_urdf(params))
+            f.write(text)
         os.replace(tmp, path)
     return path
 
@@ -203,6 +205,7 @@ class Vehicle:
         self.control_dt = control_dt
         self.steering = SteeringActuator(params, control_dt)
         self.cruise = CruiseController()
+        self._base, self._pose, self._speed = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0)), (0.0, 0.0, 0.0), 0.0
         self.throttle = 0.0
         self._drive_torque = 0.0
         self.body_id = client.loadURDF(_urdf_path(params), basePosition=[0, 0, params.wheel_radius],
@@ -237,6 +240,7 @@ class Vehicle:
         self.throttle = 0.0
         self._drive_torque = 0.0
         self._set_wheel_angle(0.0)
+        self.refresh()
 
     def _set_wheel_angle(self, angle: float) -> None:
         """Ackermann steering: the inner wheel turns more than the outer one."""
@@ -263,7 +267,7 @@ class Vehicle:
 
     def set_throttle(self, throttle: float) -> None:
         """Throttle in [-1, 1]: drive torque on the rear wheels, or brakes on all four when negative."""
-        self.throttle = float(np.clip(throttle, -1.0, 1.0))
+        self.throttle = min(max(float(throttle), -1.0), 1.0)
         self._drive_torque = max(self.throttle, 0.0) * self.params.max_drive_torque
         brake = max(-self.throttle, 0.0) * self.params.max_drive_torque
         # Brakes act as a velocity motor towards standstill on all four wheels.
@@ -281,23 +285,29 @@ class Vehicle:
         for _ in range(substeps):
             self.client.setJointMotorControlArray(self.body_id, rear, p.TORQUE_CONTROL, forces=torques)
             self.client.stepSimulation()
+        self.refresh()
 
     @property
     def wheel_angle(self) -> float:
         return self.steering.angle
 
+    def refresh(self) -> None:
+        """Read the base state from PyBullet once; ``pose``/``forward_speed``/``base_state`` use it."""
+        position, orientation = self.client.getBasePositionAndOrientation(self.body_id)
+        (vx, vy, _), _ = self.client.getBaseVelocity(self.body_id)
+        yaw = self.client.getEulerFromQuaternion(orientation)[2]
+        self._base = (position, orientation)
+        self._pose = (position[0], position[1], yaw)
+        self._speed = vx * math.cos(yaw) + vy * math.sin(yaw)
+
     def pose(self) -> tuple[float, float, float]:
         """(x [m], y [m], yaw [rad]) of the wheelbase midpoint."""
-        pos, orn = self.client.getBasePositionAndOrientation(self.body_id)
-        yaw = self.client.getEulerFromQuaternion(orn)[2]
-        return pos[0], pos[1], yaw
+        return self._pose
 
     def base_state(self):
         """Position and orientation quaternion of the base link (for cameras)."""
-        return self.client.getBasePositionAndOrientation(self.body_id)
+        return self._base
 
     def forward_speed(self) -> float:
         """Speed along the car's heading [m/s] (negative when reversing)."""
-        (vx, vy, _), _ = self.client.getBaseVelocity(self.body_id)
-        _, _, yaw = self.pose()
-        return vx * math.cos(yaw) + vy * math.sin(yaw)
+        return self._speed
