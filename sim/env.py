@@ -275,6 +275,19 @@ class LaneKeepEnv(gym.Env):
         self.vehicle.refresh()
         self._update_state()
 
+    def shift_lateral(self, delta: float) -> None:
+        """Translate the car ``delta`` [m] sideways (+ = left of the road) keeping its velocity.
+
+        Used by the lateral-push perturbation; the camera frames are refreshed by the next step.
+        """
+        c, body = self.client, self.vehicle.body_id
+        position, orientation = c.getBasePositionAndOrientation(body)
+        heading = self.lane.road_heading
+        moved = [position[0] - delta * math.sin(heading), position[1] + delta * math.cos(heading), position[2]]
+        c.resetBasePositionAndOrientation(body, moved, orientation)
+        self.vehicle.refresh()
+        self._update_state(render_cameras=False)
+
     def current_observation(self) -> dict:
         """The observation of the current state (after the car was moved by a wrapper)."""
         return self._observation()
@@ -370,8 +383,8 @@ class LaneKeepEnv(gym.Env):
             self.client = None
 
     # ------------------------------------------------------------------ internals
-    def _update_state(self) -> None:
-        """Project the car onto the track and compute the expert's lane features."""
+    def _update_state(self, render_cameras: bool = True) -> None:
+        """Project the car onto the track, compute the expert's lane features, render."""
         track, params = self.track, self.vehicle_params
         x, y, yaw = self.vehicle.pose()
         self.lane = track.lane_state(x, y, yaw, s_hint=self.s)
@@ -390,7 +403,8 @@ class LaneKeepEnv(gym.Env):
             front_heading_error=front.heading_error, front_curvature=front.curvature,
             speed=self.vehicle.forward_speed(), wheel_angle=self.vehicle.wheel_angle, lookahead=lookahead)
         self.trail.append((x, y))
-        self._render_cameras()
+        if render_cameras:
+            self._render_cameras()
 
     def _render_cameras(self) -> None:
         position, orientation = self.vehicle.base_state()

@@ -27,8 +27,9 @@ INTERVENTION_THRESHOLD = 1.0  # [m] |offset| that triggers an intervention (NVID
 class Perturbation:
     """One scripted perturbation; the policy is overridden while it acts.
 
-    - ``lateral_push``: the car is steered smoothly (by the expert law towards a moving
-      target line) ``magnitude`` metres sideways (+ = left) over ``duration`` steps;
+    - ``lateral_push``: the car is displaced smoothly (smoothstep profile) ``magnitude``
+      metres sideways (+ = left) over ``duration`` steps while the expert law steers along
+      the displaced line, as comma.ai forces a 0.5 m offset over 25 steps;
     - ``heading_kick``: the car's heading is rotated by ``magnitude`` degrees at once
       (+ = left); the steering command is held for ``duration`` steps;
     - ``steering_pulse``: the steering command is forced to ``magnitude`` for ``duration`` steps.
@@ -122,9 +123,12 @@ class PerturbationWrapper(gym.Wrapper):
             action = np.array(action, dtype=np.float32, copy=True).reshape(-1)
             k = step - q.start_step  # 0 .. duration-1
             if q.kind == "lateral_push":
+                # The car is displaced along a smooth profile while the expert steers along the
+                # displaced line, so it ends the push offset by `magnitude` and aligned with the road.
                 if k == 0:
                     self._push_origin = base.lane.offset
                 target = self._push_origin + q.magnitude * _smoothstep((k + 1) / q.duration)
+                base.shift_lateral(target - base.lane.offset)
                 action[0] = base.expert_command(target_offset=target)
             elif q.kind == "heading_kick":
                 if k == 0:
