@@ -61,6 +61,47 @@ def cmd_drive(args) -> int:
     return 0
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def cmd_record(args) -> int:
+    from sim.log import LogError
+    from sim.track import TrackSpecError
+    from training.record import RecordConfig, record
+
+    try:
+        cfg = RecordConfig(out=args.out, episodes=args.episodes, suite=args.suite, seed=args.seed, track=args.track,
+                           track_length=args.track_length, noise=args.noise, noise_kind=args.noise_kind,
+                           cameras=_csv(args.cameras), conditions=_csv(args.conditions),
+                           resolution=args.resolution, speed=args.speed, expert=args.expert, workers=args.workers)
+        summary = record(cfg, progress=not args.quiet)
+    except (ValueError, TrackSpecError, FileNotFoundError, LogError) as error:
+        print(f"steerloop record: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"steerloop record: interrupted; completed episodes are kept in {args.out}. "
+              "Re-run the same command to record the rest.", file=sys.stderr)
+        return 130
+    print(f"recorded {summary['episodes_recorded']} episode(s), {summary['frames']} frames "
+          f"({summary['frames_per_s']:.0f} frames/s); dataset {summary['out']} holds "
+          f"{summary['episodes_total']} episode(s)")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from sim.log import validate
+
+    problems = validate(args.path)
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{args.path}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{args.path}: valid")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from evaluation.bench import bench_env, format_table
 
@@ -90,6 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     drive.add_argument("--video", default=None, help="write an MP4 of the camera beside the top-down view")
     drive.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     drive.set_defaults(func=cmd_drive)
+
+    rec = sub.add_parser("record", help="record expert driving into a driving log (resumable)")
+    rec.add_argument("--out", required=True, help="dataset directory")
+    rec.add_argument("--episodes", type=int, default=20, help="number of episodes (default 20)")
+    rec.add_argument("--suite", default="train", help="track split: train, val or test (default train)")
+    rec.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
+    rec.add_argument("--track", default=None, help="record on this JSON track spec instead of the suite's tracks")
+    rec.add_argument("--track-length", type=float, default=400.0, help="procedural route length [m]")
+    rec.add_argument("--noise", type=float, default=0.0, help="DART steering noise scale (default 0)")
+    rec.add_argument("--noise-kind", default="gaussian", help="gaussian or ou")
+    rec.add_argument("--cameras", default="center", help="comma-separated: center,left,right")
+    rec.add_argument("--conditions", default="default", help="comma-separated visual conditions")
+    rec.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
+    rec.add_argument("--speed", type=float, default=10.0, help="cruise speed [m/s]")
+    rec.add_argument("--expert", default="stanley", help="expert law: stanley or pure_pursuit")
+    rec.add_argument("--workers", type=int, default=1, help="worker processes (content does not depend on it)")
+    rec.add_argument("--quiet", action="store_true", help="no progress bar")
+    rec.set_defaults(func=cmd_record)
+
+    val = sub.add_parser("validate", help="check a driving log; one line per problem, non-zero exit if any")
+    val.add_argument("path", help="dataset directory")
+    val.set_defaults(func=cmd_validate)
 
     bench = sub.add_parser("bench", help="throughput benchmarks, measured side by side")
     bench.add_argument("target", choices=["env"], help="what to benchmark")

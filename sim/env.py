@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from pybullet_utils import bullet_client
 
 from sim import controllers
 from sim.camera import CAMERA_NAMES, CameraSpec, body_camera_matrices, chase_camera_matrices, render
-from sim.scene import CONDITIONS, build_scene, draw_appearance
+from sim.scene import CONDITIONS, Scene, build_scene, draw_appearance
 from sim.track import Track, generate_track, split_seed
 from sim.vehicle import Vehicle, VehicleParams
 
@@ -119,6 +121,20 @@ class LaneKeepConfig:
                              steer_latency_steps=self.steer_latency_steps)
 
 
+def _direct_client() -> bullet_client.BulletClient:
+    """A headless PyBullet client. PyBullet prints ``argv[0]=`` on C-level stdout when it
+    connects; that line is swallowed so commands printing JSON keep a clean stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            return bullet_client.BulletClient(connection_mode=p.DIRECT)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def load_track(track: int | str | dict | Track, *, length: float = 400.0, lane_width: float = 3.7) -> Track:
     """A Track from a seed, a JSON spec path, a spec dict, or a Track."""
     if isinstance(track, Track):
@@ -210,11 +226,12 @@ class LaneKeepEnv(gym.Env):
         n_actions = 2 if cfg.longitudinal else 1
         self.action_space = spaces.Box(-1.0, 1.0, (n_actions,), np.float32)
 
-        self.client = bullet_client.BulletClient(connection_mode=p.DIRECT)
+        self.client = _direct_client()
         self.track: Track | None = None
         self.vehicle: Vehicle | None = None
         self.appearance = None
-        self.scene_bodies: list[int] = []
+        self.scene: Scene | None = None
+        self._scene_key = None
         self.route_length = 0.0
         self.condition = ""
         self.s = 0.0
@@ -229,15 +246,27 @@ class LaneKeepEnv(gym.Env):
         self.trail: list[tuple[float, float]] = []
 
     # ------------------------------------------------------------------ world
-    def _build_world(self, track: Track) -> None:
-        """Fresh physics world for ``track``: everything from the previous episode is freed."""
+    def _build_world(self, track: Track, condition: str) -> None:
+        """Make the world show ``track`` under ``condition`` with a freshly loaded car.
+
+        The scene geometry is kept when the track and condition are unchanged (PyBullet
+        never frees mesh memory, so rebuilding it every reset would grow the process); the
+        car is always removed and loaded again so no physics state survives a reset.
+        """
         c = self.client
-        c.resetSimulation()
-        c.setGravity(0, 0, -GRAVITY)
-        c.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.config.physics_hz, numSubSteps=0,
-                                    deterministicOverlappingPairs=1)
+        key = (json.dumps(track.to_spec(), sort_keys=True), condition)
+        if key != self._scene_key:
+            c.resetSimulation()
+            c.setGravity(0, 0, -GRAVITY)
+            c.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.config.physics_hz, numSubSteps=0,
+                                        deterministicOverlappingPairs=1)
+            self.scene = build_scene(c, track, condition)
+            self._scene_key = key
+            self.vehicle = None
+        if self.vehicle is not None:
+            c.removeBody(self.vehicle.body_id)
         self.vehicle = Vehicle(c, self.vehicle_params, self.dt)
-        self.scene_bodies = build_scene(c, track, self.appearance, self.np_random)
+        self.scene.apply(c, self.appearance)
         self.track = track
         self.route_length = max(track.length - END_MARGIN, 1.0)
 
@@ -306,7 +335,7 @@ class LaneKeepEnv(gym.Env):
             condition = str(condition[int(self.np_random.integers(len(condition)))])
         self.condition = condition
         self.appearance = draw_appearance(condition, self.np_random)
-        self._build_world(track)
+        self._build_world(track, condition)
 
         self.steps = 0
         self.time = 0.0

@@ -12,6 +12,7 @@ environment's ``np_random``, so studies can hold whole conditions out.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,9 @@ import pybullet as p
 from sim.camera import Lighting
 from sim.track import Track
 
-MESH_STEP = 1.0  # [m] spacing of road cross-sections along the centre line
+MESH_STEP = 1.0  # [m] resolution at which cross-sections are chosen
+MESH_MAX_TURN = 0.05  # [rad] heading change between road cross-sections (chord error < 2 cm at 8 m width)
+MESH_MAX_STEP = 25.0  # [m] longest distance between cross-sections on a straight
 LINE_WIDTH = 0.15  # [m] painted line width
 SHOULDER = 0.6  # [m] asphalt beyond the edge lines
 DASH_LENGTH = 3.0  # [m]
@@ -39,23 +42,22 @@ class Appearance:
     sky: tuple[float, float, float]
     edge_line: tuple[float, float, float]
     centre_line: tuple[float, float, float]
-    marking_keep: float  # fraction of painted line pieces that survive (worn markings < 1)
     lighting: Lighting
 
 
-# name -> (base colours, colour jitter, marking_keep range, lighting)
+# name -> base colours (jittered per reset), fraction of line pieces kept (worn markings), lighting
 CONDITIONS = {
     "default": dict(asphalt=(0.33, 0.33, 0.35), ground=(0.30, 0.52, 0.22), sky=(0.55, 0.72, 0.95),
-                    edge=(0.95, 0.95, 0.95), centre=(0.95, 0.95, 0.95), keep=(1.0, 1.0),
+                    edge=(0.95, 0.95, 0.95), centre=(0.95, 0.95, 0.95), keep=1.0,
                     light=Lighting()),
     "dusk": dict(asphalt=(0.30, 0.28, 0.32), ground=(0.28, 0.36, 0.22), sky=(0.98, 0.62, 0.45),
-                 edge=(0.90, 0.86, 0.78), centre=(0.90, 0.86, 0.78), keep=(1.0, 1.0),
+                 edge=(0.90, 0.86, 0.78), centre=(0.90, 0.86, 0.78), keep=1.0,
                  light=Lighting(direction=(1.0, 0.2, 0.25), color=(1.0, 0.78, 0.62), ambient=0.55, diffuse=0.35)),
     "worn": dict(asphalt=(0.38, 0.37, 0.36), ground=(0.36, 0.50, 0.25), sky=(0.60, 0.70, 0.85),
-                 edge=(0.70, 0.70, 0.66), centre=(0.70, 0.70, 0.66), keep=(0.45, 0.7),
+                 edge=(0.70, 0.70, 0.66), centre=(0.70, 0.70, 0.66), keep=0.55,
                  light=Lighting(ambient=0.65, diffuse=0.4)),
     "desert": dict(asphalt=(0.25, 0.24, 0.24), ground=(0.80, 0.68, 0.48), sky=(0.70, 0.82, 0.98),
-                   edge=(0.95, 0.95, 0.90), centre=(0.95, 0.80, 0.20), keep=(1.0, 1.0),
+                   edge=(0.95, 0.95, 0.90), centre=(0.95, 0.80, 0.20), keep=1.0,
                    light=Lighting(direction=(0.1, -0.3, 1.0), ambient=0.7, diffuse=0.45)),
 }
 COLOUR_JITTER = 0.04  # [-] uniform jitter of each colour channel
@@ -71,8 +73,25 @@ def draw_appearance(condition: str, np_random: np.random.Generator) -> Appearanc
         return tuple(float(v) for v in np.clip(np.asarray(rgb) + np_random.uniform(-1, 1, 3) * COLOUR_JITTER, 0, 1))
 
     return Appearance(asphalt=jitter(c["asphalt"]), ground=jitter(c["ground"]), sky=c["sky"],
-                      edge_line=jitter(c["edge"]), centre_line=jitter(c["centre"]),
-                      marking_keep=float(np_random.uniform(*c["keep"])), lighting=c["light"])
+                      edge_line=jitter(c["edge"]), centre_line=jitter(c["centre"]), lighting=c["light"])
+
+
+def _sections(track: Track) -> np.ndarray:
+    """Arc lengths of road cross-sections: dense where the road bends, sparse on straights.
+
+    PyBullet keeps about 100-200 bytes per mesh vertex for the life of the process (even
+    across ``resetSimulation``), so the mesh uses as few vertices as the curvature allows.
+    """
+    fine = np.append(np.arange(0.0, track.length, MESH_STEP), track.length)
+    heading = track.pose(fine)[2]
+    turn = np.concatenate([[0.0], np.cumsum(np.abs(np.diff(heading)))])
+    chosen, last_s, last_turn = [0.0], 0.0, 0.0
+    for s, t in zip(fine[1:-1], turn[1:-1]):
+        if t - last_turn >= MESH_MAX_TURN or s - last_s >= MESH_MAX_STEP:
+            chosen.append(s)
+            last_s, last_turn = s, t
+    chosen.append(track.length)
+    return np.asarray(chosen)
 
 
 def _strip(track: Track, s: np.ndarray, left: float, right: float, z: float):
@@ -89,66 +108,97 @@ def _strip(track: Track, s: np.ndarray, left: float, right: float, z: float):
     return vertices, triangles
 
 
-def _pieces(track: Track, starts: np.ndarray, length: float, left: float, right: float, z: float):
+def _pieces(track: Track, sections: np.ndarray, starts: np.ndarray, length: float, left: float, right: float,
+            z: float):
     """Many short ribbons (dashes, worn line pieces) merged into one mesh."""
-    vertices, triangles = [], []
+    vertices, triangles, count = [], [], 0
     for start in starts:
-        s = np.linspace(start, min(start + length, track.length), 3)
-        v, t = _strip(track, s, left, right, z)
-        triangles.append(t + sum(len(x) for x in vertices))
+        end = min(start + length, track.length)
+        inner = sections[(sections > start) & (sections < end)]
+        v, t = _strip(track, np.concatenate([[start], inner, [end]]), left, right, z)
+        triangles.append(t + count)
         vertices.append(v)
+        count += len(v)
     if not vertices:
         return None, None
     return np.concatenate(vertices), np.concatenate(triangles)
 
 
-def _mesh_body(client, vertices, triangles, colour, double_sided=False, collision=-1) -> int:
+def _mesh_body(client, vertices, triangles, double_sided=False, collision=-1) -> int:
     if double_sided:
         triangles = np.concatenate([triangles, triangles[:, ::-1]])
+    # All normals point up: the sky and ground are shaded uniformly whatever the light direction.
     normals = np.tile([0.0, 0.0, 1.0], (len(vertices), 1))
     shape = client.createVisualShape(p.GEOM_MESH, vertices=vertices.tolist(), indices=triangles.reshape(-1).tolist(),
-                                     normals=normals.tolist(), rgbaColor=[*colour, 1.0])
+                                     normals=normals.tolist(), rgbaColor=[1.0, 1.0, 1.0, 1.0])
     return client.createMultiBody(baseMass=0, baseVisualShapeIndex=shape, baseCollisionShapeIndex=collision)
 
 
-def build_scene(client, track: Track, appearance: Appearance, np_random: np.random.Generator) -> list[int]:
-    """Create the road, markings, ground (with the collision plane the car drives on) and
-    sky of ``track``; returns the body ids.
+@dataclass
+class Scene:
+    """Body ids of a built scene, by role; colours are applied by :meth:`apply`."""
 
-    ``np_random`` decides which line pieces are worn away when ``marking_keep`` < 1.
+    asphalt: int
+    edge_lines: list[int]
+    centre_line: int | None
+    ground: int
+    sky: int
+
+    def apply(self, client, appearance: Appearance) -> None:
+        """Paint the scene with ``appearance``'s colours (no new geometry is created)."""
+        paint = [(self.asphalt, appearance.asphalt), (self.ground, appearance.ground), (self.sky, appearance.sky)]
+        paint += [(body, appearance.edge_line) for body in self.edge_lines]
+        if self.centre_line is not None:
+            paint.append((self.centre_line, appearance.centre_line))
+        for body, colour in paint:
+            client.changeVisualShape(body, -1, rgbaColor=[*colour, 1.0])
+
+
+def marking_keep(condition: str) -> float:
+    """Fraction of painted line pieces that survive in ``condition`` (< 1: worn markings)."""
+    return float(CONDITIONS[condition]["keep"])
+
+
+def build_scene(client, track: Track, condition: str) -> Scene:
+    """Create the road, markings, ground (with the collision plane the car drives on) and
+    sky of ``track`` as it looks under ``condition``.
+
+    Which line pieces are worn away is a fixed function of the track and the condition
+    (so a scene can be kept across resets); colours are applied with :meth:`Scene.apply`.
     """
+    keep_fraction = marking_keep(condition)
+    wear = np.random.default_rng([zlib.crc32(track.name.encode()), zlib.crc32(condition.encode())])
     lane = track.lane_width
     right_edge, left_edge = -lane / 2, 1.5 * lane  # [m] road edges relative to the ego-lane centre
-    s = np.append(np.arange(0.0, track.length, MESH_STEP), track.length)
-    bodies = [_mesh_body(client, *_strip(track, s, left_edge + SHOULDER, right_edge - SHOULDER, ROAD_Z),
-                         appearance.asphalt)]
+    sections = _sections(track)
+    asphalt = _mesh_body(client, *_strip(track, sections, left_edge + SHOULDER, right_edge - SHOULDER, ROAD_Z))
 
-    # Solid edge lines, drawn as 3 m pieces so worn conditions can drop some of them.
-    piece_starts = np.arange(0.0, track.length, DASH_LENGTH)
+    edge_lines = []
     for edge, inward in ((right_edge, 1.0), (left_edge, -1.0)):
-        keep = np_random.uniform(size=len(piece_starts)) < appearance.marking_keep
-        v, t = _pieces(track, piece_starts[keep], DASH_LENGTH, max(edge, edge + inward * LINE_WIDTH),
-                       min(edge, edge + inward * LINE_WIDTH), LINE_Z)
+        left, right = max(edge, edge + inward * LINE_WIDTH), min(edge, edge + inward * LINE_WIDTH)
+        if keep_fraction >= 1.0:
+            v, t = _strip(track, sections, left, right, LINE_Z)
+        else:  # worn: 3 m pieces, some of them missing
+            starts = np.arange(0.0, track.length, DASH_LENGTH)
+            v, t = _pieces(track, sections, starts[wear.uniform(size=len(starts)) < keep_fraction], DASH_LENGTH,
+                           left, right, LINE_Z)
         if v is not None:
-            bodies.append(_mesh_body(client, v, t, appearance.edge_line))
+            edge_lines.append(_mesh_body(client, v, t))
     dash_starts = np.arange(0.0, track.length, DASH_PERIOD)
-    keep = np_random.uniform(size=len(dash_starts)) < appearance.marking_keep
-    v, t = _pieces(track, dash_starts[keep], DASH_LENGTH, lane / 2 + LINE_WIDTH / 2, lane / 2 - LINE_WIDTH / 2, LINE_Z)
-    if v is not None:
-        bodies.append(_mesh_body(client, v, t, appearance.centre_line))
+    dash_starts = dash_starts[wear.uniform(size=len(dash_starts)) < keep_fraction]
+    v, t = _pieces(track, sections, dash_starts, DASH_LENGTH, lane / 2 + LINE_WIDTH / 2, lane / 2 - LINE_WIDTH / 2,
+                   LINE_Z)
+    centre_line = _mesh_body(client, v, t) if v is not None else None
 
-    # Ground and a sky box around everything.
+    # Ground (the car drives on its collision plane) and a sky box around everything.
     lo = np.array([track.x.min(), track.y.min()]) - GROUND_MARGIN
     hi = np.array([track.x.max(), track.y.max()]) + GROUND_MARGIN
     corners = np.array([[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]]])
-    ground = np.c_[corners, np.full(4, GROUND_Z)]
-    bodies.append(_mesh_body(client, ground, np.array([[0, 1, 2], [0, 2, 3]]), appearance.ground,
-                             collision=client.createCollisionShape(p.GEOM_PLANE)))
-    client.changeDynamics(bodies[-1], -1, lateralFriction=1.0, rollingFriction=0.0, spinningFriction=0.0)
-    top = np.c_[corners, np.full(4, SKY_HEIGHT)]
-    bottom = np.c_[corners, np.full(4, GROUND_Z - 1.0)]
-    sky_vertices = np.concatenate([top, bottom])
+    ground = _mesh_body(client, np.c_[corners, np.full(4, GROUND_Z)], np.array([[0, 1, 2], [0, 2, 3]]),
+                        collision=client.createCollisionShape(p.GEOM_PLANE))
+    client.changeDynamics(ground, -1, lateralFriction=1.0, rollingFriction=0.0, spinningFriction=0.0)
+    sky_vertices = np.concatenate([np.c_[corners, np.full(4, SKY_HEIGHT)], np.c_[corners, np.full(4, GROUND_Z - 1.0)]])
     walls = [[k, (k + 1) % 4, 4 + (k + 1) % 4, k, 4 + (k + 1) % 4, 4 + k] for k in range(4)]
     sky_triangles = np.array([[0, 1, 2], [0, 2, 3]] + [w[:3] for w in walls] + [w[3:] for w in walls])
-    bodies.append(_mesh_body(client, sky_vertices, sky_triangles, appearance.sky, double_sided=True))
-    return bodies
+    sky = _mesh_body(client, sky_vertices, sky_triangles, double_sided=True)
+    return Scene(asphalt=asphalt, edge_lines=edge_lines, centre_line=centre_line, ground=ground, sky=sky)

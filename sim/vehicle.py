@@ -91,7 +91,7 @@ class VehicleParams:
 # Cruise control gains (throttle per unit speed error).
 KP_SPEED = 0.5  # [1/(m/s)]
 KI_SPEED = 0.2  # [1/m]
-MAX_SPEED_INTEGRAL = 5.0  # [m], anti-windup bound on the integrated speed error
+MAX_SPEED_INTEGRAL = 0.5  # [m], anti-windup bound on the integrated speed error
 
 
 class CruiseController:
@@ -105,8 +105,11 @@ class CruiseController:
 
     def __call__(self, target_speed: float, speed: float, dt: float) -> float:
         error = target_speed - speed
-        self.integral = min(max(self.integral + error * dt, -MAX_SPEED_INTEGRAL), MAX_SPEED_INTEGRAL)
-        return min(max(KP_SPEED * error + KI_SPEED * self.integral, -1.0), 1.0)
+        proportional = KP_SPEED * error
+        # Conditional integration: stop integrating while the output is saturated (anti-windup).
+        if abs(proportional + KI_SPEED * self.integral) < 1.0:
+            self.integral = min(max(self.integral + error * dt, -MAX_SPEED_INTEGRAL), MAX_SPEED_INTEGRAL)
+        return min(max(proportional + KI_SPEED * self.integral, -1.0), 1.0)
 
 
 class SteeringActuator:
@@ -126,7 +129,7 @@ class SteeringActuator:
     def __call__(self, command: float) -> float:
         """Feed this step's command; returns the wheel angle [rad] the actuator now holds."""
         self._queue.append(float(command))
-        delayed = self._queue.popleft()
+        delayed = min(max(self._queue.popleft(), -1.0), 1.0)
         target = delayed * self.params.max_wheel_angle
         max_delta = self.params.max_steer_rate * self.control_dt
         self.angle += min(max(target - self.angle, -max_delta), max_delta)

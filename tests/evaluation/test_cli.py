@@ -1,0 +1,85 @@
+"""End-to-end tests of the ``steerloop`` command line (run as ``python -m evaluation.cli``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import SHORT_SPEC
+
+
+def _run(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "evaluation.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _last_json_line(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def spec_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("cli") / "short.json"
+    path.write_text(json.dumps(SHORT_SPEC))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def drive_json(spec_file) -> subprocess.CompletedProcess:
+    return _run("drive", "--policy", "expert", "--track", spec_file, "--resolution", "16x32", "--json")
+
+
+def test_drive_json_summary(drive_json):
+    assert drive_json.returncode == 0, drive_json.stderr
+    summary = _last_json_line(drive_json.stdout)
+    for key in ("success", "mean_abs_offset_m", "max_abs_offset_m", "departures", "steps"):
+        assert key in summary, key
+    assert summary["success"] is True
+    assert summary["departures"] == 0
+    assert 0 <= summary["mean_abs_offset_m"] <= summary["max_abs_offset_m"] < 0.3
+    assert 100 < summary["steps"] < 300
+    assert summary["track"] == "short" and summary["policy"] == "expert"
+
+
+def test_drive_json_stdout_is_exactly_one_json_object(drive_json):
+    assert drive_json.returncode == 0, drive_json.stderr
+    assert isinstance(json.loads(drive_json.stdout), dict)
+
+
+def test_drive_writes_video(spec_file, tmp_path):
+    video = tmp_path / "out" / "episode.mp4"
+    result = _run("drive", "--policy", "expert", "--track", spec_file, "--resolution", "16x32", "--json",
+                  "--video", str(video))
+    assert result.returncode == 0, result.stderr
+    assert video.is_file() and video.stat().st_size > 1000
+    assert video.read_bytes()[4:8] == b"ftyp"  # an ISO-BMFF (MP4) file
+
+
+def test_drive_missing_track_file_fails_naming_it(tmp_path):
+    missing = tmp_path / "no-such-track.json"
+    result = _run("drive", "--track", str(missing), "--resolution", "16x32", "--json")
+    assert result.returncode != 0
+    assert str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_drive_invalid_track_spec_fails_naming_it(tmp_path):
+    bad = tmp_path / "bad-track.json"
+    bad.write_text('{"segments": [{"type": "spiral", "length": 10}]}')
+    result = _run("drive", "--track", str(bad), "--resolution", "16x32")
+    assert result.returncode != 0
+    assert "bad-track.json" in result.stderr and "spiral" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_env_json():
+    result = _run("bench", "env", "--steps", "20", "--repeats", "1", "--resolution", "16x32", "--json")
+    assert result.returncode == 0, result.stderr
+    bench = _last_json_line(result.stdout)
+    for key in ("render_fps", "physics_steps_per_s", "env_steps_per_s", "env_overhead_ratio"):
+        assert isinstance(bench[key], (int, float)) and bench[key] > 0, key
+    assert bench["resolution"] == [16, 32]

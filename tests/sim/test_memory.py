@@ -1,0 +1,51 @@
+"""Memory soak: many resets, most of them onto new tracks, must not leak."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+from conftest import TINY
+
+from sim.env import LaneKeepEnv
+from sim.track import split_seed
+
+psutil = pytest.importorskip("psutil")
+
+RESETS = 1000
+BASELINE_AFTER = 50
+ALLOWED_GROWTH_MB = 50.0
+N_TRACKS = 40  # distinct procedural tracks cycled through
+
+
+@pytest.mark.slow
+def test_thousand_resets_do_not_leak():
+    process = psutil.Process()
+    env = LaneKeepEnv(track_length=150.0, resolution=TINY, cameras=("center", "left", "right"))
+    zero = np.zeros(1, np.float32)
+    baseline = None
+    rss = []
+    try:
+        for i in range(RESETS):
+            if i % 2:  # alternate: a new procedural track / the track drawn from np_random
+                options = {"track": split_seed("train", i % N_TRACKS)}
+            else:
+                options = None
+            env.reset(seed=i, options=options)
+            for _ in range(3):
+                env.step(zero)
+            env.top_down()
+            if i + 1 == BASELINE_AFTER:
+                gc.collect()
+                baseline = process.memory_info().rss
+            if (i + 1) % 100 == 0:
+                rss.append(process.memory_info().rss)
+    finally:
+        env.close()
+    gc.collect()
+    final = process.memory_info().rss
+    growth_mb = (max([final, *rss]) - baseline) / 2 ** 20
+    assert growth_mb <= ALLOWED_GROWTH_MB, (
+        f"RSS grew {growth_mb:.1f} MB over {RESETS - BASELINE_AFTER} resets "
+        f"(every 100 resets, MB: {[round(r / 2 ** 20) for r in rss]})")
