@@ -16,7 +16,7 @@ import pybullet as p
 
 SIDE_CAMERA_OFFSET = 0.7  # [m] lateral offset of the left/right cameras from the centre camera
 NEAR_PLANE = 0.3  # [m]
-FAR_PLANE = 2500.0  # [m] far enough to see the horizon box
+FAR_PLANE = 9000.0  # [m] beyond the sky box (sim.scene.WORLD_HALF_SIZE) in every direction
 CAMERA_NAMES = ("center", "left", "right")
 
 

@@ -18,7 +18,7 @@ from pybullet_utils import bullet_client
 
 from sim import controllers
 from sim.camera import CAMERA_NAMES, CameraSpec, body_camera_matrices, chase_camera_matrices, render
-from sim.scene import CONDITIONS, Scene, build_scene, draw_appearance
+from sim.scene import CONDITIONS, World, draw_appearance
 from sim.track import Track, generate_track, split_seed
 from sim.vehicle import Vehicle, VehicleParams
 
@@ -230,8 +230,7 @@ class LaneKeepEnv(gym.Env):
         self.track: Track | None = None
         self.vehicle: Vehicle | None = None
         self.appearance = None
-        self.scene: Scene | None = None
-        self._scene_key = None
+        self.world: World | None = None
         self.route_length = 0.0
         self.condition = ""
         self.s = 0.0
@@ -247,26 +246,24 @@ class LaneKeepEnv(gym.Env):
 
     # ------------------------------------------------------------------ world
     def _build_world(self, track: Track, condition: str) -> None:
-        """Make the world show ``track`` under ``condition`` with a freshly loaded car.
+        """Show ``track`` under ``condition`` and load a fresh car.
 
-        The scene geometry is kept when the track and condition are unchanged (PyBullet
-        never frees mesh memory, so rebuilding it every reset would grow the process); the
-        car is always removed and loaded again so no physics state survives a reset.
+        The physics world (ground plane, sky) is created once per environment and road
+        meshes once per distinct track (PyBullet never frees mesh memory); the car is
+        removed and loaded again every reset so no physics state survives an episode.
         """
         c = self.client
-        key = (json.dumps(track.to_spec(), sort_keys=True), condition)
-        if key != self._scene_key:
+        if self.world is None:
             c.resetSimulation()
             c.setGravity(0, 0, -GRAVITY)
             c.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.config.physics_hz, numSubSteps=0,
                                         deterministicOverlappingPairs=1)
-            self.scene = build_scene(c, track, condition)
-            self._scene_key = key
-            self.vehicle = None
+            self.world = World(c)
         if self.vehicle is not None:
             c.removeBody(self.vehicle.body_id)
+        self.world.show(track, json.dumps(track.to_spec(), sort_keys=True), condition)
+        self.world.paint(self.appearance)
         self.vehicle = Vehicle(c, self.vehicle_params, self.dt)
-        self.scene.apply(c, self.appearance)
         self.track = track
         self.route_length = max(track.length - END_MARGIN, 1.0)
 

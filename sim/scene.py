@@ -28,8 +28,9 @@ LINE_WIDTH = 0.15  # [m] painted line width
 SHOULDER = 0.6  # [m] asphalt beyond the edge lines
 DASH_LENGTH = 3.0  # [m]
 DASH_PERIOD = 9.0  # [m] dash + gap
-GROUND_MARGIN = 600.0  # [m] ground extends this far beyond the track's bounding box
-SKY_HEIGHT = 120.0  # [m]
+WORLD_HALF_SIZE = 3000.0  # [m] the ground and sky box span [-3 km, 3 km] around the origin
+GROUND_MARGIN = 600.0  # [m] tracks must stay this far inside the ground so the horizon looks right
+SKY_HEIGHT = 150.0  # [m]
 ROAD_Z, LINE_Z, GROUND_Z = 0.0, 0.01, -0.03  # [m] layer heights (avoid z-fighting)
 
 
@@ -124,34 +125,17 @@ def _pieces(track: Track, sections: np.ndarray, starts: np.ndarray, length: floa
     return np.concatenate(vertices), np.concatenate(triangles)
 
 
-def _mesh_body(client, vertices, triangles, double_sided=False, collision=-1) -> int:
+def _mesh_shape(client, vertices, triangles, double_sided=False) -> int:
     if double_sided:
         triangles = np.concatenate([triangles, triangles[:, ::-1]])
     # All normals point up: the sky and ground are shaded uniformly whatever the light direction.
     normals = np.tile([0.0, 0.0, 1.0], (len(vertices), 1))
-    shape = client.createVisualShape(p.GEOM_MESH, vertices=vertices.tolist(), indices=triangles.reshape(-1).tolist(),
-                                     normals=normals.tolist(), rgbaColor=[1.0, 1.0, 1.0, 1.0])
+    return client.createVisualShape(p.GEOM_MESH, vertices=vertices.tolist(), indices=triangles.reshape(-1).tolist(),
+                                    normals=normals.tolist(), rgbaColor=[1.0, 1.0, 1.0, 1.0])
+
+
+def _body(client, shape: int, collision: int = -1) -> int:
     return client.createMultiBody(baseMass=0, baseVisualShapeIndex=shape, baseCollisionShapeIndex=collision)
-
-
-@dataclass
-class Scene:
-    """Body ids of a built scene, by role; colours are applied by :meth:`apply`."""
-
-    asphalt: int
-    edge_lines: list[int]
-    centre_line: int | None
-    ground: int
-    sky: int
-
-    def apply(self, client, appearance: Appearance) -> None:
-        """Paint the scene with ``appearance``'s colours (no new geometry is created)."""
-        paint = [(self.asphalt, appearance.asphalt), (self.ground, appearance.ground), (self.sky, appearance.sky)]
-        paint += [(body, appearance.edge_line) for body in self.edge_lines]
-        if self.centre_line is not None:
-            paint.append((self.centre_line, appearance.centre_line))
-        for body, colour in paint:
-            client.changeVisualShape(body, -1, rgbaColor=[*colour, 1.0])
 
 
 def marking_keep(condition: str) -> float:
@@ -159,20 +143,27 @@ def marking_keep(condition: str) -> float:
     return float(CONDITIONS[condition]["keep"])
 
 
-def build_scene(client, track: Track, condition: str) -> Scene:
-    """Create the road, markings, ground (with the collision plane the car drives on) and
-    sky of ``track`` as it looks under ``condition``.
+@dataclass(frozen=True)
+class RoadShapes:
+    """Visual shape ids of one track's road under one condition's wear (built once per process)."""
 
-    Which line pieces are worn away is a fixed function of the track and the condition
-    (so a scene can be kept across resets); colours are applied with :meth:`Scene.apply`.
+    asphalt: int
+    edge_lines: tuple[int, ...]
+    centre_line: int | None
+
+
+def build_road_shapes(client, track: Track, condition: str) -> RoadShapes:
+    """Meshes of the road surface and markings of ``track`` as worn under ``condition``.
+
+    Which line pieces are worn away is a fixed function of the track and the condition,
+    so the shapes can be reused for every episode on that track.
     """
     keep_fraction = marking_keep(condition)
     wear = np.random.default_rng([zlib.crc32(track.name.encode()), zlib.crc32(condition.encode())])
     lane = track.lane_width
     right_edge, left_edge = -lane / 2, 1.5 * lane  # [m] road edges relative to the ego-lane centre
     sections = _sections(track)
-    asphalt = _mesh_body(client, *_strip(track, sections, left_edge + SHOULDER, right_edge - SHOULDER, ROAD_Z))
-
+    asphalt = _mesh_shape(client, *_strip(track, sections, left_edge + SHOULDER, right_edge - SHOULDER, ROAD_Z))
     edge_lines = []
     for edge, inward in ((right_edge, 1.0), (left_edge, -1.0)):
         left, right = max(edge, edge + inward * LINE_WIDTH), min(edge, edge + inward * LINE_WIDTH)
@@ -183,22 +174,67 @@ def build_scene(client, track: Track, condition: str) -> Scene:
             v, t = _pieces(track, sections, starts[wear.uniform(size=len(starts)) < keep_fraction], DASH_LENGTH,
                            left, right, LINE_Z)
         if v is not None:
-            edge_lines.append(_mesh_body(client, v, t))
+            edge_lines.append(_mesh_shape(client, v, t))
     dash_starts = np.arange(0.0, track.length, DASH_PERIOD)
     dash_starts = dash_starts[wear.uniform(size=len(dash_starts)) < keep_fraction]
     v, t = _pieces(track, sections, dash_starts, DASH_LENGTH, lane / 2 + LINE_WIDTH / 2, lane / 2 - LINE_WIDTH / 2,
                    LINE_Z)
-    centre_line = _mesh_body(client, v, t) if v is not None else None
+    centre_line = _mesh_shape(client, v, t) if v is not None else None
+    return RoadShapes(asphalt=asphalt, edge_lines=tuple(edge_lines), centre_line=centre_line)
 
-    # Ground (the car drives on its collision plane) and a sky box around everything.
-    lo = np.array([track.x.min(), track.y.min()]) - GROUND_MARGIN
-    hi = np.array([track.x.max(), track.y.max()]) + GROUND_MARGIN
-    corners = np.array([[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]]])
-    ground = _mesh_body(client, np.c_[corners, np.full(4, GROUND_Z)], np.array([[0, 1, 2], [0, 2, 3]]),
-                        collision=client.createCollisionShape(p.GEOM_PLANE))
-    client.changeDynamics(ground, -1, lateralFriction=1.0, rollingFriction=0.0, spinningFriction=0.0)
-    sky_vertices = np.concatenate([np.c_[corners, np.full(4, SKY_HEIGHT)], np.c_[corners, np.full(4, GROUND_Z - 1.0)]])
-    walls = [[k, (k + 1) % 4, 4 + (k + 1) % 4, k, 4 + (k + 1) % 4, 4 + k] for k in range(4)]
-    sky_triangles = np.array([[0, 1, 2], [0, 2, 3]] + [w[:3] for w in walls] + [w[3:] for w in walls])
-    sky = _mesh_body(client, sky_vertices, sky_triangles, double_sided=True)
-    return Scene(asphalt=asphalt, edge_lines=edge_lines, centre_line=centre_line, ground=ground, sky=sky)
+
+class World:
+    """The static world of one PyBullet client: ground plane and sky box (built once), and
+    the road of the current track.
+
+    PyBullet never frees mesh memory (not even on ``resetSimulation``), so road meshes are
+    built once per distinct (track, condition) and kept in ``road_cache``; switching tracks
+    only removes and re-creates the road's bodies from cached shapes.
+    """
+
+    def __init__(self, client):
+        self.client = client
+        half = WORLD_HALF_SIZE
+        corners = np.array([[-half, -half], [half, -half], [half, half], [-half, half]])
+        ground_shape = _mesh_shape(client, np.c_[corners, np.full(4, GROUND_Z)], np.array([[0, 1, 2], [0, 2, 3]]))
+        self.ground = _body(client, ground_shape, collision=client.createCollisionShape(p.GEOM_PLANE))
+        client.changeDynamics(self.ground, -1, lateralFriction=1.0, rollingFriction=0.0, spinningFriction=0.0)
+        sky_vertices = np.concatenate([np.c_[corners, np.full(4, SKY_HEIGHT)],
+                                       np.c_[corners, np.full(4, GROUND_Z - 1.0)]])
+        walls = [[k, (k + 1) % 4, 4 + (k + 1) % 4, k, 4 + (k + 1) % 4, 4 + k] for k in range(4)]
+        sky_triangles = np.array([[0, 1, 2], [0, 2, 3]] + [w[:3] for w in walls] + [w[3:] for w in walls])
+        self.sky = _body(client, _mesh_shape(client, sky_vertices, sky_triangles, double_sided=True))
+        self.road_cache: dict[tuple[str, str], RoadShapes] = {}
+        self.road_key: tuple[str, str] | None = None
+        self.road_bodies: dict[str, list[int]] = {}
+
+    def show(self, track: Track, track_key: str, condition: str) -> None:
+        """Make the road of ``track`` (identified by ``track_key``) under ``condition`` visible."""
+        extent = max(np.abs(track.x).max(), np.abs(track.y).max())
+        if extent > WORLD_HALF_SIZE - GROUND_MARGIN:
+            raise ValueError(
+                f"track {track.name!r} reaches {extent:.0f} m from the origin; the world is "
+                f"{WORLD_HALF_SIZE - GROUND_MARGIN:.0f} m across from the centre: move its start or shorten it")
+        key = (track_key, condition)
+        if key == self.road_key:
+            return
+        for bodies in self.road_bodies.values():
+            for body in bodies:
+                self.client.removeBody(body)
+        if key not in self.road_cache:
+            self.road_cache[key] = build_road_shapes(self.client, track, condition)
+        shapes = self.road_cache[key]
+        self.road_bodies = {
+            "asphalt": [_body(self.client, shapes.asphalt)],
+            "edge_line": [_body(self.client, shape) for shape in shapes.edge_lines],
+            "centre_line": [] if shapes.centre_line is None else [_body(self.client, shapes.centre_line)],
+        }
+        self.road_key = key
+
+    def paint(self, appearance: Appearance) -> None:
+        """Colour everything with ``appearance`` (no new geometry is created)."""
+        paint = [(self.ground, appearance.ground), (self.sky, appearance.sky)]
+        for role, bodies in self.road_bodies.items():
+            paint += [(body, getattr(appearance, role)) for body in bodies]
+        for body, colour in paint:
+            self.client.changeVisualShape(body, -1, rgbaColor=[*colour, 1.0])

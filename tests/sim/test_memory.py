@@ -1,4 +1,9 @@
-"""Memory soak: many resets, most of them onto new tracks, must not leak."""
+"""Memory soak: 1,000 resets cycling over 40 tracks (a track change at every reset) must not leak.
+
+PyBullet keeps every mesh it was given for the life of the process, so each *distinct*
+track costs its road mesh once (about 0.3 MB for 400 m); revisiting a track, changing
+condition colours and reloading the car must cost nothing.
+"""
 
 from __future__ import annotations
 
@@ -28,11 +33,7 @@ def test_thousand_resets_do_not_leak():
     rss = []
     try:
         for i in range(RESETS):
-            if i % 2:  # alternate: a new procedural track / the track drawn from np_random
-                options = {"track": split_seed("train", i % N_TRACKS)}
-            else:
-                options = None
-            env.reset(seed=i, options=options)
+            env.reset(seed=i, options={"track": split_seed("train", i % N_TRACKS)})
             for _ in range(3):
                 env.step(zero)
             env.top_down()
