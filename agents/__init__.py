@@ -3,6 +3,8 @@ baselines, behind one stable-baselines3 ``predict`` contract."""
 
 from __future__ import annotations
 
+import os
+
 from agents.baselines import ZerosPolicy
 from agents.experts import ExpertPolicy
 
@@ -10,11 +12,17 @@ BUILTIN_POLICIES = ("expert", "expert:stanley", "expert:pure_pursuit", "zeros")
 
 
 def load_policy(name: str):
-    """A policy from its command-line name: ``expert`` (default law), ``expert:LAW`` or ``zeros``."""
+    """A policy from its command-line name: ``expert`` (default law), ``expert:LAW``,
+    ``zeros``, or the path of a checkpoint directory."""
     if name == "zeros":
         return ZerosPolicy()
     if name == "expert":
         return ExpertPolicy()
     if name.startswith("expert:"):
         return ExpertPolicy(name.split(":", 1)[1])
-    raise ValueError(f"unknown policy {name!r}; use one of {BUILTIN_POLICIES}")
+    if os.path.exists(name):
+        from agents.checkpoint import load_policy_from_checkpoint
+
+        return load_policy_from_checkpoint(name)
+    raise ValueError(f"unknown policy {name!r}: use one of {BUILTIN_POLICIES} or a checkpoint directory "
+                     "(a path that does not exist was given)")

@@ -89,6 +89,49 @@ def cmd_record(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from agents.checkpoint import CheckpointError
+    from sim.log import LogError
+    from training.train import TrainConfig, train
+
+    try:
+        cfg = TrainConfig(data=args.data, out=args.out, model=args.model, seq_len=args.seq_len, epochs=args.epochs,
+                          batch_frames=args.batch_frames, camera=args.camera, augment=_csv(args.augment),
+                          seed=args.seed, threads=args.threads, lr=args.lr)
+        result = train(cfg, progress_bar=not args.quiet)
+    except (ValueError, LogError, CheckpointError) as error:
+        print(f"steerloop train: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"steerloop train: interrupted; re-run the same command to resume from {args.out}/trainer_state",
+              file=sys.stderr)
+        return 130
+    print(f"best checkpoint: {result['out']}/best  val_rmse {result['val_rmse']:.4f}  "
+          f"(all-zeros {result['zeros_rmse']:.4f}), {result['epochs_run']} epochs, {result['seconds']:.0f} s")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from agents.checkpoint import CheckpointError
+    from evaluation.runner import ResultsError, evaluate, summary_table
+    from evaluation.suites import SuiteError, load_suite
+
+    try:
+        suite = load_suite(args.suite)
+        results = evaluate(args.policy, suite, args.out, workers=args.workers, videos=args.video,
+                           resolution=args.resolution, progress=not args.quiet)
+    except (ValueError, SuiteError, ResultsError, CheckpointError, FileNotFoundError) as error:
+        print(f"steerloop evaluate: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"steerloop evaluate: interrupted; finished scenarios are kept in {args.out}. "
+              "Re-run the same command to finish.", file=sys.stderr)
+        return 130
+    print(summary_table(results))
+    print(f"results: {args.out}/results.json")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from sim.log import validate
 
@@ -149,6 +192,31 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--workers", type=int, default=1, help="worker processes (content does not depend on it)")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
     rec.set_defaults(func=cmd_record)
+
+    tr = sub.add_parser("train", help="behaviour cloning from driving logs (resumable)")
+    tr.add_argument("--data", action="append", required=True, help="dataset directory (repeat for several)")
+    tr.add_argument("--model", default="cnn-lstm", help="pilotnet, cnn-lstm or conv3d-lstm")
+    tr.add_argument("--out", required=True, help="output directory (checkpoints best/ and last/)")
+    tr.add_argument("--seq-len", type=int, default=0, help="window length T (default 1 for pilotnet, 16 otherwise)")
+    tr.add_argument("--epochs", type=int, default=6, help="maximum epochs (default 6)")
+    tr.add_argument("--batch-frames", type=int, default=128, help="frames per optimiser step (default 128)")
+    tr.add_argument("--camera", default="center", help="center, or all (side cameras with corrective labels)")
+    tr.add_argument("--augment", default="shift,jitter", help="comma-separated: side, shift, jitter ('' for none)")
+    tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    tr.add_argument("--seed", type=int, default=0, help="seed (split, init, augmentation)")
+    tr.add_argument("--threads", type=int, default=2, help="torch threads (recorded in the checkpoint)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="closed-loop evaluation of a policy over a scenario suite (resumable)")
+    ev.add_argument("--policy", required=True, help="checkpoint directory, expert, expert:LAW or zeros")
+    ev.add_argument("--suite", default="test", help="smoke, test, recovery, shift, interventions or a suite JSON")
+    ev.add_argument("--out", required=True, help="results directory")
+    ev.add_argument("--workers", type=int, default=1, help="worker processes (results do not depend on it)")
+    ev.add_argument("--video", type=int, default=0, help="write videos of the first N scenarios")
+    ev.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_evaluate)
 
     val = sub.add_parser("validate", help="check a driving log; one line per problem, non-zero exit if any")
     val.add_argument("path", help="dataset directory")

@@ -1,0 +1,259 @@
+"""The closed-loop runner (``steerloop evaluate``): any policy over a scenario suite.
+
+Each scenario runs in a worker process with its own simulator and its own copy of the
+policy; per-scenario results are written as soon as they finish (an interrupted run
+resumes), and everything is assembled in scenario order, so results are bit-identical
+for any number of workers.
+
+Output directory:
+- ``results.json``: schema-versioned results (policy, suite, seeds, versions,
+  per-scenario metrics, aggregates with 95% bootstrap intervals);
+- ``scenarios/<name>.json`` and ``trajectories/<name>.npz``: per-scenario metrics and
+  per-step trajectories (load with ``np.load(path)``; no pickle);
+- ``videos/<name>.mp4`` for the first N scenarios with ``--video N``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from gymnasium.wrappers import TimeLimit
+
+from evaluation.metrics import autonomy_percent, bootstrap_ci, recovery_metrics
+from evaluation.rollout import rollout
+from evaluation.suites import Scenario, Suite
+from sim import MAX_EPISODE_STEPS
+from sim.env import LaneKeepEnv
+from sim.wrappers import InterventionWrapper, PerturbationWrapper
+
+RESULTS_SCHEMA_VERSION = "1.0.0"
+AGGREGATE_KEYS = ("success", "mean_abs_offset_m", "max_abs_offset_m", "rms_heading_error_rad", "departures_per_km",
+                  "time_outside_lane_s", "route_completion", "on_policy_rmse", "smoothness_per_s")
+
+
+def software_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("steerloop", "numpy", "torch", "gymnasium", "pybullet", "stable-baselines3"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def make_env(scenario: Scenario, *, privileged: bool, resolution=(66, 200)):
+    """The scenario's environment: LaneKeep + perturbations / interventions + TimeLimit."""
+    env = LaneKeepEnv(track=scenario.track, condition=scenario.condition, speed=scenario.speed,
+                      track_length=scenario.track_length, resolution=tuple(resolution), privileged=privileged)
+    if scenario.perturbations:
+        env = PerturbationWrapper(env, list(scenario.perturbations))
+    if scenario.interventions:
+        env = InterventionWrapper(env)
+    return TimeLimit(env, MAX_EPISODE_STEPS)
+
+
+def run_scenario(policy, scenario: Scenario, *, resolution=(66, 200), video: str | None = None):
+    """Drive ``policy`` through ``scenario``; returns (metrics dict, trajectory dict)."""
+    env = make_env(scenario, privileged=getattr(policy, "requires_privileged", False), resolution=resolution)
+    try:
+        episode = rollout(env, policy, seed=scenario.seed, video=video)
+        base = env.unwrapped
+        metrics = dict(episode.metrics)
+        metrics.update(off_road=episode.off_road, truncated=episode.truncated, track=episode.info["track"],
+                       route_length_m=episode.info["route_length"])
+        if scenario.perturbations:
+            events = recovery_metrics(episode.trajectory, scenario.perturbations, dt=base.dt,
+                                      departure_threshold=base.config.departure_threshold)
+            reached = [e for e in events if e["reached"]]
+            metrics["recovery_events"] = events
+            metrics["recovery_rate"] = (sum(e["recovered"] for e in reached) / len(events)) if events else None
+        if scenario.interventions:
+            metrics["interventions"] = episode.interventions
+            metrics["autonomy_pct"] = autonomy_percent(episode.interventions, metrics["duration_s"])
+        return metrics, episode.trajectory
+    finally:
+        env.close()
+
+
+# ----------------------------------------------------------------------------- workers
+_POLICY = {}
+
+
+def _worker_init(policy_name: str) -> None:
+    import torch
+
+    from agents import load_policy
+
+    torch.set_num_threads(1)
+    _POLICY["policy"] = load_policy(policy_name)
+
+
+def _worker_run(index: int, scenario: Scenario, resolution, video: str | None):
+    metrics, trajectory = run_scenario(_POLICY["policy"], scenario, resolution=resolution, video=video)
+    return index, metrics, trajectory
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    return value
+
+
+def aggregate(scenario_metrics: list[dict], suite: Suite) -> dict:
+    """Means over scenarios with 95% bootstrap intervals (seeded, deterministic)."""
+    out = {}
+    for key in AGGREGATE_KEYS:
+        values = [float(m[key]) if m.get(key) is not None else None for m in scenario_metrics]
+        point, lo, hi = bootstrap_ci(values)
+        name = "success_rate" if key == "success" else key
+        out[name] = point
+        out[f"{name}_ci95"] = [lo, hi]
+    if suite.has_perturbations:
+        events = [e for m in scenario_metrics for e in m.get("recovery_events", [])]
+        recovered = [float(e["recovered"]) for e in events]
+        out["recovery_rate"], lo, hi = bootstrap_ci(recovered) if recovered else (None, None, None)
+        out["recovery_rate_ci95"] = [lo, hi]
+        times = [e["recovery_time_s"] for e in events if e["recovery_time_s"] is not None]
+        out["median_recovery_time_s"] = float(np.median(times)) if times else None
+        overshoot = [e["overshoot_m"] for e in events if e["overshoot_m"] is not None]
+        out["mean_overshoot_m"] = float(np.mean(overshoot)) if overshoot else None
+        out["perturbations"] = len(events)
+    if suite.has_interventions:
+        values = [m.get("autonomy_pct") for m in scenario_metrics]
+        out["autonomy_pct"], lo, hi = bootstrap_ci(values)
+        out["autonomy_pct_ci95"] = [lo, hi]
+        out["interventions"] = int(sum(m.get("interventions", 0) for m in scenario_metrics))
+    out["scenarios"] = len(scenario_metrics)
+    return out
+
+
+class ResultsError(ValueError):
+    """The output directory holds a different run, or results cannot be compared."""
+
+
+def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 1, videos: int = 0,
+             resolution=(66, 200), progress: bool = True) -> dict:
+    """Run ``policy_name`` over ``suite`` into ``out``; returns the results dict."""
+    from tqdm import tqdm
+
+    from agents import load_policy
+
+    out = Path(out)
+    policy = load_policy(policy_name)  # fail fast on a bad policy, before any work
+    run_id = {"policy": policy_name, "suite": suite.to_dict(), "resolution": list(resolution)}
+    run_file = out / "run.json"
+    if run_file.exists():
+        if json.loads(run_file.read_text()) != _json_safe(run_id):
+            raise ResultsError(f"{out} already holds results of a different run (see {run_file}); "
+                               "choose another --out, nothing was overwritten")
+    elif (out / "results.json").exists():
+        raise ResultsError(f"{out} holds results.json from another run; choose another --out")
+    for sub in ("scenarios", "trajectories", "videos"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(_json_safe(run_id), indent=1, sort_keys=True))
+
+    done = {}
+    for i, scenario in enumerate(suite.scenarios):
+        path = out / "scenarios" / f"{scenario.name}.json"
+        if path.exists() and (out / "trajectories" / f"{scenario.name}.npz").exists():
+            done[i] = json.loads(path.read_text())["metrics"]
+    todo = [i for i in range(len(suite.scenarios)) if i not in done]
+    bar = tqdm(total=len(suite.scenarios), initial=len(done), unit="scenario", desc=f"evaluate {suite.name}",
+               disable=not progress, dynamic_ncols=True)
+    steps, started = 0, time.perf_counter()
+
+    def save(index: int, metrics: dict, trajectory: dict) -> None:
+        nonlocal steps
+        scenario = suite.scenarios[index]
+        np.savez_compressed(out / "trajectories" / f"{scenario.name}.npz", **trajectory)
+        record = {"scenario": scenario.to_dict(), "metrics": _json_safe(metrics)}
+        tmp = out / "scenarios" / f"{scenario.name}.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+        os.replace(tmp, out / "scenarios" / f"{scenario.name}.json")
+        done[index] = record["metrics"]
+        steps += metrics["steps"]
+        bar.set_postfix(steps_per_s=f"{steps / (time.perf_counter() - started):.0f}")
+        bar.update(1)
+
+    def video_for(index: int):
+        return str(out / "videos" / f"{suite.scenarios[index].name}.mp4") if index < videos else None
+
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            import torch
+
+            torch.set_num_threads(1)
+            for i in todo:
+                save(i, *run_scenario(policy, suite.scenarios[i], resolution=resolution, video=video_for(i)))
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context("forkserver"), initializer=_worker_init,
+                                     initargs=(policy_name,)) as pool:
+                pending = {pool.submit(_worker_run, i, suite.scenarios[i], resolution, video_for(i)) for i in todo}
+                try:
+                    while pending:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in finished:
+                            save(*future.result())
+                except BaseException:
+                    for future in pending:
+                        future.cancel()
+                    raise
+    finally:
+        bar.close()
+
+    scenario_metrics = [done[i] for i in range(len(suite.scenarios))]
+    describe = policy.describe() if hasattr(policy, "describe") else {"kind": type(policy).__name__}
+    results = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "policy": {"name": policy_name, **_json_safe(describe)},
+        "suite": suite.name,
+        "seeds": [s.seed for s in suite.scenarios],
+        "resolution": list(resolution),
+        "software": software_versions(),
+        "scenarios": [{"name": s.name, "track": s.track if isinstance(s.track, int) else s.track.get("name"),
+                       "condition": s.condition, "seed": s.seed, "metrics": m}
+                      for s, m in zip(suite.scenarios, scenario_metrics)],
+        "aggregate": aggregate(scenario_metrics, suite),
+    }
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(_json_safe(results), indent=1, sort_keys=True))
+    os.replace(tmp, out / "results.json")
+    return results
+
+
+def summary_table(results: dict) -> str:
+    """The printed summary: success, mean |offset|, departures/km, autonomy, recovery, on-policy RMSE."""
+    agg = results["aggregate"]
+
+    def fmt(key, scale=1.0, digits=3):
+        value = agg.get(key)
+        if value is None:
+            return "-"
+        ci = agg.get(f"{key}_ci95") or [None, None]
+        text = f"{value * scale:.{digits}f}"
+        if ci[0] is not None:
+            text += f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+        return text
+
+    rows = [("success rate", fmt("success_rate", 100, 1) + " %"), ("mean |offset| [m]", fmt("mean_abs_offset_m")),
+            ("departures / km", fmt("departures_per_km", 1, 2)), ("autonomy [%]", fmt("autonomy_pct", 1, 1)),
+            ("recovery rate", fmt("recovery_rate", 100, 1) + (" %" if agg.get("recovery_rate") is not None else "")),
+            ("on-policy RMSE", fmt("on_policy_rmse", 1, 4))]
+    width = max(len(r[0]) for r in rows)
+    head = f"{results['policy']['name']} on {results['suite']} ({agg['scenarios']} scenarios, 95% CI)"
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
