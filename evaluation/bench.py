@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -87,3 +88,173 @@ def format_table(title: str, rows: dict) -> str:
     lines = [title, "-" * (width + 16)]
     lines += [f"{key:<{width}}  {value}" for key, value in rows.items()]
     return "\n".join(lines)
+
+
+def _expert_env_rate(episodes: int, track_length: float, resolution) -> float:
+    """Env steps/s of the clean expert over the recording's own episodes, nothing written."""
+    from agents.experts import ExpertPolicy
+    from training.record import RecordConfig, episode_jobs
+
+    cfg = RecordConfig(out="unused", episodes=episodes, track_length=track_length, resolution=resolution)
+    env = LaneKeepEnv(resolution=resolution, privileged=True, track_length=track_length)
+    expert = ExpertPolicy()
+    steps, start = 0, time.perf_counter()
+    for job in episode_jobs(cfg):
+        obs, info = env.reset(seed=job.reset_seed, options={"track": job.track, "condition": job.condition})
+        terminated = False
+        while not terminated:
+            action, _ = expert.predict(obs)
+            obs, _, terminated, _, info = env.step(action)
+            steps += 1
+    env.close()
+    return steps / (time.perf_counter() - start)
+
+
+def bench_record(episodes: int = 4, track_length: float = 150.0, resolution=(66, 200), repeats: int = 3) -> dict:
+    """Recording frames/s (W=1 and W=2) next to the env's own steps/s, in one run."""
+    import tempfile
+
+    from training.record import RecordConfig, record
+
+    torch.set_num_threads(1)
+    rates = {"env_steps_per_s": [], "record_w1_frames_per_s": [], "record_w2_frames_per_s": []}
+    bytes_per_frame = None
+    for _ in range(repeats):
+        rates["env_steps_per_s"].append(_expert_env_rate(episodes, track_length, resolution))
+        for workers in (1, 2):
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = RecordConfig(out=f"{tmp}/data", episodes=episodes, track_length=track_length,
+                                   resolution=resolution, workers=workers)
+                summary = record(cfg, progress=False)
+                rates[f"record_w{workers}_frames_per_s"].append(summary["frames_per_s"])
+                bytes_per_frame = json.loads(open(f"{tmp}/data/manifest.json").read())["bytes_per_frame"]
+    med = {key: statistics.median(values) for key, values in rates.items()}
+    return {
+        "resolution": list(resolution), "episodes": episodes, "repeats": repeats,
+        **{key: round(value, 1) for key, value in med.items()},
+        "record_over_env_ratio": round(med["record_w1_frames_per_s"] / med["env_steps_per_s"], 3),
+        "target_record_over_env_ratio_min": 0.8,
+        "w2_over_w1_speedup": round(med["record_w2_frames_per_s"] / med["record_w1_frames_per_s"], 3),
+        "target_w2_over_w1_speedup_min": 1.7,
+        "bytes_per_frame": bytes_per_frame,
+        "raw_bytes_per_frame": resolution[0] * resolution[1] * 3,
+    }
+
+
+def bench_train(data: str | None = None, steps: int = 20, repeats: int = 3, seq_len: int = 16,
+                batch_frames: int = 128) -> dict:
+    """cnn-lstm training samples/s through the real pipeline (windows, augmentation,
+    preprocessing) next to the same model on tensors already in memory; and closed-loop
+    stateful per-step inference next to re-running the whole T-frame window."""
+    import tempfile
+
+    from agents.models import ModelConfig, build_model
+    from agents.preprocess import PreprocessConfig
+    from training.data import BatchMaker, load_episodes, windows
+    from training.record import RecordConfig, record
+
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        if data is None:
+            data = f"{tmp}/data"
+            record(RecordConfig(out=data, episodes=2, track_length=150.0), progress=False)
+        episodes, reference = load_episodes([data], ("center",))
+        height, width = reference["resolution"]
+    config = ModelConfig(arch="cnn-lstm", preprocess=PreprocessConfig())
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    from sim.camera import CameraSpec
+
+    make_batch = BatchMaker(episodes, seq_len, config.preprocess, CameraSpec(height=height, width=width),
+                            ("center",), ("shift", "jitter"))
+    all_windows = windows(episodes, list(range(len(episodes))), seq_len, seq_len // 2)
+    per_batch = batch_frames // seq_len
+    rng = np.random.default_rng(0)
+    fixed = make_batch(all_windows[:per_batch], rng)
+
+    def train_step(batch):
+        loss, _ = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def pipeline(n):
+        for i in range(n):
+            idx = rng.integers(0, len(all_windows), per_batch)
+            train_step(make_batch(all_windows[idx], rng))
+
+    def in_memory(n):
+        for _ in range(n):
+            train_step(fixed)
+
+    rates = {"pipeline_samples_per_s": [], "in_memory_samples_per_s": []}
+    for _ in range(repeats):
+        rates["pipeline_samples_per_s"].append(_median_rate(pipeline, steps, 1) * batch_frames)
+        rates["in_memory_samples_per_s"].append(_median_rate(in_memory, steps, 1) * batch_frames)
+    # Inference: one stateful step vs the whole window, batch 1, one thread (closed loop).
+    torch.set_num_threads(1)
+    model.eval()
+    frame = fixed["images"][:1, :1]  # (1, 1, 3, h, w)
+    window = fixed["images"][:1]  # (1, T, 3, h, w)
+    state = model.initial_state(1)
+    with torch.no_grad():
+        step_rate = _median_rate(lambda n: [model.step(frame[:, 0], state) for _ in range(n)], 50, repeats)
+        window_rate = _median_rate(lambda n: [model.predict_sequence(window) for _ in range(n)], 10, repeats)
+    med = {key: statistics.median(values) for key, values in rates.items()}
+    return {
+        "model": "cnn-lstm", "seq_len": seq_len, "batch_frames": batch_frames, "repeats": repeats,
+        **{key: round(value, 1) for key, value in med.items()},
+        "pipeline_over_in_memory_ratio": round(med["pipeline_samples_per_s"] / med["in_memory_samples_per_s"], 3),
+        "target_pipeline_ratio_min": 0.9,
+        "step_ms": round(1000 / step_rate, 3),
+        "window_ms": round(1000 / window_rate, 3),
+        "step_speedup_over_window": round(step_rate / window_rate, 2),
+        "target_step_speedup_min": seq_len / 2,
+    }
+
+
+def bench_eval(scenarios: int = 4, track_length: float = 150.0, repeats: int = 3) -> dict:
+    """Env-only steps/s next to closed-loop steps/s with a cnn-lstm checkpoint, and the
+    speed-up of 2 evaluation workers over 1, in one run."""
+    import tempfile
+
+    from agents.checkpoint import save_checkpoint
+    from agents.models import ModelConfig, build_model
+    from evaluation.runner import evaluate
+    from evaluation.suites import Scenario, Suite, scenario_seed
+    from sim.track import split_seed
+
+    torch.set_num_threads(1)
+    suite = Suite("bench", tuple(Scenario(name=f"bench-{i}", track=split_seed("test", i), track_length=track_length,
+                                          seed=scenario_seed("bench", i)) for i in range(scenarios)))
+    rates = {"env_steps_per_s": [], "closed_loop_w1_steps_per_s": [], "closed_loop_w2_steps_per_s": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        config = ModelConfig(arch="cnn-lstm")
+        save_checkpoint(f"{tmp}/ckpt", build_model(config), config, {"note": "untrained, for benchmarking"})
+        for r in range(repeats):
+            env = LaneKeepEnv(track_length=track_length)
+            steps, start = 0, time.perf_counter()
+            for scenario in suite.scenarios:
+                obs, info = env.reset(seed=scenario.seed, options={"track": scenario.track})
+                terminated = truncated = False
+                while not (terminated or truncated):
+                    obs, _, terminated, truncated, info = env.step(np.array([info["expert_steering"]], np.float32))
+                    steps += 1
+                    truncated = steps % 400 == 0
+            env.close()
+            rates["env_steps_per_s"].append(steps / (time.perf_counter() - start))
+            for workers in (1, 2):
+                start = time.perf_counter()
+                results = evaluate(f"{tmp}/ckpt", suite, f"{tmp}/eval-{r}-{workers}", workers=workers, progress=False)
+                total = sum(s["metrics"]["steps"] for s in results["scenarios"])
+                rates[f"closed_loop_w{workers}_steps_per_s"].append(total / (time.perf_counter() - start))
+    med = {key: statistics.median(values) for key, values in rates.items()}
+    return {
+        "scenarios": scenarios, "repeats": repeats, **{key: round(value, 1) for key, value in med.items()},
+        "closed_loop_over_env_ratio": round(med["closed_loop_w1_steps_per_s"] / med["env_steps_per_s"], 3),
+        "target_closed_loop_ratio_min": 0.8,
+        "w2_over_w1_speedup": round(med["closed_loop_w2_steps_per_s"] / med["closed_loop_w1_steps_per_s"], 3),
+        "target_w2_over_w1_speedup_min": 1.7,
+    }

@@ -132,6 +132,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_offline(args) -> int:
+    from agents.checkpoint import CheckpointError
+    from evaluation.offline import evaluate_offline, offline_table
+    from sim.log import LogError
+
+    try:
+        result = evaluate_offline(args.policy, args.data, args.out)
+    except (ValueError, LogError, CheckpointError) as error:
+        print(f"steerloop offline: {error}", file=sys.stderr)
+        return 2
+    print(offline_table(result))
+    if args.out:
+        print(f"written: {args.out}")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from sim.log import validate
 
@@ -146,17 +162,20 @@ def cmd_validate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from evaluation.bench import bench_env, format_table
+    from evaluation.bench import bench_env, bench_eval, bench_record, bench_train, format_table
 
-    if args.target != "env":
-        print(f"steerloop bench: unknown target {args.target!r}; available: env", file=sys.stderr)
-        return 2
-    result = bench_env(steps=args.steps, repeats=args.repeats, resolution=args.resolution)
+    if args.target == "env":
+        result = bench_env(steps=args.steps, repeats=args.repeats, resolution=args.resolution)
+    elif args.target == "record":
+        result = bench_record(episodes=args.episodes, repeats=args.repeats, resolution=args.resolution)
+    elif args.target == "train":
+        result = bench_train(data=args.data, repeats=args.repeats)
+    else:
+        result = bench_eval(scenarios=args.episodes, repeats=args.repeats)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
-        print(format_table(f"bench env ({result['resolution'][0]}x{result['resolution'][1]}, "
-                           f"median of {result['repeats']} x {result['steps_per_repeat']} steps)", result))
+        print(format_table(f"bench {args.target} (medians of {result['repeats']} repeats)", result))
     return 0
 
 
@@ -218,14 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)
 
+    off = sub.add_parser("offline", help="offline metrics on held-out logs, beside the all-zeros predictor")
+    off.add_argument("--policy", required=True, help="checkpoint directory or zeros")
+    off.add_argument("--data", required=True, help="held-out dataset directory")
+    off.add_argument("--out", default=None, help="write the metrics as JSON here")
+    off.set_defaults(func=cmd_offline)
+
     val = sub.add_parser("validate", help="check a driving log; one line per problem, non-zero exit if any")
     val.add_argument("path", help="dataset directory")
     val.set_defaults(func=cmd_validate)
 
     bench = sub.add_parser("bench", help="throughput benchmarks, measured side by side")
-    bench.add_argument("target", choices=["env"], help="what to benchmark")
+    bench.add_argument("target", choices=["env", "record", "train", "eval"], help="what to benchmark")
+    bench.add_argument("--episodes", type=int, default=4, help="record/eval: episodes or scenarios per repeat")
+    bench.add_argument("--data", default=None, help="train: dataset to read (default: a small fresh recording)")
     bench.add_argument("--steps", type=int, default=300, help="steps per repeat")
-    bench.add_argument("--repeats", type=int, default=5, help="repeats (the median is reported)")
+    bench.add_argument("--repeats", type=int, default=3, help="repeats (the median is reported)")
     bench.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW")
     bench.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     bench.set_defaults(func=cmd_bench)

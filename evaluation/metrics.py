@@ -33,6 +33,8 @@ def drift_metrics(trajectory: dict, *, dt: float, route_length: float, reached_e
     if n == 0:
         raise ValueError("cannot compute metrics of an empty trajectory (the episode ended at reset)")
     abs_offset = np.abs(offset)
+    # Steps where a perturbation overrode the policy do not count towards its on-policy error.
+    own = ~np.asarray(trajectory.get("policy_overridden", np.zeros(n, bool)), dtype=bool)
     events = departure_events(offset, departure_threshold)
     distance = float(progress[-1] - progress[0]) if n > 1 else 0.0
     first = int(events[0]) if len(events) else None
@@ -52,7 +54,7 @@ def drift_metrics(trajectory: dict, *, dt: float, route_length: float, reached_e
         "distance_to_first_departure_m": float(progress[first]) if first is not None else None,
         "route_completion": float(np.clip(completion_distance / route_length, 0.0, 1.0)),
         "success": bool(reached_end and len(events) == 0),
-        "on_policy_rmse": float(math.sqrt(np.mean((steering - expert) ** 2))),
+        "on_policy_rmse": float(math.sqrt(np.mean((steering[own] - expert[own]) ** 2))) if own.any() else None,
         "smoothness_per_s": float(np.mean(np.abs(np.diff(steering))) / dt) if n > 1 else 0.0,
     }
 

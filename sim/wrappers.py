@@ -18,7 +18,7 @@ RECOVERY_WINDOW = 5.0  # [s] after a perturbation ends, the policy's recovery is
 PUSH_OFFSET = 0.5  # [m] standard lateral push (comma.ai's 0.5 m over 25 steps)
 PUSH_STEPS = 25  # [control steps]
 KICK_DEGREES = 5.0  # [deg] standard heading kick
-PULSE_COMMAND = 0.3  # [-] standard forced steering pulse (normalised command) ...
+PULSE_COMMAND = 0.2  # [-] standard steering pulse, added to the command held when it starts ...
 PULSE_STEPS = 5  # ... held for this many control steps
 INTERVENTION_THRESHOLD = 1.0  # [m] |offset| that triggers an intervention (NVIDIA)
 
@@ -32,7 +32,8 @@ class Perturbation:
       the displaced line, as comma.ai forces a 0.5 m offset over 25 steps;
     - ``heading_kick``: the car's heading is rotated by ``magnitude`` degrees at once
       (+ = left); the steering command is held for ``duration`` steps;
-    - ``steering_pulse``: the steering command is forced to ``magnitude`` for ``duration`` steps.
+    - ``steering_pulse``: the command held when the pulse starts plus ``magnitude`` is forced
+      for ``duration`` steps (a jerk of the wheel on top of whatever the curve needs).
     """
 
     kind: str
@@ -50,7 +51,8 @@ class Perturbation:
         if not math.isfinite(self.magnitude) or self.magnitude == 0:
             raise ValueError(f"perturbation magnitude must be finite and non-zero, got {self.magnitude!r}")
         if self.kind == "steering_pulse" and abs(self.magnitude) > 1:
-            raise ValueError(f"steering_pulse magnitude is a normalised command in [-1, 1], got {self.magnitude}")
+            raise ValueError(f"steering_pulse magnitude is a normalised command offset in [-1, 1], "
+                             f"got {self.magnitude}")
 
     @property
     def end_step(self) -> int:
@@ -136,7 +138,9 @@ class PerturbationWrapper(gym.Wrapper):
                     self._held_command = base.last_command
                 action[0] = self._held_command
             else:
-                action[0] = q.magnitude
+                if k == 0:
+                    self._held_command = base.last_command
+                action[0] = float(np.clip(self._held_command + q.magnitude, -1.0, 1.0))
         obs, reward, terminated, truncated, info = self.env.step(action)
         self.step_count = step
         info.update(perturbation_phase=phase, perturbation_index=index, policy_overridden=overridden)
