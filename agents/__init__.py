@@ -13,13 +13,17 @@ BUILTIN_POLICIES = ("expert", "expert:stanley", "expert:pure_pursuit", "zeros")
 
 def load_policy(name: str):
     """A policy from its command-line name: ``expert`` (default law), ``expert:LAW``,
-    ``zeros``, or the path of a checkpoint directory."""
+    ``zeros``, a checkpoint directory, or a stable-baselines3 model ``.zip``."""
     if name == "zeros":
         return ZerosPolicy()
     if name == "expert":
         return ExpertPolicy()
     if name.startswith("expert:"):
         return ExpertPolicy(name.split(":", 1)[1])
+    if name.endswith(".zip"):
+        from agents.sb3 import SB3Policy
+
+        return SB3Policy(name)
     if os.path.exists(name):
         from agents.checkpoint import load_policy_from_checkpoint
 

@@ -10,6 +10,7 @@ Output directory:
   per-scenario metrics, aggregates with 95% bootstrap intervals);
 - ``scenarios/<name>.json`` and ``trajectories/<name>.npz``: per-scenario metrics and
   per-step trajectories (load with ``np.load(path)``; no pickle);
+- ``plots/<name>.png``: top-down trajectory and lateral offset over time per scenario;
 - ``videos/<name>.mp4`` for the first N scenarios with ``--video N``.
 """
 
@@ -147,7 +148,7 @@ class ResultsError(ValueError):
 
 
 def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 1, videos: int = 0,
-             resolution=(66, 200), progress: bool = True) -> dict:
+             resolution=(66, 200), progress: bool = True, plots: bool = True) -> dict:
     """Run ``policy_name`` over ``suite`` into ``out``; returns the results dict."""
     from tqdm import tqdm
 
@@ -233,6 +234,10 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(_json_safe(results), indent=1, sort_keys=True))
     os.replace(tmp, out / "results.json")
+    if plots:
+        from evaluation.plots import plot_results
+
+        plot_results(out, results, suite)
     return results
 
 
