@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", default="cnn-lstm", help="pilotnet, cnn-lstm or conv3d-lstm")
     tr.add_argument("--out", required=True, help="output directory (checkpoints best/ and last/)")
     tr.add_argument("--seq-len", type=int, default=0, help="window length T (default 1 for pilotnet, 16 otherwise)")
-    tr.add_argument("--epochs", type=int, default=6, help="maximum epochs (default 6)")
+    tr.add_argument("--epochs", type=int, default=4, help="maximum epochs (default 4)")
     tr.add_argument("--batch-frames", type=int, default=128, help="frames per optimiser step (default 128)")
     tr.add_argument("--camera", default="center", help="center, or all (side cameras with corrective labels)")
     tr.add_argument("--augment", default="shift,jitter", help="comma-separated: side, shift, jitter ('' for none)")

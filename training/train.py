@@ -42,7 +42,7 @@ class TrainConfig:
     """Architecture: pilotnet, cnn-lstm or conv3d-lstm."""
     seq_len: int = 0
     """Window length T in steps; 0 picks 1 for pilotnet and 16 for recurrent models."""
-    epochs: int = 6
+    epochs: int = 4
     """Maximum number of epochs (early stopping may end sooner)."""
     batch_frames: int = 128
     """Frames per optimiser step; the batch holds batch_frames // seq_len windows."""

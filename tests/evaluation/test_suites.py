@@ -211,6 +211,14 @@ def test_malformed_user_suite_names_file_and_field(suite_dir, spec, field):
     assert field in message, message
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: evaluation/suites.py:175 accepts a JSON boolean as the speed "
+                                       "(isinstance(True, int)): \"speed\": true becomes 1 m/s")
+def test_boolean_speed_is_refused(suite_dir):
+    path = write_suite(suite_dir, {"tracks": [200001], "speed": True}, "boolspeed.json")
+    with pytest.raises(SuiteError, match="speed"):
+        load_suite(str(path))
+
+
 def test_user_suite_with_bad_json(suite_dir):
     path = write_suite(suite_dir, '{"tracks": [200001],', "broken.json")
     with pytest.raises(SuiteError, match="not valid JSON") as error:

@@ -179,7 +179,7 @@ def test_noise_mode_labels_are_the_expert_command_of_the_visited_state(noisy):
     np.testing.assert_allclose(data["lateral_offset"], np.float32(offsets), atol=1e-5)
 
 
-def test_noise_is_in_the_dataset_config(noisy, tmp_path):
+def test_noise_is_in_the_dataset_config(noisy):
     cfg, _, _ = noisy
     assert read_manifest(cfg.out)["config"]["noise"] == 0.2
     with pytest.raises(LogError, match="different recording"):
