@@ -21,9 +21,7 @@ import math
 import os
 import platform
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from importlib import metadata
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,7 @@ from evaluation.rollout import rollout
 from evaluation.suites import Scenario, Suite
 from sim import MAX_EPISODE_STEPS
 from sim.env import LaneKeepEnv
+from sim.parallel import run_in_processes
 from sim.wrappers import InterventionWrapper, PerturbationWrapper
 
 RESULTS_SCHEMA_VERSION = "1.0.0"
@@ -202,18 +201,9 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
             for i in todo:
                 save(i, *run_scenario(policy, suite.scenarios[i], resolution=resolution, video=video_for(i)))
         else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("forkserver"), initializer=_worker_init,
-                                     initargs=(policy_name,)) as pool:
-                pending = {pool.submit(_worker_run, i, suite.scenarios[i], resolution, video_for(i)) for i in todo}
-                try:
-                    while pending:
-                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for future in finished:
-                            save(*future.result())
-                except BaseException:
-                    for future in pending:
-                        future.cancel()
-                    raise
+            run_in_processes(_worker_run, [(i, suite.scenarios[i], resolution, video_for(i)) for i in todo],
+                             lambda result: save(*result), workers=workers, initializer=_worker_init,
+                             initargs=(policy_name,))
     finally:
         bar.close()
 

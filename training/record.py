@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 
 import numpy as np
 
@@ -21,6 +19,7 @@ from agents.experts import NOISE_KINDS, ExpertPolicy, NoisyExpert
 from sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from sim.env import LaneKeepEnv, load_track
 from sim.log import DrivingLogWriter, EpisodeBuffer
+from sim.parallel import run_in_processes
 from sim.scene import CONDITIONS
 from sim.track import SPLIT_SEED_RANGES, split_seed
 
@@ -197,18 +196,8 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
             for job in jobs:
                 finish(record_episode(cfg, job))
         else:
-            with ProcessPoolExecutor(cfg.workers, mp_context=get_context("forkserver"),
-                                     initializer=_init_worker) as pool:
-                pending = {pool.submit(record_episode, cfg, job) for job in jobs}
-                try:
-                    while pending:
-                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for future in sorted(finished, key=lambda f: f.result()[0].index):
-                            finish(future.result())
-                except BaseException:
-                    for future in pending:
-                        future.cancel()
-                    raise
+            run_in_processes(record_episode, [(cfg, job) for job in jobs], finish, workers=cfg.workers,
+                             initializer=_init_worker)
     finally:
         bar.close()
     elapsed = time.perf_counter() - started
