@@ -77,23 +77,29 @@ def scenario_seed(suite: str, index: int) -> int:
 
 def standard_perturbations(track: Track, speed: float, index: int) -> tuple[Perturbation, ...]:
     """A lateral push, a heading kick and a steering pulse (signs alternating with ``index``),
-    placed at fixed times: alternately where the road is straight and where it curves."""
+    at fixed times chosen alternately where the road is straight and where it curves.
+
+    Each perturbation gets PERTURBATION_SPACING steps (acting + 5 s recovery window +
+    margin); a route too short for all three gets as many as fit, in that order.
+    """
     steps_total = int((track.length - 20.0) / (speed * CONTROL_DT))
-    starts = list(range(FIRST_PERTURBATION_STEP, steps_total - PERTURBATION_SPACING, 20))
     kinds = [Perturbation.push, Perturbation.kick, Perturbation.pulse]
-    chosen, last = [], -PERTURBATION_SPACING
-    for start in starts:
-        if len(chosen) == len(kinds) or start - last < PERTURBATION_SPACING:
-            continue
-        s = start * speed * CONTROL_DT
-        in_curve = abs(float(track.curvature_at(s))) > CURVE_CURVATURE
-        want_curve = (len(chosen) + index) % 2 == 1
-        if in_curve == want_curve or start + PERTURBATION_SPACING * (len(kinds) - len(chosen)) >= steps_total:
-            sign = 1.0 if (len(chosen) + index) % 2 == 0 else -1.0
-            make = kinds[len(chosen)]
-            base = make(start)
-            chosen.append(Perturbation(base.kind, start, sign * base.magnitude, base.duration))
-            last = start
+
+    def in_curve(step: int) -> bool:
+        return abs(float(track.curvature_at(step * speed * CONTROL_DT))) > CURVE_CURVATURE
+
+    chosen, cursor = [], FIRST_PERTURBATION_STEP
+    for k, make in enumerate(kinds):
+        if steps_total - PERTURBATION_SPACING < cursor:
+            break  # not even this one fits
+        # Search for a straight/curve only while the remaining perturbations still fit after it.
+        latest = max(steps_total - PERTURBATION_SPACING * (len(kinds) - k), cursor)
+        want_curve = (k + index) % 2 == 1
+        start = next((t for t in range(cursor, latest + 1, 5) if in_curve(t) == want_curve), cursor)
+        base = make(start)
+        sign = 1.0 if (k + index) % 2 == 0 else -1.0
+        chosen.append(Perturbation(base.kind, start, sign * base.magnitude, base.duration))
+        cursor = start + PERTURBATION_SPACING
     return tuple(chosen)
 
 
@@ -172,7 +178,7 @@ def load_suite_file(path: str | Path) -> Suite:
         if condition not in CONDITIONS:
             raise SuiteError(f"{path}: conditions[{i}] {condition!r} is unknown; choose from {sorted(CONDITIONS)}")
     speed = spec.get("speed", DEFAULT_SPEED)
-    if not isinstance(speed, (int, float)) or not 0 < speed <= 40:
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed <= 40:
         raise SuiteError(f"{path}: 'speed' must be a number in (0, 40] m/s, got {speed!r}")
     interventions = spec.get("interventions", False)
     if not isinstance(interventions, bool):

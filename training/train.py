@@ -188,8 +188,6 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
         if previous != run_config:
             raise ValueError(f"{out} holds a run with a different configuration ({config_file}); "
                              "use another --out, or delete it to start over")
-    out.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(json.dumps(run_config, indent=1, sort_keys=True))
 
     # Data: episodes in memory, split by episode.
     episodes, reference = load_episodes(cfg.data, cfg.cameras)
@@ -205,6 +203,8 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
                              pitch_deg=sim_config.get("camera_pitch_deg", 8.0),
                              mount_height=sim_config.get("camera_height", 1.4))
     model_config = cfg.model_config()
+    out.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(json.dumps(run_config, indent=1, sort_keys=True))  # the data checked out: claim --out
     make_batch = BatchMaker(episodes, T, model_config.preprocess, camera_spec, cfg.cameras, cfg.augment)
 
     # Model and optimiser.

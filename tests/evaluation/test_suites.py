@@ -79,9 +79,6 @@ def test_recovery_suite_perturbs_every_scenario():
         assert ordered[0].start_step >= 60  # the start of the route is left alone
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: standard_perturbations places only 2 of its 3 kinds on some test "
-                                       "tracks (recovery-06, recovery-10): the forced-placement bound "
-                                       "`start + SPACING * remaining >= steps_total` fires too late")
 def test_recovery_suite_has_a_push_a_kick_and_a_pulse_everywhere():
     for scenario in builtin_suite("recovery").scenarios:
         kinds = sorted(q.kind for q in scenario.perturbations)
@@ -211,8 +208,6 @@ def test_malformed_user_suite_names_file_and_field(suite_dir, spec, field):
     assert field in message, message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: evaluation/suites.py:175 accepts a JSON boolean as the speed "
-                                       "(isinstance(True, int)): \"speed\": true becomes 1 m/s")
 def test_boolean_speed_is_refused(suite_dir):
     path = write_suite(suite_dir, {"tracks": [200001], "speed": True}, "boolspeed.json")
     with pytest.raises(SuiteError, match="speed"):

@@ -32,7 +32,7 @@ def test_standard_perturbations():
     push, kick, pulse = Perturbation.push(10), Perturbation.kick(10, -5.0), Perturbation.pulse(10)
     assert (push.kind, push.magnitude, push.duration, push.end_step) == ("lateral_push", PUSH_OFFSET, PUSH_STEPS, 35)
     assert (kick.kind, kick.magnitude, kick.duration) == ("heading_kick", -5.0, 1)
-    assert (pulse.kind, pulse.magnitude) == ("steering_pulse", 0.3)
+    assert (pulse.kind, pulse.magnitude) == ("steering_pulse", 0.2)
     assert Perturbation(**push.to_dict()) == push
 
 
@@ -82,9 +82,10 @@ def test_phases_and_policy_override(make_env):
     assert phases[9 + recovery:] == [PHASE_NONE] * 5
     assert indices == [-1] * 4 + [0] * (5 + recovery) + [-1] * 5
     assert overridden == [p == PHASE_ACTING for p in phases]
+    held = steering[3]  # the command executed on the step before the pulse
     for k, (executed, wanted, forced) in enumerate(zip(steering, policy, overridden)):
-        if forced:
-            assert executed == pytest.approx(0.3), k
+        if forced:  # the pulse adds its magnitude to the command held when it started
+            assert executed == pytest.approx(held + 0.2, abs=1e-6), k
         else:
             assert executed == pytest.approx(wanted), k
 

@@ -172,8 +172,6 @@ def test_episodes_shorter_than_the_window_are_refused(dataset, tmp_path):
         train(cfg, progress_bar=False)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: training/train.py:191-192 writes train_config.json before the data "
-                                       "are checked, so a run refused before training locks its --out")
 def test_a_run_refused_before_training_does_not_lock_its_out(dataset, tmp_path):
     out = tmp_path / "retry"
     with pytest.raises(ValueError, match="seq-len"):
