@@ -119,7 +119,7 @@ def cmd_evaluate(args) -> int:
     try:
         suite = load_suite(args.suite)
         results = evaluate(args.policy, suite, args.out, workers=args.workers, videos=args.video,
-                           resolution=args.resolution, progress=not args.quiet)
+                           resolution=args.resolution, progress=not args.quiet, batch=args.batch)
     except (ValueError, SuiteError, ResultsError, CheckpointError, FileNotFoundError) as error:
         print(f"steerloop evaluate: {error}", file=sys.stderr)
         return 2
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="results directory")
     ev.add_argument("--workers", type=int, default=1, help="worker processes (results do not depend on it)")
     ev.add_argument("--video", type=int, default=0, help="write videos of the first N scenarios")
+    ev.add_argument("--batch", type=int, default=4, help="scenarios stepped in lockstep with batched inference")
     ev.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)

@@ -28,7 +28,7 @@ import numpy as np
 from gymnasium.wrappers import TimeLimit
 
 from evaluation.metrics import autonomy_percent, bootstrap_ci, recovery_metrics
-from evaluation.rollout import rollout
+from evaluation.rollout import rollout_batch
 from evaluation.suites import Scenario, Suite
 from sim import MAX_EPISODE_STEPS
 from sim.env import LaneKeepEnv
@@ -36,6 +36,7 @@ from sim.parallel import run_in_processes
 from sim.wrappers import InterventionWrapper, PerturbationWrapper
 
 RESULTS_SCHEMA_VERSION = "1.0.0"
+DEFAULT_BATCH = 4  # scenarios per lockstep group (batched inference)
 AGGREGATE_KEYS = ("success", "mean_abs_offset_m", "max_abs_offset_m", "rms_heading_error_rad", "departures_per_km",
                   "time_outside_lane_s", "route_completion", "on_policy_rmse", "smoothness_per_s")
 
@@ -61,27 +62,38 @@ def make_env(scenario: Scenario, *, privileged: bool, resolution=(66, 200)):
     return TimeLimit(env, MAX_EPISODE_STEPS)
 
 
-def run_scenario(policy, scenario: Scenario, *, resolution=(66, 200), video: str | None = None):
-    """Drive ``policy`` through ``scenario``; returns (metrics dict, trajectory dict)."""
-    env = make_env(scenario, privileged=getattr(policy, "requires_privileged", False), resolution=resolution)
+def _scenario_metrics(scenario: Scenario, env, episode) -> dict:
+    base = env.unwrapped
+    metrics = dict(episode.metrics)
+    metrics.update(off_road=episode.off_road, truncated=episode.truncated, track=episode.info["track"],
+                   route_length_m=episode.info["route_length"])
+    if scenario.perturbations:
+        events = recovery_metrics(episode.trajectory, scenario.perturbations, dt=base.dt,
+                                  departure_threshold=base.config.departure_threshold)
+        metrics["recovery_events"] = events
+        metrics["recovery_rate"] = sum(e["recovered"] for e in events) / len(events)
+    if scenario.interventions:
+        metrics["interventions"] = episode.interventions
+        metrics["autonomy_pct"] = autonomy_percent(episode.interventions, metrics["duration_s"])
+    return metrics
+
+
+def run_group(policy, scenarios: list[Scenario], *, resolution=(66, 200), videos=None) -> list[tuple[dict, dict]]:
+    """Drive ``policy`` through ``scenarios`` in lockstep (batched inference); returns
+    (metrics, trajectory) per scenario."""
+    privileged = getattr(policy, "requires_privileged", False)
+    envs = [make_env(scenario, privileged=privileged, resolution=resolution) for scenario in scenarios]
     try:
-        episode = rollout(env, policy, seed=scenario.seed, video=video)
-        base = env.unwrapped
-        metrics = dict(episode.metrics)
-        metrics.update(off_road=episode.off_road, truncated=episode.truncated, track=episode.info["track"],
-                       route_length_m=episode.info["route_length"])
-        if scenario.perturbations:
-            events = recovery_metrics(episode.trajectory, scenario.perturbations, dt=base.dt,
-                                      departure_threshold=base.config.departure_threshold)
-            reached = [e for e in events if e["reached"]]
-            metrics["recovery_events"] = events
-            metrics["recovery_rate"] = (sum(e["recovered"] for e in reached) / len(events)) if events else None
-        if scenario.interventions:
-            metrics["interventions"] = episode.interventions
-            metrics["autonomy_pct"] = autonomy_percent(episode.interventions, metrics["duration_s"])
-        return metrics, episode.trajectory
+        episodes = rollout_batch(envs, policy, seeds=[s.seed for s in scenarios], videos=videos)
+        return [(_scenario_metrics(s, env, ep), ep.trajectory) for s, env, ep in zip(scenarios, envs, episodes)]
     finally:
-        env.close()
+        for env in envs:
+            env.close()
+
+
+def run_scenario(policy, scenario: Scenario, *, resolution=(66, 200), video: str | None = None):
+    """Drive ``policy`` through one ``scenario``; returns (metrics dict, trajectory dict)."""
+    return run_group(policy, [scenario], resolution=resolution, videos=[video])[0]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -97,9 +109,9 @@ def _worker_init(policy_name: str) -> None:
     _POLICY["policy"] = load_policy(policy_name)
 
 
-def _worker_run(index: int, scenario: Scenario, resolution, video: str | None):
-    metrics, trajectory = run_scenario(_POLICY["policy"], scenario, resolution=resolution, video=video)
-    return index, metrics, trajectory
+def _worker_run(indices: list[int], scenarios: list[Scenario], resolution, videos):
+    results = run_group(_POLICY["policy"], scenarios, resolution=resolution, videos=videos)
+    return [(i, metrics, trajectory) for i, (metrics, trajectory) in zip(indices, results)]
 
 
 def _json_safe(value):
@@ -147,15 +159,23 @@ class ResultsError(ValueError):
 
 
 def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 1, videos: int = 0,
-             resolution=(66, 200), progress: bool = True, plots: bool = True) -> dict:
-    """Run ``policy_name`` over ``suite`` into ``out``; returns the results dict."""
+             resolution=(66, 200), progress: bool = True, plots: bool = True, batch: int = DEFAULT_BATCH) -> dict:
+    """Run ``policy_name`` over ``suite`` into ``out``; returns the results dict.
+
+    Scenarios run in fixed groups of ``batch`` (scenarios 0..batch-1, batch..2*batch-1, ...)
+    that step in lockstep with one batched ``predict`` per step; groups are spread over
+    ``workers`` processes. Group composition never depends on ``workers``, so results are
+    bit-identical for any number of workers.
+    """
     from tqdm import tqdm
 
     from agents import load_policy
 
     out = Path(out)
     policy = load_policy(policy_name)  # fail fast on a bad policy, before any work
-    run_id = {"policy": policy_name, "suite": suite.to_dict(), "resolution": list(resolution)}
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    run_id = {"policy": policy_name, "suite": suite.to_dict(), "resolution": list(resolution), "batch": batch}
     run_file = out / "run.json"
     if run_file.exists():
         if json.loads(run_file.read_text()) != _json_safe(run_id):
@@ -193,16 +213,25 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     def video_for(index: int):
         return str(out / "videos" / f"{suite.scenarios[index].name}.mp4") if index < videos else None
 
+    groups = [list(range(g, min(g + batch, len(suite.scenarios)))) for g in range(0, len(suite.scenarios), batch)]
+    groups = [g for g in groups if any(i in todo for i in g)]  # a group is re-run whole, so resumes match
+
+    def save_group(results) -> None:
+        for index, metrics, trajectory in results:
+            if index in todo:
+                save(index, metrics, trajectory)
+
+    jobs = [(g, [suite.scenarios[i] for i in g], tuple(resolution), [video_for(i) for i in g]) for g in groups]
     try:
-        if workers <= 1 or len(todo) <= 1:
+        if workers <= 1 or len(jobs) <= 1:
             import torch
 
             torch.set_num_threads(1)
-            for i in todo:
-                save(i, *run_scenario(policy, suite.scenarios[i], resolution=resolution, video=video_for(i)))
+            for indices, scenarios, res, video_paths in jobs:
+                results = run_group(policy, scenarios, resolution=res, videos=video_paths)
+                save_group([(i, m, t) for i, (m, t) in zip(indices, results)])
         else:
-            run_in_processes(_worker_run, [(i, suite.scenarios[i], resolution, video_for(i)) for i in todo],
-                             lambda result: save(*result), workers=workers, initializer=_worker_init,
+            run_in_processes(_worker_run, jobs, save_group, workers=workers, initializer=_worker_init,
                              initargs=(policy_name,))
     finally:
         bar.close()
@@ -215,6 +244,7 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
         "suite": suite.name,
         "seeds": [s.seed for s in suite.scenarios],
         "resolution": list(resolution),
+        "batch": batch,
         "software": software_versions(),
         "scenarios": [{"name": s.name, "track": s.track if isinstance(s.track, int) else s.track.get("name"),
                        "condition": s.condition, "seed": s.seed, "metrics": m}
