@@ -1,371 +1,1189 @@
-"""Driving logs: a durable dataset format for recorded driving sequences.
+"""Durable, reproducible on-disk driving logs.
 
-A dataset is a directory holding one HDF5 file per episode plus ``manifest.json``:
+A *driving log* is a directory holding one HDF5 file per episode plus a
+``manifest.json`` describing the recording::
 
-    DIR/manifest.json
-    DIR/episode_000000.h5
-    DIR/episode_000001.h5 ...
+    <out>/
+        manifest.json
+        episode_000000.h5
+        episode_000001.h5
+        ...
 
-Each episode file (readable with plain h5py) holds, for N steps:
+Episode file schema (schema version :data:`SCHEMA_VERSION`)
+----------------------------------------------------------
+Every episode file is a plain HDF5 file readable with ``h5py`` alone.  For an
+episode of ``N`` steps it contains
 
-- ``frames/<camera>``: uint8 (N, H, W, 3) RGB, gzip-compressed losslessly in chunks of
-  one frame, so a window of T steps is read without decoding the whole episode;
-- one 1-D dataset of length N per entry of :data:`SERIES` (dtype, unit, valid range);
-- root attributes: ``schema_version``, ``episode``, ``attrs`` (JSON of the recorder's
-  metadata: track, seed, condition, ...).
+* ``frames/<camera>``: ``uint8`` array of shape ``(N, H, W, 3)`` (RGB), one
+  dataset per camera listed in the manifest.  Stored with chunks of shape
+  ``(1, H, W, 3)`` so a window of ``T`` steps decodes only ``T`` chunks, and
+  compressed losslessly with gzip level 1 (see *Compression* below).
+* one 1-D dataset of length ``N`` per entry of :data:`SCALAR_FIELDS` (name,
+  dtype, unit and valid range are defined there; each dataset also carries
+  ``unit`` and ``description`` attributes).
+* root attributes: ``schema_version``, ``episode`` (index), ``track``,
+  ``seed``, ``condition`` and any extra metadata given by the recorder.
+  Strings, booleans, integers and floats are stored natively; anything else
+  (``None``, lists, dicts such as a track spec) is stored as a JSON string.
+  The manifest keeps the original JSON values under ``episodes[i].attrs``.
 
-Durability: an episode is written to ``episode_XXXXXX.h5.tmp``, flushed, fsynced and
-renamed only when complete; the manifest is rewritten atomically (tmp + fsync + rename)
-after every episode. Killing the writer at any moment leaves every completed episode
-intact and the manifest consistent; stale ``.tmp`` files are ignored and replaced.
+Durability
+----------
+An episode is serialised in memory, written to ``episode_XXXXXX.h5.tmp``,
+fsynced and renamed into place with :func:`os.replace`; only then is the
+manifest rewritten (temporary file + fsync + ``os.replace`` + directory
+fsync).  Killing the process at any moment therefore leaves every episode
+listed in the manifest intact.  Leftovers of an interrupted write (``*.tmp``
+files, or a renamed episode file the manifest does not list yet) are ignored
+by the reader, reported as notes by :func:`validate` and re-recorded on
+resume; the writer removes stale ``*.tmp`` files when it opens the directory.
+Several writer processes may share one directory: manifest updates are
+serialised with an advisory lock on the directory and a ``*.tmp`` file being
+written is locked, so it is never mistaken for a stale one (POSIX only).
+
+Reproducibility
+---------------
+Files are written with the oldest HDF5 format (``libver=("earliest",
+"v110")``), without object timestamps and with objects created in sorted
+order, so identical content always yields byte-identical episode files (and
+identical sha256 in the manifest), whichever process wrote them.  The manifest
+is written with sorted keys; two recordings of the same content differ only in
+``created``.
+
+Compression
+-----------
+Chosen by measuring write throughput (h5py 3.16 / HDF5 2.0, one core) on
+66x200 road-like renders (sky gradient, perspective checker grass, shaded
+road, anti-aliased lane lines), per frame:
+
+==========  ===========  =========
+filter      write time   size
+==========  ===========  =========
+none        0.04 ms      39.6 KB
+lzf         0.14 ms      6.1 KB
+gzip 1      0.16 ms      4.0 KB
+gzip 2      0.17 ms      3.9 KB
+gzip 4      0.32 ms      3.7 KB
+==========  ===========  =========
+
+On flat-shaded frames gzip 1 is both faster and smaller than lzf (0.08 ms,
+1.1 KB vs 0.10 ms, 1.8 KB); only on sensor-noise-like content (+-1 grey level
+everywhere) does it slow to ~0.6 ms (lzf 0.3 ms).  gzip 1 is used: well
+within the 0.5 ms/frame budget on rendered frames, ~35 % smaller than lzf
+and, unlike lzf, readable by any HDF5 tool.  Byte shuffling is not used: it
+is a no-op for 1-byte elements.  The complete write path
+(:meth:`EpisodeBuffer.append` + :meth:`DrivingLogWriter.write_episode`,
+including sha256, fsync and the manifest update) costs ~0.22 ms per 66x200
+frame, ~3.9 KB per frame on disk.
+
+Manifest
+--------
+``manifest.json`` holds ``schema_version``, ``created`` (set once),
+``software`` (python, numpy, h5py, hdf5, steerloop versions), ``config``
+(the recording command's configuration), ``cameras``, ``resolution``
+``[H, W]``, ``suite``, ``seeds``, ``extra``, ``frame_storage`` (chunking and
+filter), ``bytes_per_frame`` (mean compressed frame size) and ``episodes``:
+``{"<index>": {"file", "length", "sha256", "bytes", "frame_bytes", "attrs"}}``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime as _dt
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from importlib import metadata
-from pathlib import Path
-from typing import Sequence
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
 import h5py
 import numpy as np
 
+try:  # advisory locks; unavailable on Windows, where a directory has one writer.
+    import fcntl
+except ImportError:  # pragma: no cover - platform dependent
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SCALAR_FIELDS",
+    "SERIES",
+    "FieldSpec",
+    "FRAME_COMPRESSION",
+    "FRAME_COMPRESSION_LEVEL",
+    "MANIFEST",
+    "LogError",
+    "CorruptEpisodeError",
+    "EpisodeBuffer",
+    "DrivingLogWriter",
+    "DrivingLog",
+    "episode_file",
+    "validate",
+]
+
 SCHEMA_VERSION = "1.0.0"
+"""Semantic version of the on-disk format.  Readers refuse a newer MAJOR."""
+
 MANIFEST = "manifest.json"
-FRAME_COMPRESSION = {"compression": "gzip", "compression_opts": 1}  # lossless; ~3x on road frames
-STEERING_RANGE = (-1.0, 1.0)
+TMP_SUFFIX = ".tmp"
+FRAME_COMPRESSION = "gzip"
+FRAME_COMPRESSION_LEVEL = 1
+_LIBVER = ("earliest", "v110")
+_EPISODE_RE = re.compile(r"^episode_(\d{6,})\.h5$")
+_REQUIRED_ATTRS = ("track", "seed", "condition")
+_RESERVED_ATTRS = ("schema_version", "episode")
+_CAMERA_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_DEFAULT_MAX_OPEN = 64
 
 
-@dataclass(frozen=True)
-class Series:
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """Schema of one per-step scalar series.
+
+    ``low``/``high`` are inclusive bounds (``None`` = unbounded); ``allowed``
+    restricts an integer series to a set of codes.  Floating-point series must
+    always be finite.
+    """
+
     dtype: str
     unit: str
-    low: float = -np.inf
-    high: float = np.inf
+    description: str
+    low: float | None = None
+    high: float | None = None
+    allowed: tuple[int, ...] | None = None
+
+    def range_text(self) -> str:
+        """Human-readable valid range, e.g. ``[-1, 1]`` or ``{0, 1, 2}``."""
+        if self.allowed is not None:
+            return "{" + ", ".join(str(v) for v in self.allowed) + "}"
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"[{low}, {high}]"
 
 
-# The per-step scalar series of an episode: name -> dtype, unit, valid range (inclusive).
-SERIES = {
-    "steering": Series("float32", "normalised command, executed", *STEERING_RANGE),
-    "expert_steering": Series("float32", "normalised command, clean expert label", *STEERING_RANGE),
-    "speed": Series("float32", "m/s", 0.0 - 1.0, 60.0),
-    "throttle": Series("float32", "normalised throttle", -1.0, 1.0),
-    "x": Series("float64", "m"),
-    "y": Series("float64", "m"),
-    "yaw": Series("float64", "rad"),
-    "lateral_offset": Series("float32", "m, + = left"),
-    "heading_error": Series("float32", "rad", -np.pi, np.pi),
-    "progress": Series("float64", "m", 0.0),
-    "curvature": Series("float32", "1/m"),
-    "time": Series("float64", "s", 0.0),
-    "wheel_angle": Series("float32", "rad", -1.6, 1.6),
-    "perturbation_phase": Series("int8", "0 none, 1 acting, 2 recovery window", 0, 2),
-}
+SCALAR_FIELDS: Mapping[str, FieldSpec] = MappingProxyType(
+    {
+        "steering": FieldSpec("float32", "1", "executed normalised steering command", -1.0, 1.0),
+        "expert_steering": FieldSpec("float32", "1", "clean expert steering label", -1.0, 1.0),
+        "speed": FieldSpec("float32", "m/s", "vehicle speed", 0.0, None),
+        "throttle": FieldSpec("float32", "1", "executed normalised throttle", -1.0, 1.0),
+        "x": FieldSpec("float64", "m", "world x position"),
+        "y": FieldSpec("float64", "m", "world y position"),
+        "yaw": FieldSpec("float64", "rad", "world heading"),
+        "lateral_offset": FieldSpec("float32", "m", "signed offset from lane centre, + = left"),
+        "heading_error": FieldSpec("float32", "rad", "heading relative to the lane direction"),
+        "progress": FieldSpec("float64", "m", "arc length travelled along the track"),
+        "curvature": FieldSpec("float32", "1/m", "signed track curvature at the vehicle"),
+        "time": FieldSpec("float64", "s", "simulation time"),
+        "wheel_angle": FieldSpec("float32", "rad", "front wheel steering angle"),
+        "perturbation_phase": FieldSpec(
+            "int8", "code", "0 none, 1 perturbation acting, 2 recovery window", allowed=(0, 1, 2)
+        ),
+    }
+)
+"""The single definition of the per-step scalar series (writer and validator)."""
+
+SERIES = SCALAR_FIELDS
+"""Alias of :data:`SCALAR_FIELDS` kept for existing callers."""
 
 
 class LogError(Exception):
-    """A dataset cannot be written or read; the message names the directory or file."""
+    """Problem with a driving-log directory or one of its episode files."""
 
 
 class CorruptEpisodeError(LogError):
-    """An episode file is truncated, corrupted or fails its checksum."""
+    """An episode file is missing, truncated or does not match its checksum."""
 
 
-def _major(version: str) -> int:
-    return int(str(version).split(".")[0])
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
 
 
 def episode_file(index: int) -> str:
-    return f"episode_{index:06d}.h5"
+    """File name of episode ``index``, e.g. ``episode_000012.h5``."""
+    return f"episode_{int(index):06d}.h5"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _parse_version(text: Any) -> tuple[int, int, int]:
+    if not isinstance(text, str):
+        raise ValueError(f"schema_version must be a string like '1.0.0', got {text!r}")
+    match = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", text.strip())
+    if match is None:
+        raise ValueError(f"schema_version {text!r} is not a MAJOR.MINOR.PATCH version")
+    return int(match[1]), int(match[2]), int(match[3])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+def _check_version(text: Any, where: str) -> None:
+    """Raise LogError if ``text`` is malformed or of a newer major version."""
+    try:
+        major = _parse_version(text)[0]
+    except ValueError as exc:
+        raise LogError(f"{where}: {exc}; the manifest is damaged, re-record the dataset") from None
+    supported = _parse_version(SCHEMA_VERSION)[0]
+    if major > supported:
+        raise LogError(
+            f"{where}: schema_version {text} is newer than this software supports "
+            f"(schema {SCHEMA_VERSION}, major version {supported}); upgrade steerloop to read it"
+        )
+    if major < supported:
+        raise LogError(
+            f"{where}: schema_version {text} is an older major version than the supported "
+            f"{SCHEMA_VERSION}; re-record the dataset with this version of steerloop"
+        )
+
+
+def _json_normalise(value: Any, what: str) -> Any:
+    """Round-trip ``value`` through strict JSON (so comparisons match disk)."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-serialisable (finite numbers only): {exc}") from None
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, allow_nan=False, separators=(",", ":"))
+
+
+def _fsync_dir(path: str) -> None:
+    if not hasattr(os, "O_DIRECTORY"):  # pragma: no cover - Windows
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def software_versions() -> dict:
-    versions = {"python": platform.python_version(), "numpy": np.__version__, "h5py": h5py.__version__}
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via ``path.tmp`` + fsync + rename + dir fsync."""
+    tmp = path + TMP_SUFFIX
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        versions["steerloop"] = metadata.version("steerloop")
-    except metadata.PackageNotFoundError:
-        versions["steerloop"] = "unknown"
-    return versions
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+@contextlib.contextmanager
+def _dir_lock(path: str) -> Iterator[None]:
+    """Exclusive advisory lock on a directory (serialises manifest updates)."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _software_versions() -> dict[str, str]:
+    try:
+        steerloop = importlib.metadata.version("steerloop")
+    except importlib.metadata.PackageNotFoundError:
+        steerloop = "unknown"
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "steerloop": steerloop,
+    }
+
+
+def _attr_value(value: Any) -> Any:
+    """Map a JSON value onto an HDF5 attribute value (see module docstring)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return np.bool_(value)
+    if isinstance(value, int):
+        return np.int64(value)
+    if isinstance(value, float):
+        return np.float64(value)
+    return _dumps(value)
+
+
+def _check_series(name: str, spec: FieldSpec, data: np.ndarray, length: int | None) -> list[str]:
+    """Problems of one scalar series against its schema entry (no file prefix)."""
+    problems = []
+    if data.dtype != np.dtype(spec.dtype):
+        problems.append(f"{name} has dtype {data.dtype}, expected {spec.dtype}")
+    if data.ndim != 1 or (length is not None and data.shape[0] != length):
+        want = f"({length},)" if length is not None else "1-D"
+        problems.append(f"{name} has shape {data.shape}, expected {want}")
+        return problems
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            problems.append(f"{name} has {bad} non-finite values (NaN or inf)")
+        values = data[np.isfinite(data)]
+    else:
+        values = data
+    if spec.allowed is not None:
+        bad = int(np.count_nonzero(~np.isin(values, spec.allowed)))
+        if bad:
+            problems.append(f"{name} has {bad} values outside {spec.range_text()}")
+    else:
+        outside = np.zeros(values.shape, dtype=bool)
+        if spec.low is not None:
+            outside |= values < spec.low
+        if spec.high is not None:
+            outside |= values > spec.high
+        bad = int(np.count_nonzero(outside))
+        if bad:
+            problems.append(f"{name} has {bad} values outside {spec.range_text()}")
+    return problems
+
+
+def _check_frame_shape(
+    camera: str, dtype: np.dtype, shape: tuple[int, ...], length: int, resolution: Sequence[int]
+) -> list[str]:
+    problems = []
+    if dtype != np.uint8:
+        problems.append(f"frames/{camera} has dtype {dtype}, expected uint8")
+    expected = (length, int(resolution[0]), int(resolution[1]), 3)
+    if tuple(shape) != expected:
+        problems.append(f"frames/{camera} has shape {tuple(shape)}, expected {expected}")
+    return problems
+
+
+def _read_manifest(path: str) -> dict:
+    """Load and sanity-check ``manifest.json``; LogError naming the file otherwise."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise LogError(
+            f"{path} is not a driving log: {MANIFEST} is missing; "
+            "point to a directory created by `steerloop record`"
+        )
+    try:
+        with open(manifest_path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise LogError(
+            f"{manifest_path} is not valid JSON ({exc}); it was edited or damaged outside "
+            "the recorder — restore it or re-record the dataset"
+        ) from None
+    except OSError as exc:
+        raise LogError(f"cannot read {manifest_path}: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise LogError(f"{manifest_path} must contain a JSON object, got {type(manifest).__name__}")
+    _check_version(manifest.get("schema_version"), manifest_path)
+    for key, kind in (("episodes", dict), ("cameras", list), ("resolution", list)):
+        if not isinstance(manifest.get(key), kind):
+            raise LogError(
+                f"{manifest_path}: field {key!r} is missing or not a {kind.__name__}; "
+                "the manifest is damaged — re-record the dataset"
+            )
+    return manifest
+
+
+# --------------------------------------------------------------------------
+# recording
+# --------------------------------------------------------------------------
 
 
 class EpisodeBuffer:
-    """One episode accumulated in memory, step by step."""
+    """Accumulates one episode in memory until it is written.
+
+    Every :meth:`append` must provide one frame per camera (``uint8`` RGB,
+    identical ``(H, W, 3)`` shape for all steps) and exactly the scalar series
+    of :data:`SCALAR_FIELDS` as keyword arguments.  Frames are copied, so a
+    renderer may reuse its output buffer.
+    """
 
     def __init__(self, cameras: Sequence[str]):
-        self.cameras = tuple(cameras)
-        self.frames: dict[str, list[np.ndarray]] = {c: [] for c in self.cameras}
-        self.series: dict[str, list] = {name: [] for name in SERIES}
-
-    def append(self, frames: dict[str, np.ndarray], **scalars) -> None:
-        missing = [c for c in self.cameras if c not in frames]
-        if missing:
-            raise KeyError(f"step is missing frames of cameras {missing}")
-        unknown = sorted(set(scalars) - set(SERIES))
-        absent = sorted(set(SERIES) - set(scalars))
-        if unknown or absent:
-            raise KeyError(f"step series mismatch: unknown {unknown}, missing {absent}; see sim.log.SERIES")
-        for c in self.cameras:
-            self.frames[c].append(frames[c])
-        for name, value in scalars.items():
-            self.series[name].append(value)
+        cameras = list(cameras)
+        if not cameras or len(set(cameras)) != len(cameras):
+            raise ValueError(f"cameras must be a non-empty list of unique names, got {cameras!r}")
+        self.cameras: tuple[str, ...] = tuple(cameras)
+        self._frames: dict[str, list[np.ndarray]] = {cam: [] for cam in self.cameras}
+        self._scalars: dict[str, list[Any]] = {name: [] for name in SCALAR_FIELDS}
+        self._shape: tuple[int, int, int] | None = None
 
     def __len__(self) -> int:
-        return len(self.series["steering"])
+        return len(self._scalars["steering"])
+
+    @property
+    def resolution(self) -> tuple[int, int] | None:
+        """``(H, W)`` of the frames appended so far (``None`` while empty)."""
+        return None if self._shape is None else (self._shape[0], self._shape[1])
+
+    def append(self, frames: Mapping[str, np.ndarray], **scalars: Any) -> None:
+        """Add one step.  Raises ValueError naming the offending camera/field."""
+        step = len(self)
+        if set(frames) != set(self.cameras):
+            raise ValueError(
+                f"step {step}: frames given for cameras {sorted(frames)}, "
+                f"but the episode records {sorted(self.cameras)}; pass exactly one frame per camera"
+            )
+        missing = sorted(set(SCALAR_FIELDS) - set(scalars))
+        unknown = sorted(set(scalars) - set(SCALAR_FIELDS))
+        if missing or unknown:
+            raise ValueError(
+                f"step {step}: scalar fields must be exactly those of sim.log.SCALAR_FIELDS; "
+                f"missing {missing}, unknown {unknown}"
+            )
+        for name, value in scalars.items():
+            if np.ndim(value) != 0:
+                raise ValueError(f"step {step}: {name} must be a scalar, got shape {np.shape(value)}")
+            kind = np.asarray(value).dtype.kind
+            if kind not in "iuf":  # bool, str, object, complex: almost certainly a caller bug
+                raise ValueError(f"step {step}: {name} must be a real number, got {value!r}")
+        checked = {}
+        for cam in self.cameras:
+            frame = np.asarray(frames[cam])
+            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+                raise ValueError(
+                    f"step {step}: frame of camera {cam!r} has dtype {frame.dtype} and shape "
+                    f"{frame.shape}; expected uint8 RGB of shape (H, W, 3)"
+                )
+            if self._shape is None:
+                self._shape = frame.shape
+            elif frame.shape != self._shape:
+                raise ValueError(
+                    f"step {step}: frame of camera {cam!r} has shape {frame.shape}, but earlier "
+                    f"frames are {self._shape}; all cameras must render at one resolution"
+                )
+            checked[cam] = frame.copy()
+        for cam, frame in checked.items():
+            self._frames[cam].append(frame)
+        for name, value in scalars.items():
+            self._scalars[name].append(value.item() if isinstance(value, np.generic | np.ndarray) else value)
+
+    def clear(self) -> None:
+        """Drop all steps (the cameras stay)."""
+        for frames in self._frames.values():
+            frames.clear()
+        for values in self._scalars.values():
+            values.clear()
+        self._shape = None
 
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {name: np.asarray(values, dtype=SERIES[name].dtype) for name, values in self.series.items()}
-        for c in self.cameras:
-            out[f"frames/{c}"] = np.stack(self.frames[c]).astype(np.uint8)
+        """Stacked arrays with the schema dtypes: scalar names and ``frames/<cam>``."""
+        out: dict[str, np.ndarray] = {}
+        for name, spec in SCALAR_FIELDS.items():
+            values = self._scalars[name]
+            if spec.allowed is not None:  # integer codes: refuse silent wrap-around
+                raw = np.asarray(values, dtype=np.float64)
+                if raw.size and (not np.all(np.isfinite(raw)) or np.any(raw != np.round(raw))
+                                 or raw.min() < -128 or raw.max() > 127):
+                    raise ValueError(
+                        f"{name} must hold integer codes {spec.range_text()}, got {sorted(set(values))}"
+                    )
+            out[name] = np.asarray(values, dtype=spec.dtype).reshape(len(values))
+        for cam in self.cameras:
+            if self._frames[cam]:
+                out[f"frames/{cam}"] = np.stack(self._frames[cam])
+            else:
+                out[f"frames/{cam}"] = np.zeros((0, 0, 0, 3), dtype=np.uint8)
         return out
 
 
-def _write_episode_file(path: Path, index: int, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    """Byte-reproducible HDF5: no timestamps, fixed creation order and fixed chunking."""
-    with h5py.File(path, "w", libver=("earliest", "v110"), track_order=False) as f:
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["episode"] = index
-        f.attrs["attrs"] = json.dumps(attrs, sort_keys=True)
-        for name in sorted(arrays):
-            data = arrays[name]
-            if name.startswith("frames/"):
-                f.create_dataset(name, data=data, chunks=(1, *data.shape[1:]), track_times=False,
-                                 **FRAME_COMPRESSION)
-            else:
-                f.create_dataset(name, data=data, track_times=False)
-        f.flush()
-
-
 class DrivingLogWriter:
-    """Writes episodes into a dataset directory; resumes a directory holding the same recording."""
+    """Writes episodes into a driving-log directory, resuming an existing one.
 
-    def __init__(self, path, *, config: dict, cameras: Sequence[str], resolution: tuple[int, int],
-                 suite: str | None = None, seeds=None, extra: dict | None = None):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        manifest_path = self.path / MANIFEST
-        config = json.loads(json.dumps(config, sort_keys=True))
-        if manifest_path.exists():
+    Parameters
+    ----------
+    path:
+        Dataset directory; created if needed.
+    config:
+        The recording command's configuration (tracks, seeds, noise,
+        cameras, ...).  Reopening a directory whose manifest holds a different
+        config raises :class:`LogError` unless ``overwrite_mismatch`` is set.
+    cameras, resolution:
+        Camera names and frame ``(H, W)``; every episode must match.
+    suite, seeds, extra:
+        Stored in the manifest (``extra`` under ``"extra"``).
+    overwrite_mismatch:
+        If the directory holds a *different* recording, discard it: its
+        listed and orphaned episode files and its manifest are deleted and a
+        new recording starts.  Other files are never touched.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        config: dict,
+        cameras: Sequence[str],
+        resolution: tuple[int, int],
+        suite: str | None = None,
+        seeds: dict | list | None = None,
+        extra: dict | None = None,
+        overwrite_mismatch: bool = False,
+    ):
+        self.path = os.fspath(path)
+        self.cameras = tuple(cameras)
+        if not self.cameras or len(set(self.cameras)) != len(self.cameras):
+            raise ValueError(f"cameras must be a non-empty list of unique names, got {list(cameras)!r}")
+        for cam in self.cameras:
+            if not isinstance(cam, str) or not _CAMERA_RE.match(cam):
+                raise ValueError(f"camera name {cam!r} must match {_CAMERA_RE.pattern}")
+        if len(resolution) != 2 or any(int(v) <= 0 for v in resolution):
+            raise ValueError(f"resolution must be (H, W) with positive sizes, got {resolution!r}")
+        self.resolution = (int(resolution[0]), int(resolution[1]))
+        header = {
+            "schema_version": SCHEMA_VERSION,
+            "config": _json_normalise(config, "config"),
+            "cameras": list(self.cameras),
+            "resolution": list(self.resolution),
+            "suite": suite,
+            "seeds": _json_normalise(seeds, "seeds"),
+            "extra": _json_normalise(extra if extra is not None else {}, "extra"),
+            "frame_storage": {
+                "chunks": [1, self.resolution[0], self.resolution[1], 3],
+                "compression": FRAME_COMPRESSION,
+                "compression_opts": FRAME_COMPRESSION_LEVEL,
+                "shuffle": False,
+            },
+        }
+        os.makedirs(self.path, exist_ok=True)
+        with _dir_lock(self.path):
+            manifest_path = os.path.join(self.path, MANIFEST)
+            manifest = None
+            if os.path.exists(manifest_path):
+                manifest = _read_manifest(self.path)
+                if not self._same_recording(manifest, header):
+                    if not overwrite_mismatch:
+                        raise LogError(self._mismatch_message(manifest, header))
+                    self._discard(manifest)
+                    manifest = None
+            else:
+                self._refuse_foreign_directory()
+            self._remove_stale_tmp()
+            if manifest is None:  # a new recording: the manifest exists before any episode
+                manifest = dict(header)
+                manifest.update(
+                    created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    software=_software_versions(),
+                    episodes={},
+                    bytes_per_frame=None,
+                )
+                self._store_manifest(manifest)
+            else:  # resuming: the manifest (creation time, software) is left as it is
+                self._manifest = manifest
+
+    # ---- opening -----------------------------------------------------------
+
+    @staticmethod
+    def _same_recording(manifest: dict, header: dict) -> bool:
+        return all(manifest.get(key) == header[key] for key in ("config", "cameras", "resolution"))
+
+    def _mismatch_message(self, manifest: dict, header: dict) -> str:
+        differing = []
+        for key in ("cameras", "resolution"):
+            if manifest.get(key) != header[key]:
+                differing.append(f"{key}: recorded {manifest.get(key)!r}, requested {header[key]!r}")
+        old, new = manifest.get("config"), header["config"]
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                if old.get(key, "<absent>") != new.get(key, "<absent>"):
+                    differing.append(
+                        f"config[{key!r}]: recorded {old.get(key, '<absent>')!r}, "
+                        f"requested {new.get(key, '<absent>')!r}"
+                    )
+        elif old != new:
+            differing.append(f"config: recorded {old!r}, requested {new!r}")
+        shown = "; ".join(differing[:8]) + ("; ..." if len(differing) > 8 else "")
+        return (
+            f"{self.path} already holds a different recording "
+            f"({len(manifest.get('episodes', {}))} episodes; {shown}). Nothing was changed: "
+            "pick another --out directory, or rerun with the original configuration to resume it"
+        )
+
+    def _refuse_foreign_directory(self) -> None:
+        foreign = sorted(n for n in os.listdir(self.path) if not n.endswith(TMP_SUFFIX))
+        if foreign:
+            listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise LogError(
+                f"{self.path} is not empty ({listed}) but has no {MANIFEST}, so it is not a "
+                "driving log this writer can resume; pick another --out directory (nothing was changed)"
+            )
+
+    def _discard(self, manifest: dict) -> None:
+        """Delete a previous recording's episode files and manifest (overwrite_mismatch)."""
+        names = {e.get("file") for e in manifest["episodes"].values() if isinstance(e, dict)}
+        names |= {n for n in os.listdir(self.path) if _EPISODE_RE.match(n)}
+        for name in sorted(n for n in names if isinstance(n, str) and _EPISODE_RE.match(n)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.path, name))
+        os.remove(os.path.join(self.path, MANIFEST))
+        _fsync_dir(self.path)
+
+    def _remove_stale_tmp(self) -> None:
+        """Remove ``*.tmp`` files no live writer holds (caller holds the dir lock)."""
+        for name in sorted(os.listdir(self.path)):
+            if not name.endswith(TMP_SUFFIX):
+                continue
+            tmp = os.path.join(self.path, name)
             try:
-                manifest = json.loads(manifest_path.read_text())
-            except json.JSONDecodeError as error:
-                raise LogError(f"{manifest_path}: unreadable manifest ({error}); move the directory aside") from None
-            if manifest.get("config") != config:
-                raise LogError(f"{self.path} already holds a different recording (its manifest's config differs); "
-                               "choose another --out (nothing was changed)")
-            self.manifest = manifest
-        else:
-            self.manifest = {
-                "schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(),
-                "software": software_versions(), "config": config, "cameras": list(cameras),
-                "resolution": [int(v) for v in resolution], "suite": suite, "seeds": seeds,
-                "extra": extra or {}, "series": {k: {"dtype": v.dtype, "unit": v.unit} for k, v in SERIES.items()},
-                "episodes": {}, "bytes_per_frame": None,
-            }
-            self._write_manifest()
-        for stale in self.path.glob("*.h5.tmp"):
-            stale.unlink()
+                fd = os.open(tmp, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # another process is writing this episode right now
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                        os.remove(tmp)
+            finally:
+                os.close(fd)
+
+    # ---- manifest ----------------------------------------------------------
+
+    def _store_manifest(self, manifest: dict) -> None:
+        text = json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False) + "\n"
+        _atomic_write(os.path.join(self.path, MANIFEST), text.encode("utf-8"))
+        self._manifest = manifest
+
+    @property
+    def manifest(self) -> dict:
+        """The manifest as last written by this writer."""
+        return self._manifest
 
     def completed(self) -> set[int]:
-        return {int(k) for k, e in self.manifest["episodes"].items() if (self.path / e["file"]).exists()}
+        """Indices of complete episodes: listed in the manifest and present on disk."""
+        manifest = _read_manifest(self.path)
+        done = set()
+        for key, entry in manifest["episodes"].items():
+            try:
+                size = os.path.getsize(os.path.join(self.path, entry["file"]))
+            except (OSError, KeyError, TypeError):
+                continue
+            if size == entry.get("bytes"):
+                done.add(int(key))
+        return done
 
-    def _write_manifest(self) -> None:
-        _atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=1, sort_keys=True))
+    # ---- writing -----------------------------------------------------------
 
     def write_episode(self, index: int, buffer: EpisodeBuffer, attrs: dict) -> dict:
-        if len(buffer) == 0:
-            raise LogError(f"{self.path}: episode {index} has no steps")
-        arrays = buffer.arrays()
+        """Write episode ``index`` durably and register it in the manifest.
+
+        ``attrs`` must contain ``track`` (name, or spec dict), ``seed`` and
+        ``condition`` and may hold any further JSON-serialisable metadata.
+        Returns the manifest entry ``{"file", "length", "sha256", "bytes",
+        "frame_bytes", "attrs"}``.
+        """
+        if isinstance(index, bool) or not isinstance(index, int | np.integer) or index < 0:
+            raise ValueError(f"episode index must be a non-negative int, got {index!r}")
+        index = int(index)
         name = episode_file(index)
-        tmp = self.path / f"{name}.tmp"
-        _write_episode_file(tmp, index, arrays, json.loads(json.dumps(attrs, sort_keys=True)))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / name)
-        frame_bytes = sum(arrays[f"frames/{c}"].size for c in buffer.cameras)
-        size = (self.path / name).stat().st_size
-        entry = {"file": name, "length": len(buffer), "sha256": _sha256(self.path / name), "bytes": size,
-                 "attrs": json.loads(json.dumps(attrs, sort_keys=True))}
-        self.manifest["episodes"][str(index)] = entry
-        n_frames = sum(e["length"] for e in self.manifest["episodes"].values()) * len(buffer.cameras)
-        total = sum(e["bytes"] for e in self.manifest["episodes"].values())
-        self.manifest["bytes_per_frame"] = round(total / max(n_frames, 1), 1)
-        self.manifest["raw_bytes_per_frame"] = frame_bytes // max(len(buffer) * len(buffer.cameras), 1)
-        self._write_manifest()
+        where = f"{self.path}/{name}"
+        if index in self.completed():
+            raise LogError(
+                f"{where} is already complete; skip the indices in writer.completed() "
+                "(delete the file first to re-record it)"
+            )
+        attrs = self._check_attrs(attrs, index, where)
+        arrays = self._check_buffer(buffer, where)
+        image, frame_bytes = self._serialise(index, arrays, attrs)
+        sha = hashlib.sha256(image).hexdigest()
+        self._commit_file(os.path.join(self.path, name), image)
+        entry = {
+            "attrs": attrs,
+            "bytes": len(image),
+            "file": name,
+            "frame_bytes": frame_bytes,
+            "length": len(buffer),
+            "sha256": sha,
+        }
+        with _dir_lock(self.path):  # re-read: other processes may have added episodes
+            manifest = _read_manifest(self.path)
+            manifest["episodes"][str(index)] = entry
+            frames = sum(e["length"] for e in manifest["episodes"].values()) * len(self.cameras)
+            stored = sum(e["frame_bytes"] for e in manifest["episodes"].values())
+            manifest["bytes_per_frame"] = round(stored / frames, 1) if frames else None
+            self._store_manifest(manifest)
         return entry
+
+    def _check_attrs(self, attrs: dict, index: int, where: str) -> dict:
+        if not isinstance(attrs, Mapping):
+            raise ValueError(f"{where}: attrs must be a dict, got {type(attrs).__name__}")
+        missing = [key for key in _REQUIRED_ATTRS if key not in attrs]
+        if missing:
+            raise ValueError(f"{where}: attrs is missing {missing}; every episode records {list(_REQUIRED_ATTRS)}")
+        if "schema_version" in attrs:
+            raise ValueError(f"{where}: attrs['schema_version'] is set by the writer; remove it")
+        if "episode" in attrs and attrs["episode"] != index:
+            raise ValueError(
+                f"{where}: attrs['episode'] is {attrs['episode']!r} but the episode is written as index {index}"
+            )
+        for key in attrs:
+            if not isinstance(key, str) or not key or "/" in key:
+                raise ValueError(f"{where}: attribute name {key!r} must be a non-empty string without '/'")
+        return _json_normalise(dict(attrs), f"{where}: attrs")
+
+    def _check_buffer(self, buffer: EpisodeBuffer, where: str) -> dict[str, np.ndarray]:
+        if len(buffer) == 0:
+            raise ValueError(f"{where}: the episode buffer is empty; record at least one step")
+        if tuple(buffer.cameras) != self.cameras:
+            raise ValueError(
+                f"{where}: buffer records cameras {list(buffer.cameras)}, the dataset "
+                f"{list(self.cameras)}; create the EpisodeBuffer with the writer's cameras"
+            )
+        if buffer.resolution != self.resolution:
+            raise ValueError(
+                f"{where}: frames are {buffer.resolution} (H, W) but the dataset was created "
+                f"with resolution {self.resolution}"
+            )
+        arrays = buffer.arrays()
+        problems = []
+        for name, spec in SCALAR_FIELDS.items():
+            problems += _check_series(name, spec, arrays[name], len(buffer))
+        if problems:
+            raise ValueError(f"{where}: refusing to write invalid data: " + "; ".join(problems))
+        return arrays
+
+    def _serialise(self, index: int, arrays: dict[str, np.ndarray], attrs: dict) -> tuple[bytes, int]:
+        """Build the episode file image in memory; deterministic for equal content."""
+        h, w = self.resolution
+        root_attrs = {**attrs, "schema_version": SCHEMA_VERSION, "episode": index}
+        # The core driver never touches the file system with backing_store=False.
+        with h5py.File(
+            f"steerloop-episode-{index}-{os.getpid()}.h5",
+            "w",
+            driver="core",
+            backing_store=False,
+            libver=_LIBVER,
+            track_order=False,
+        ) as fh:
+            for key in sorted(root_attrs):
+                fh.attrs[key] = _attr_value(root_attrs[key])
+            group = fh.create_group("frames", track_order=False)
+            frame_bytes = 0
+            for cam in sorted(self.cameras):
+                ds = group.create_dataset(
+                    cam,
+                    data=arrays[f"frames/{cam}"],
+                    chunks=(1, h, w, 3),
+                    compression=FRAME_COMPRESSION,
+                    compression_opts=FRAME_COMPRESSION_LEVEL,
+                    track_times=False,
+                )
+                ds.attrs["unit"] = "RGB uint8"
+                frame_bytes += int(ds.id.get_storage_size())
+            for name in sorted(SCALAR_FIELDS):
+                spec = SCALAR_FIELDS[name]
+                ds = fh.create_dataset(name, data=arrays[name], track_times=False)
+                ds.attrs["description"] = spec.description
+                ds.attrs["unit"] = spec.unit
+            fh.flush()
+            image = fh.id.get_file_image()
+        return image, frame_bytes
+
+    def _commit_file(self, final: str, image: bytes) -> None:
+        """tmp write (locked against the stale-tmp cleaner) + fsync + rename + dir fsync."""
+        tmp = final + TMP_SUFFIX
+        while True:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
+            if fcntl is None:  # pragma: no cover - Windows
+                break
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # a cleaner may have unlinked the path between open and lock
+                if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            _write_all(fd, image)
+            os.fsync(fd)
+            os.replace(tmp, final)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.path)
+
+
+# --------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------
 
 
 class DrivingLog:
-    """Reads a dataset: episodes, windows, the manifest. ``skip_corrupt`` skips (and counts)
-    episodes whose files are missing or fail their checksum instead of raising."""
+    """Reader for a driving-log directory.
 
-    def __init__(self, path, skip_corrupt: bool = False):
-        self.path = Path(path)
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.exists():
-            raise LogError(f"{self.path} is not a driving log: {MANIFEST} is missing (record one with steerloop record)")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
-            raise LogError(f"{manifest_path}: not valid JSON ({error})") from None
-        version = self.manifest.get("schema_version", "0")
-        if _major(version) > _major(SCHEMA_VERSION):
-            raise LogError(f"{self.path}: schema version {version} is newer than this steerloop supports "
-                           f"({SCHEMA_VERSION}, major {_major(SCHEMA_VERSION)}); upgrade steerloop")
+    Episode files are opened lazily, read-only, and their handles cached (at
+    most ``max_open`` at a time, least recently used closed first).  The
+    object is safe to use in forked DataLoader workers (handles inherited
+    across ``fork`` are discarded and reopened) and picklable for spawned ones.
+
+    With ``skip_corrupt=True`` every listed episode is checked at open
+    (file present, size and sha256 as in the manifest); bad ones are left out
+    of :attr:`episodes` and recorded in :attr:`skipped` as ``(index, reason)``.
+    Otherwise a missing file raises :class:`LogError` and corruption surfaces
+    as :class:`CorruptEpisodeError` on read or via :meth:`verify`.
+    """
+
+    def __init__(self, path: str | os.PathLike, skip_corrupt: bool = False, *, max_open: int = _DEFAULT_MAX_OPEN):
+        self.path = os.fspath(path)
+        self.manifest: dict = _read_manifest(self.path)
+        self.cameras: list[str] = list(self.manifest["cameras"])
+        self.resolution: tuple[int, int] = tuple(self.manifest["resolution"])  # type: ignore[assignment]
         self.skipped: list[tuple[int, str]] = []
-        self.episodes: list[int] = []
-        for key in sorted(self.manifest.get("episodes", {}), key=int):
-            index = int(key)
+        self._max_open = max(1, int(max_open))
+        self._entries: dict[int, dict] = {}
+        for key, entry in self.manifest["episodes"].items():
+            try:
+                index = int(key)
+                if entry["file"] != episode_file(index):
+                    raise ValueError(entry["file"])
+                self._entries[index] = {"file": str(entry["file"]), "length": int(entry["length"]),
+                                        "sha256": str(entry["sha256"]), "bytes": int(entry["bytes"])}
+            except (KeyError, TypeError, ValueError):
+                raise LogError(
+                    f"{self._manifest_path}: entry episodes[{key!r}] is malformed; "
+                    "the manifest is damaged — re-record the dataset"
+                ) from None
+        episodes = []
+        for index in sorted(self._entries):
             if skip_corrupt:
                 try:
                     self.verify(index)
-                except CorruptEpisodeError as error:
-                    self.skipped.append((index, str(error)))
+                except CorruptEpisodeError as exc:
+                    self.skipped.append((index, str(exc)))
                     continue
-            self.episodes.append(index)
-        self._handles: dict[int, h5py.File] = {}
+            elif not os.path.isfile(self._file(index)):
+                raise LogError(
+                    f"{self._file(index)} is listed in {self._manifest_path} but missing; "
+                    "re-run the recorder on this directory to re-record it, or open with skip_corrupt=True"
+                )
+            episodes.append(index)
+        self.episodes: list[int] = episodes
+        self._handles: OrderedDict[int, h5py.File] = OrderedDict()
         self._pid = os.getpid()
+
+    # ---- bookkeeping -------------------------------------------------------
+
+    @property
+    def _manifest_path(self) -> str:
+        return os.path.join(self.path, MANIFEST)
+
+    def _file(self, index: int) -> str:
+        return os.path.join(self.path, self._entries[index]["file"])
+
+    def _entry(self, index: int) -> dict:
+        for skipped, reason in self.skipped:
+            if skipped == index:
+                raise CorruptEpisodeError(f"episode {index} was skipped when the log was opened: {reason}")
+        if index not in self._entries:
+            shown = ", ".join(str(i) for i in self.episodes[:10]) + (", ..." if len(self.episodes) > 10 else "")
+            raise IndexError(f"episode {index} is not in {self._manifest_path} (episodes: {shown})")
+        return self._entries[index]
 
     def __len__(self) -> int:
         return len(self.episodes)
 
-    def _entry(self, index: int) -> dict:
-        try:
-            return self.manifest["episodes"][str(index)]
-        except KeyError:
-            raise IndexError(f"{self.path}: no episode {index}; episodes are {self.episodes}") from None
+    @property
+    def total_steps(self) -> int:
+        """Number of steps over all usable episodes."""
+        return sum(self._entries[i]["length"] for i in self.episodes)
 
     def episode_length(self, index: int) -> int:
-        return int(self._entry(index)["length"])
+        """Number of steps of episode ``index`` (from the manifest; no file access)."""
+        return self._entry(index)["length"]
 
-    def _file(self, index: int) -> h5py.File:
-        if os.getpid() != self._pid:  # forked (e.g. a DataLoader worker): never share HDF5 handles
-            self._handles, self._pid = {}, os.getpid()
-        if index not in self._handles:
-            path = self.path / self._entry(index)["file"]
-            try:
-                self._handles[index] = h5py.File(path, "r")
-            except (OSError, FileNotFoundError) as error:
-                raise CorruptEpisodeError(f"{path}: cannot open episode {index} ({error}); "
-                                          "run `steerloop validate` or read with skip_corrupt=True") from None
-        return self._handles[index]
-
-    def verify(self, index: int) -> None:
-        entry = self._entry(index)
-        path = self.path / entry["file"]
-        if not path.exists():
-            raise CorruptEpisodeError(f"{path}: episode {index} is listed in the manifest but missing")
-        if _sha256(path) != entry["sha256"]:
-            raise CorruptEpisodeError(f"{path}: episode {index} fails its sha256 checksum (corrupted)")
-
-    def _read(self, index: int, sl: slice, cameras) -> dict[str, np.ndarray]:
-        f = self._file(index)
-        cameras = self.manifest["cameras"] if cameras is None else cameras
-        try:
-            out = {name: f[name][sl] for name in SERIES}
-            for c in cameras:
-                out[f"frames/{c}"] = f[f"frames/{c}"][sl]
-        except (OSError, KeyError) as error:
-            raise CorruptEpisodeError(f"{self.path / self._entry(index)['file']}: episode {index} is unreadable "
-                                      f"({error})") from None
-        return out
-
-    def read_episode(self, index: int, cameras=None) -> dict[str, np.ndarray]:
-        return self._read(index, slice(None), cameras)
-
-    def read_window(self, index: int, start: int, T: int, cameras=None) -> dict[str, np.ndarray]:
-        n = self.episode_length(index)
-        if start < 0 or T < 1 or start + T > n:
-            raise IndexError(f"window start={start}, T={T} is outside episode {index} of length {n}")
-        return self._read(index, slice(start, start + T), cameras)
+    def episode_attrs(self, index: int) -> dict:
+        """Recorder metadata of episode ``index`` (track, seed, condition, ...)."""
+        self._entry(index)
+        return dict(self.manifest["episodes"][str(index)]["attrs"])
 
     def close(self) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles = {}
+        """Close all cached file handles (the object stays usable)."""
+        if os.getpid() == self._pid:
+            for handle in self._handles.values():
+                with contextlib.suppress(Exception):
+                    handle.close()
+        self._handles = OrderedDict()
+        self._pid = os.getpid()
 
+    def __enter__(self) -> DrivingLog:
+        return self
 
-def validate(path) -> list[str]:
-    """Every problem of a dataset, one line each (empty when valid)."""
-    path = Path(path)
-    try:
-        log = DrivingLog(path)
-    except LogError as error:
-        return [str(error)]
-    problems = []
-    manifest = log.manifest
-    height, width = manifest.get("resolution", [None, None])
-    listed = set()
-    for index in log.episodes:
-        entry = manifest["episodes"][str(index)]
-        name = entry["file"]
-        listed.add(name)
-        where = f"{name} (episode {index})"
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def _handle(self, index: int) -> h5py.File:
+        if os.getpid() != self._pid:  # forked: inherited handles belong to the parent
+            self._handles = OrderedDict()
+            self._pid = os.getpid()
+        entry = self._entry(index)
+        handle = self._handles.get(index)
+        if handle is not None:
+            self._handles.move_to_end(index)
+            return handle
+        path = self._file(index)
         try:
-            log.verify(index)
-        except CorruptEpisodeError as error:
-            problems.append(f"{where}: {str(error).split(': ', 1)[-1]}")
+            handle = h5py.File(path, "r", swmr=False)
+        except (OSError, ValueError) as exc:
+            raise CorruptEpisodeError(
+                f"{path}: cannot open as HDF5 ({exc}); the file is truncated or corrupted — "
+                "delete it and re-run the recorder on this directory to re-record it"
+            ) from None
+        try:
+            stored = handle["steering"].shape[0]
+        except (KeyError, OSError) as exc:
+            handle.close()
+            raise CorruptEpisodeError(f"{path}: unreadable 'steering' dataset ({exc}); re-record it") from None
+        if stored != entry["length"]:
+            handle.close()
+            raise CorruptEpisodeError(
+                f"{path}: holds {stored} steps but {MANIFEST} says {entry['length']}; "
+                "the file does not belong to this manifest — delete it and re-record it"
+            )
+        self._handles[index] = handle
+        while len(self._handles) > self._max_open:
+            _, old = self._handles.popitem(last=False)
+            old.close()
+        return handle
+
+    def _cameras(self, cameras: Sequence[str] | None) -> list[str]:
+        if cameras is None:
+            return list(self.cameras)
+        if isinstance(cameras, str):
+            cameras = [cameras]
+        unknown = [cam for cam in cameras if cam not in self.cameras]
+        if unknown:
+            raise KeyError(f"cameras {unknown} are not recorded in {self.path}; available: {self.cameras}")
+        return list(cameras)
+
+    def _read(self, index: int, selection: slice, cameras: Sequence[str] | None) -> dict[str, np.ndarray]:
+        cams = self._cameras(cameras)
+        handle = self._handle(index)
+        name = "<none>"
+        try:
+            out = {}
+            for name in SCALAR_FIELDS:
+                out[name] = handle[name][selection]
+            for cam in cams:
+                name = f"frames/{cam}"
+                out[name] = handle[name][selection]
+        except (OSError, KeyError, ValueError) as exc:
+            raise CorruptEpisodeError(
+                f"{self._file(index)}: cannot read {name} ({exc}); the file is corrupted — "
+                "run validate() on the dataset, delete the file and re-record it"
+            ) from None
+        return out
+
+    # ---- public reads ------------------------------------------------------
+
+    def read_episode(self, index: int, cameras: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """All steps of episode ``index``: scalar series and ``frames/<cam>`` arrays."""
+        return self._read(index, slice(None), cameras)
+
+    def read_window(
+        self, index: int, start: int, T: int, cameras: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Steps ``[start, start + T)`` of episode ``index`` (same keys as read_episode)."""
+        length = self.episode_length(index)
+        if T < 1 or start < 0 or start + T > length:
+            raise IndexError(
+                f"window start={start}, T={T} is out of range for {self._entries[index]['file']} "
+                f"with {length} steps (need T >= 1 and 0 <= start <= {length - T})"
+            )
+        return self._read(index, slice(int(start), int(start) + int(T)), cameras)
+
+    def verify(self, index: int) -> None:
+        """Check size and sha256 of episode ``index``; CorruptEpisodeError if wrong."""
+        entry = self._entry(index)
+        path = self._file(index)
+        fix = "delete it and re-run the recorder on this directory to re-record it, or open with skip_corrupt=True"
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise CorruptEpisodeError(f"{path}: file is missing; {fix}") from None
+        if size != entry["bytes"]:
+            raise CorruptEpisodeError(
+                f"{path}: size is {size} bytes, {MANIFEST} says {entry['bytes']} (truncated?); {fix}"
+            )
+        digest = _sha256_file(path)
+        if digest != entry["sha256"]:
+            raise CorruptEpisodeError(
+                f"{path}: sha256 mismatch (manifest {entry['sha256'][:12]}..., file {digest[:12]}...), "
+                f"the file is corrupted; {fix}"
+            )
+
+
+# --------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------
+
+
+def validate(path: str | os.PathLike, notes: list[str] | None = None) -> list[str]:
+    """Check a driving log completely; return one line per problem ([] if valid).
+
+    Leftovers of an interrupted recording (``*.tmp`` files, or a finished
+    episode file the manifest does not list yet) are not problems: they are
+    appended to ``notes`` when a list is given.  Never raises for damaged
+    data; each problem line names the file concerned.
+    """
+    path = os.fspath(path)
+    try:
+        manifest = _read_manifest(path)
+    except LogError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    notes = notes if notes is not None else []
+    cameras = manifest["cameras"]
+    resolution = manifest["resolution"]
+    if len(resolution) != 2 or not all(isinstance(v, int) and v > 0 for v in resolution):
+        problems.append(f"{MANIFEST}: resolution {resolution!r} is not [H, W] with positive ints")
+        resolution = None
+    listed = set()
+    for key in sorted(manifest["episodes"], key=lambda k: (len(k), k)):
+        entry = manifest["episodes"][key]
+        try:
+            if not isinstance(entry, dict) or not {"file", "length", "sha256", "bytes"} <= set(entry):
+                raise KeyError(key)
+            index = int(key)
+            name = str(entry["file"])
+            length = int(entry["length"])
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{MANIFEST}: entry episodes[{key!r}] is malformed (needs file, length, sha256, bytes)")
+            continue
+        listed.add(name)
+        if name != episode_file(index):
+            problems.append(f"{MANIFEST}: episode {index} points to {name!r}, expected {episode_file(index)!r}")
+            continue
+        problems += [f"{name}: {p}" for p in _validate_episode(path, index, entry, length, cameras, resolution)]
+    for name in sorted(os.listdir(path)):
+        if name == MANIFEST or name in listed:
+            continue
+        if name == MANIFEST + TMP_SUFFIX:
+            notes.append(f"{name}: interrupted manifest update, {MANIFEST} is intact and the update will be redone")
+        elif name.endswith(TMP_SUFFIX):
+            notes.append(f"{name}: incomplete episode in flight, will be re-recorded")
+        elif _is_unregistered_episode(path, name):
+            notes.append(f"{name}: written but not registered in {MANIFEST} (interrupted), will be re-recorded")
+        else:
+            problems.append(
+                f"{name}: not listed in the manifest (left over from another recording?); move it elsewhere"
+            )
+    return problems
+
+
+def _validate_episode(
+    root: str, index: int, entry: dict, length: int, cameras: Sequence[str], resolution: Sequence[int] | None
+) -> list[str]:
+    """Problems of one listed episode file (without the file-name prefix)."""
+    path = os.path.join(root, entry["file"])
+    fix = "delete it and re-run the recorder on this directory to re-record it"
+    if not os.path.isfile(path):
+        return [f"listed in {MANIFEST} but missing; re-run the recorder on this directory to re-record it"]
+    # A checksum failure is reported alone: the contents of a damaged file are meaningless.
+    try:
+        size = os.path.getsize(path)
+        if size != entry["bytes"]:
+            return [f"size is {size} bytes, {MANIFEST} says {entry['bytes']} (truncated or damaged); {fix}"]
+        if _sha256_file(path) != entry["sha256"]:
+            return [f"sha256 does not match {MANIFEST} (corrupted); {fix}"]
+    except OSError as exc:
+        return [f"cannot be read ({exc}); check its permissions"]
+    try:
+        handle = h5py.File(path, "r")
+    except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
+        return [f"cannot be opened as HDF5 ({type(exc).__name__}: {exc}); {fix}"]
+    try:
+        with handle:
+            return _validate_contents(handle, index, length, cameras, resolution)
+    except Exception as exc:  # noqa: BLE001 - damaged internals may fail anywhere
+        return [f"unreadable content ({type(exc).__name__}: {exc}); {fix}"]
+
+
+def _is_unregistered_episode(path: str, name: str) -> bool:
+    """True if ``name`` is a complete episode file whose manifest update was interrupted.
+
+    Such a file opens as HDF5 and its ``episode`` attribute matches its file name;
+    anything else (e.g. a copy of another episode) is a stray file.
+    """
+    match = _EPISODE_RE.match(name)
+    if match is None:
+        return False
+    try:
+        with h5py.File(os.path.join(path, name), "r") as fh:
+            return int(fh.attrs["episode"]) == int(match[1])
+    except Exception:  # noqa: BLE001 - unreadable means not a finished episode
+        return False
+
+
+def _validate_contents(
+    fh: h5py.File, index: int, length: int, cameras: Sequence[str], resolution: Sequence[int] | None
+) -> list[str]:
+    problems = []
+    for key in (*_RESERVED_ATTRS, *_REQUIRED_ATTRS):
+        if key not in fh.attrs:
+            problems.append(f"root attribute {key!r} is missing")
+    if "schema_version" in fh.attrs:
+        try:
+            _check_version(str(fh.attrs["schema_version"]), "file")
+        except LogError as exc:
+            problems.append(str(exc).removeprefix("file: "))
+    if "episode" in fh.attrs and int(fh.attrs["episode"]) != index:
+        problems.append(f"root attribute episode is {int(fh.attrs['episode'])}, manifest lists it as {index}")
+    for name, spec in SCALAR_FIELDS.items():
+        if name not in fh or not isinstance(fh[name], h5py.Dataset):
+            problems.append(f"dataset {name} is missing")
             continue
         try:
-            with h5py.File(path / name, "r") as f:
-                if _major(f.attrs.get("schema_version", "0")) != _major(SCHEMA_VERSION):
-                    problems.append(f"{where}: schema version {f.attrs.get('schema_version')} "
-                                    f"(supported: {SCHEMA_VERSION})")
-                for series, spec in SERIES.items():
-                    if series not in f:
-                        problems.append(f"{where}: series {series} is missing")
-                        continue
-                    data = f[series][...]
-                    if data.shape != (entry["length"],):
-                        problems.append(f"{where}: {series} has shape {data.shape}, expected ({entry['length']},)")
-                    if data.dtype != np.dtype(spec.dtype):
-                        problems.append(f"{where}: {series} has dtype {data.dtype}, expected {spec.dtype}")
-                    bad = ~np.isfinite(data.astype(np.float64))
-                    if bad.any():
-                        problems.append(f"{where}: {series} has {int(bad.sum())} non-finite values")
-                    out = (data < spec.low) | (data > spec.high)
-                    if out.any():
-                        problems.append(f"{where}: {series} has {int(out.sum())} values outside "
-                                        f"[{spec.low}, {spec.high}]")
-                for camera in manifest.get("cameras", []):
-                    key = f"frames/{camera}"
-                    if key not in f:
-                        problems.append(f"{where}: frames of camera {camera} are missing")
-                        continue
-                    ds = f[key]
-                    if ds.dtype != np.uint8 or ds.shape != (entry["length"], height, width, 3):
-                        problems.append(f"{where}: {key} is {ds.dtype} {ds.shape}, expected uint8 "
-                                        f"({entry['length']}, {height}, {width}, 3)")
-        except OSError as error:
-            problems.append(f"{where}: unreadable HDF5 ({error})")
-    for file in sorted(path.glob("episode_*.h5")):
-        if file.name not in listed:
-            problems.append(f"{file.name}: not listed in the manifest (left over from another recording?)")
-    log.close()
+            data = fh[name][()]
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"{name} cannot be read ({type(exc).__name__}: {exc})")
+            continue
+        problems += _check_series(name, spec, np.asarray(data), length)
+    for cam in cameras:
+        key = f"frames/{cam}"
+        if key not in fh or not isinstance(fh[key], h5py.Dataset):
+            problems.append(f"dataset {key} is missing")
+        elif resolution is not None:
+            ds = fh[key]
+            problems += _check_frame_shape(cam, ds.dtype, ds.shape, length, resolution)
+    known = set(SCALAR_FIELDS) | {"frames"}
+    for name in sorted(set(fh) - known):
+        problems.append(f"unexpected object {name!r} (not in schema {SCHEMA_VERSION})")
+    if "frames" in fh:
+        for cam in sorted(set(fh["frames"]) - set(cameras)):
+            problems.append(f"unexpected camera frames/{cam} (manifest cameras: {list(cameras)})")
     return problems
