@@ -110,7 +110,7 @@ def _expert_env_rate(episodes: int, track_length: float, resolution) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def bench_record(episodes: int = 4, track_length: float = 150.0, resolution=(66, 200), repeats: int = 3) -> dict:
+def bench_record(episodes: int = 8, track_length: float = 300.0, resolution=(66, 200), repeats: int = 3) -> dict:
     """Recording frames/s (W=1 and W=2) next to the env's own steps/s, in one run."""
     import tempfile
 
@@ -152,6 +152,7 @@ def bench_train(data: str | None = None, steps: int = 20, repeats: int = 3, seq_
     from agents.preprocess import PreprocessConfig
     from training.data import BatchMaker, load_episodes, windows
     from training.record import RecordConfig, record
+    from training.train import prefetch
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,10 +180,10 @@ def bench_train(data: str | None = None, steps: int = 20, repeats: int = 3, seq_
         loss.backward()
         optimizer.step()
 
-    def pipeline(n):
-        for i in range(n):
-            idx = rng.integers(0, len(all_windows), per_batch)
-            train_step(make_batch(all_windows[idx], rng))
+    def pipeline(n):  # exactly the trainer's loop: windows -> augment -> preprocess, prefetched
+        for batch in prefetch(make_batch(all_windows[rng.integers(0, len(all_windows), per_batch)], rng)
+                              for _ in range(n)):
+            train_step(batch)
 
     def in_memory(n):
         for _ in range(n):
@@ -214,7 +215,7 @@ def bench_train(data: str | None = None, steps: int = 20, repeats: int = 3, seq_
     }
 
 
-def bench_eval(scenarios: int = 4, track_length: float = 150.0, repeats: int = 3) -> dict:
+def bench_eval(scenarios: int = 8, track_length: float = 150.0, repeats: int = 3) -> dict:
     """Env-only steps/s next to closed-loop steps/s with a cnn-lstm checkpoint, and the
     speed-up of 2 evaluation workers over 1, in one run."""
     import tempfile
@@ -247,7 +248,8 @@ def bench_eval(scenarios: int = 4, track_length: float = 150.0, repeats: int = 3
             rates["env_steps_per_s"].append(steps / (time.perf_counter() - start))
             for workers in (1, 2):
                 start = time.perf_counter()
-                results = evaluate(f"{tmp}/ckpt", suite, f"{tmp}/eval-{r}-{workers}", workers=workers, progress=False)
+                results = evaluate(f"{tmp}/ckpt", suite, f"{tmp}/eval-{r}-{workers}", workers=workers, progress=False,
+                                   plots=False)
                 total = sum(s["metrics"]["steps"] for s in results["scenarios"])
                 rates[f"closed_loop_w{workers}_steps_per_s"].append(total / (time.perf_counter() - start))
     med = {key: statistics.median(values) for key, values in rates.items()}

@@ -167,11 +167,11 @@ def cmd_bench(args) -> int:
     if args.target == "env":
         result = bench_env(steps=args.steps, repeats=args.repeats, resolution=args.resolution)
     elif args.target == "record":
-        result = bench_record(episodes=args.episodes, repeats=args.repeats, resolution=args.resolution)
+        result = bench_record(episodes=args.episodes or 8, repeats=args.repeats, resolution=args.resolution)
     elif args.target == "train":
         result = bench_train(data=args.data, repeats=args.repeats)
     else:
-        result = bench_eval(scenarios=args.episodes, repeats=args.repeats)
+        result = bench_eval(scenarios=args.episodes or 8, repeats=args.repeats)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="throughput benchmarks, measured side by side")
     bench.add_argument("target", choices=["env", "record", "train", "eval"], help="what to benchmark")
-    bench.add_argument("--episodes", type=int, default=4, help="record/eval: episodes or scenarios per repeat")
+    bench.add_argument("--episodes", type=int, default=0, help="record/eval: episodes or scenarios per repeat (8)")
     bench.add_argument("--data", default=None, help="train: dataset to read (default: a small fresh recording)")
     bench.add_argument("--steps", type=int, default=300, help="steps per repeat")
     bench.add_argument("--repeats", type=int, default=3, help="repeats (the median is reported)")

@@ -76,10 +76,10 @@ def warp_viewpoint(image: np.ndarray, spec: CameraSpec, shift: float, yaw: float
 
 
 def photometric_jitter(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Brightness and contrast jitter, one draw for the whole window (..., H, W, 3) uint8."""
+    """Brightness and contrast jitter (contrast about mid-grey), one draw for the whole
+    window (..., H, W, 3) uint8, applied through a 256-entry lookup table."""
     brightness = 1.0 + rng.uniform(-BRIGHTNESS_RANGE, BRIGHTNESS_RANGE)
     contrast = 1.0 + rng.uniform(-CONTRAST_RANGE, CONTRAST_RANGE)
-    x = images.astype(np.float32)
-    mean = x.mean()
-    x = (x - mean) * contrast + mean * brightness
-    return np.clip(x, 0, 255).astype(np.uint8)
+    levels = np.arange(256, dtype=np.float32)
+    table = np.clip(((levels - 128.0) * contrast + 128.0) * brightness, 0, 255).astype(np.uint8)
+    return table[images]

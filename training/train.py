@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -140,6 +142,46 @@ def evaluate_windows(model, make_batch, val_windows: np.ndarray, batch_windows: 
             "zeros_rmse": math.sqrt(sq_zero / max(n, 1))}
 
 
+def prefetch(batches, depth: int = 2):
+    """Yield from the generator ``batches`` while a background thread builds the next ones.
+
+    OpenCV and torch release the GIL, so cutting, augmenting and preprocessing the next
+    batch overlaps with the current optimiser step. One producer consumes the generator in
+    order, so batches (and the random draws inside them) are exactly those of a serial loop.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in batches:
+                if stop.is_set():
+                    return
+                items.put(item)
+            items.put(done)
+        except BaseException as error:  # handed to the consumer, raised there
+            items.put(error)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
 def _save_state(out: Path, model, optimizer, progress: dict) -> None:
     """Weights + AdamW moments as safetensors, counters as JSON (never pickle)."""
     tmp = out / f"{STATE_DIR}.tmp"
@@ -232,13 +274,14 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
             rng = np.random.default_rng([cfg.seed, epoch])
             torch.manual_seed(cfg.seed * 100_003 + epoch)
             order = train_windows[rng.permutation(len(train_windows))]
-            bar = tqdm(range(steps_per_epoch), desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
+            batches = prefetch(make_batch(order[i * batch_windows:(i + 1) * batch_windows], rng)
+                               for i in range(steps_per_epoch))
+            bar = tqdm(batches, total=steps_per_epoch, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
                        unit="step", disable=not progress_bar, dynamic_ncols=True)
-            for i in bar:
+            for batch in bar:
                 lr = lr_at(progress["step"], total_steps, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = make_batch(order[i * batch_windows:(i + 1) * batch_windows], rng)
                 loss, metrics = model(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
