@@ -215,7 +215,7 @@ def bench_train(data: str | None = None, steps: int = 20, repeats: int = 3, seq_
     }
 
 
-def bench_eval(scenarios: int = 8, track_length: float = 150.0, repeats: int = 3) -> dict:
+def bench_eval(scenarios: int = 16, track_length: float = 150.0, repeats: int = 3) -> dict:
     """Env-only steps/s next to closed-loop steps/s with a cnn-lstm checkpoint, and the
     speed-up of 2 evaluation workers over 1, in one run."""
     import tempfile

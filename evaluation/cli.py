@@ -171,7 +171,7 @@ def cmd_bench(args) -> int:
     elif args.target == "train":
         result = bench_train(data=args.data, repeats=args.repeats)
     else:
-        result = bench_eval(scenarios=args.episodes or 8, repeats=args.repeats)
+        result = bench_eval(scenarios=args.episodes or 16, repeats=args.repeats)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
