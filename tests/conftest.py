@@ -73,3 +73,14 @@ def drive_with_expert_label(env, *, seed: int = 0, options: dict | None = None, 
         if terminated or truncated:
             break
     return info, infos
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight concurrent jobs for the 2 cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,17 +18,12 @@ from agents.models import ARCHS, ModelConfig, build_model
 from agents.policy import LearnedPolicy
 from agents.preprocess import PreprocessConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = PreprocessConfig(crop_top=4, resize=(20, 40))
 EXTRA = {"training": {"epochs": 3, "lr": 1e-3}, "data_manifest": "sha256:abc", "git_revision": "deadbeef",
          "seeds": {"torch": 0}, "threads": 1, "metrics": {"val_rmse": 0.05}}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _Trap:

@@ -17,17 +17,11 @@ from agents.policy import LearnedPolicy
 from agents.preprocess import PreprocessConfig, preprocess
 
 RAW = (24, 48)  # (H, W) [px] of the synthetic raw camera frames
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = PreprocessConfig(crop_top=4, crop_bottom=0, resize=(20, 40))
 RECURRENT = ("cnn-lstm", "conv3d-lstm")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight concurrent jobs for the 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_config(arch: str, **kwargs) -> ModelConfig:
