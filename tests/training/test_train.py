@@ -283,3 +283,25 @@ def test_a_different_config_on_the_same_out_is_refused(resume_runs, dataset, ove
     assert str(root / "A") in str(error.value)
     assert config_file.read_bytes() == before_config
     assert (root / "A" / "last" / "model.safetensors").read_bytes() == before_weights
+
+
+def test_side_cameras_train_with_corrective_labels(tmp_path):
+    """--camera all --augment side: left/right frames join training with corrected labels."""
+    spec = tmp_path / "short.json"
+    spec.write_text(json.dumps(SHORT_SPEC))
+    data = tmp_path / "log3"
+    record(RecordConfig(out=str(data), episodes=2, track=str(spec), resolution=TINY,
+                        cameras=("center", "left", "right")), progress=False)
+    cfg = tiny_train_config(str(data), tmp_path / "run", model="pilotnet", seq_len=1, camera="all",
+                            augment=("side",))
+    result = train(cfg, progress_bar=False)
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+    assert result["val_rmse"] >= 0.0
+    episodes, _ = load_episodes([str(data)], ("center", "left", "right"))
+    make = BatchMaker(episodes, 1, PreprocessConfig(crop_top=4, resize=TINY), CameraSpec(height=TINY[0], width=TINY[1]),
+                      ("center", "left", "right"), ("side",))
+    all_windows = windows(episodes, [0], 1, 1)
+    _, labels, _, _ = make.raw(all_windows, np.random.default_rng(0))
+    clean = episodes[0].steering[all_windows[:, 1]]
+    shifted = ~np.isclose(labels[:, 0], clean)
+    assert shifted.any() and (~shifted).any()  # some windows came from side cameras, some from the centre
