@@ -51,15 +51,41 @@ def software_versions() -> dict:
     return versions
 
 
-def make_env(scenario: Scenario, *, privileged: bool, resolution=(66, 200)):
-    """The scenario's environment: LaneKeep + perturbations / interventions + TimeLimit."""
-    env = LaneKeepEnv(track=scenario.track, condition=scenario.condition, speed=scenario.speed,
-                      track_length=scenario.track_length, resolution=tuple(resolution), privileged=privileged)
+_ENV_POOL: dict[tuple, list[LaneKeepEnv]] = {}
+
+
+def _pooled_env(scenario: Scenario, slot: int, privileged: bool, resolution) -> LaneKeepEnv:
+    """The ``slot``-th simulator of this process for the scenario's settings. Simulators are
+    reused across scenarios (track and condition come through ``reset``): the car is
+    reloaded at every reset, so a reused simulator gives the same results as a new one."""
+    key = (scenario.speed, scenario.track_length, tuple(resolution), privileged)
+    pool = _ENV_POOL.setdefault(key, [])
+    while len(pool) <= slot:
+        pool.append(LaneKeepEnv(speed=scenario.speed, track_length=scenario.track_length,
+                                resolution=tuple(resolution), privileged=privileged))
+    return pool[slot]
+
+
+def close_env_pool() -> None:
+    for pool in _ENV_POOL.values():
+        for env in pool:
+            env.close()
+    _ENV_POOL.clear()
+
+
+def make_env(scenario: Scenario, *, privileged: bool, resolution=(66, 200), slot: int = 0):
+    """The scenario's environment: a pooled LaneKeep simulator + perturbations /
+    interventions + TimeLimit. Reset it with :func:`reset_options` of the scenario."""
+    env = _pooled_env(scenario, slot, privileged, resolution)
     if scenario.perturbations:
         env = PerturbationWrapper(env, list(scenario.perturbations))
     if scenario.interventions:
         env = InterventionWrapper(env)
     return TimeLimit(env, MAX_EPISODE_STEPS)
+
+
+def reset_options(scenario: Scenario) -> dict:
+    return {"track": scenario.track, "condition": scenario.condition}
 
 
 def _scenario_metrics(scenario: Scenario, env, episode) -> dict:
@@ -82,13 +108,11 @@ def run_group(policy, scenarios: list[Scenario], *, resolution=(66, 200), videos
     """Drive ``policy`` through ``scenarios`` in lockstep (batched inference); returns
     (metrics, trajectory) per scenario."""
     privileged = getattr(policy, "requires_privileged", False)
-    envs = [make_env(scenario, privileged=privileged, resolution=resolution) for scenario in scenarios]
-    try:
-        episodes = rollout_batch(envs, policy, seeds=[s.seed for s in scenarios], videos=videos)
-        return [(_scenario_metrics(s, env, ep), ep.trajectory) for s, env, ep in zip(scenarios, envs, episodes)]
-    finally:
-        for env in envs:
-            env.close()
+    envs = [make_env(scenario, privileged=privileged, resolution=resolution, slot=slot)
+            for slot, scenario in enumerate(scenarios)]
+    episodes = rollout_batch(envs, policy, seeds=[s.seed for s in scenarios],
+                             options=[reset_options(s) for s in scenarios], videos=videos)
+    return [(_scenario_metrics(s, env, ep), ep.trajectory) for s, env, ep in zip(scenarios, envs, episodes)]
 
 
 def run_scenario(policy, scenario: Scenario, *, resolution=(66, 200), video: str | None = None):
@@ -235,6 +259,7 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
                              initargs=(policy_name,))
     finally:
         bar.close()
+        close_env_pool()
 
     scenario_metrics = [done[i] for i in range(len(suite.scenarios))]
     describe = policy.describe() if hasattr(policy, "describe") else {"kind": type(policy).__name__}
