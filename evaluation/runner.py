@@ -31,7 +31,7 @@ from evaluation.metrics import autonomy_percent, bootstrap_ci, recovery_metrics
 from evaluation.rollout import rollout_batch
 from evaluation.suites import Scenario, Suite
 from sim import MAX_EPISODE_STEPS
-from sim.env import LaneKeepEnv
+from sim.env import LaneKeepEnv, load_track
 from sim.parallel import run_in_processes
 from sim.wrappers import InterventionWrapper, PerturbationWrapper
 
@@ -84,6 +84,11 @@ def make_env(scenario: Scenario, *, privileged: bool, resolution=(66, 200), slot
     return TimeLimit(env, MAX_EPISODE_STEPS)
 
 
+def _route_length(scenario: Scenario) -> float:
+    """Length of the scenario's route [m] (a proxy for its run time)."""
+    return load_track(scenario.track, length=scenario.track_length).length
+
+
 def reset_options(scenario: Scenario) -> dict:
     return {"track": scenario.track, "condition": scenario.condition}
 
@@ -124,12 +129,19 @@ def run_scenario(policy, scenario: Scenario, *, resolution=(66, 200), video: str
 _POLICY = {}
 
 
-def _worker_init(policy_name: str) -> None:
+def _single_threaded() -> None:
+    """One thread per worker process for torch and OpenCV (processes give the parallelism)."""
+    import cv2
     import torch
 
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def _worker_init(policy_name: str) -> None:
     from agents import load_policy
 
-    torch.set_num_threads(1)
+    _single_threaded()
     _POLICY["policy"] = load_policy(policy_name)
 
 
@@ -246,11 +258,11 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
                 save(index, metrics, trajectory)
 
     jobs = [(g, [suite.scenarios[i] for i in g], tuple(resolution), [video_for(i) for i in g]) for g in groups]
+    # Longest groups first, so the last ones to finish are short (the groups themselves are fixed).
+    jobs.sort(key=lambda job: -sum(_route_length(s) for s in job[1]))
     try:
         if workers <= 1 or len(jobs) <= 1:
-            import torch
-
-            torch.set_num_threads(1)
+            _single_threaded()
             for indices, scenarios, res, video_paths in jobs:
                 results = run_group(policy, scenarios, resolution=res, videos=video_paths)
                 save_group([(i, m, t) for i, (m, t) in zip(indices, results)])
