@@ -74,7 +74,8 @@ def cmd_record(args) -> int:
         cfg = RecordConfig(out=args.out, episodes=args.episodes, suite=args.suite, seed=args.seed, track=args.track,
                            track_length=args.track_length, noise=args.noise, noise_kind=args.noise_kind,
                            cameras=_csv(args.cameras), conditions=_csv(args.conditions),
-                           resolution=args.resolution, speed=args.speed, expert=args.expert, workers=args.workers)
+                           resolution=args.resolution, speed=args.speed, expert=args.expert, workers=args.workers,
+                           learner=args.learner, beta=args.beta, mixture=args.mixture)
         summary = record(cfg, progress=not args.quiet)
     except (ValueError, TrackSpecError, FileNotFoundError, LogError) as error:
         print(f"steerloop record: {error}", file=sys.stderr)
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--speed", type=float, default=10.0, help="cruise speed [m/s]")
     rec.add_argument("--expert", default="stanley", help="expert law: stanley or pure_pursuit")
     rec.add_argument("--workers", type=int, default=1, help="worker processes (content does not depend on it)")
+    rec.add_argument("--learner", default=None, help="DAgger: checkpoint that drives when the expert does not")
+    rec.add_argument("--beta", type=float, default=1.0, help="DAgger: probability that the expert drives")
+    rec.add_argument("--mixture", default="step", help="DAgger: flip the expert/learner coin per step or episode")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
     rec.set_defaults(func=cmd_record)
 

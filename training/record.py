@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from agents.experts import NOISE_KINDS, ExpertPolicy, NoisyExpert
+from agents.mixture import MixturePolicy
 from sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from sim.env import LaneKeepEnv, load_track
 from sim.log import DrivingLogWriter, EpisodeBuffer
@@ -57,6 +58,12 @@ class RecordConfig:
     """Cruise speed [m/s]."""
     expert: str = DEFAULT_EXPERT
     """Control law of the expert: stanley or pure_pursuit."""
+    learner: str | None = None
+    """DAgger: a checkpoint that drives when the expert does not (the expert still labels every step)."""
+    beta: float = 1.0
+    """DAgger: probability that the expert drives (with a learner); 1 reproduces plain expert recording."""
+    mixture: str = "step"
+    """DAgger: flip the expert/learner coin every step or once per episode."""
     workers: int = 1
     """Worker processes, each with its own simulator (does not change the content)."""
     extra: dict = field(default_factory=dict)
@@ -81,6 +88,10 @@ class RecordConfig:
             raise ValueError(f"--expert must be one of {sorted(CONTROLLERS)}, got {self.expert!r}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"--beta must be within [0, 1], got {self.beta}")
+        if self.learner is not None and self.noise > 0:
+            raise ValueError("use either a learner (DAgger) or DART noise, not both")
 
     def dataset_config(self) -> dict:
         """The fields that define the dataset's content (compared on resume)."""
@@ -139,14 +150,20 @@ def record_episode(cfg: RecordConfig, job: EpisodeJob) -> tuple[EpisodeJob, Epis
     """
     env = _worker_env(cfg)
     expert = ExpertPolicy(cfg.expert, env.vehicle_params)
-    policy = NoisyExpert(expert, cfg.noise, cfg.noise_kind, seed=job.noise_seed, dt=env.dt) if cfg.noise > 0 else expert
+    if cfg.learner is not None:
+        policy = MixturePolicy(expert, _worker_learner(cfg.learner), cfg.beta, cfg.mixture, seed=job.noise_seed)
+    elif cfg.noise > 0:
+        policy = NoisyExpert(expert, cfg.noise, cfg.noise_kind, seed=job.noise_seed, dt=env.dt)
+    else:
+        policy = expert
     obs, info = env.reset(seed=job.reset_seed, options={"track": job.track, "condition": job.condition})
     buffer = EpisodeBuffer(cfg.cameras)
     start = np.ones(1, bool)
     terminated = False
     steps = 0
+    policy_state = None
     while not terminated and steps < MAX_EPISODE_STEPS:
-        action, _ = policy.predict(obs, episode_start=start)
+        action, policy_state = policy.predict(obs, state=policy_state, episode_start=start)
         start = np.zeros(1, bool)
         frames = {name: info["frames"][name] for name in cfg.cameras}
         state = {key: info[key] for key in ("speed", "x", "y", "yaw", "lateral_offset", "heading_error", "progress",
@@ -160,6 +177,19 @@ def record_episode(cfg: RecordConfig, job: EpisodeJob) -> tuple[EpisodeJob, Epis
              "condition": job.condition, "seed": job.reset_seed, "noise_seed": job.noise_seed,
              "success": bool(info["success"]), "off_road": bool(info["off_road"])}
     return job, buffer, attrs
+
+
+_WORKER_LEARNER: dict = {}
+
+
+def _worker_learner(path: str):
+    """The DAgger learner of this process, loaded once."""
+    if path not in _WORKER_LEARNER:
+        from agents import load_policy
+
+        _WORKER_LEARNER.clear()
+        _WORKER_LEARNER[path] = load_policy(path)
+    return _WORKER_LEARNER[path]
 
 
 def _init_worker() -> None:
