@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -149,6 +150,45 @@ def cmd_offline(args) -> int:
     return 0
 
 
+def cmd_dagger(args) -> int:
+    from agents.checkpoint import CheckpointError
+    from evaluation.runner import evaluate
+    from evaluation.suites import load_suite
+    from sim.log import LogError
+    from training.dagger import DaggerConfig, run_dagger
+
+    suite = load_suite(args.suite)
+    manifest = Path(args.data[0]) / "manifest.json"
+    resolution = tuple(json.loads(manifest.read_text())["resolution"]) if manifest.exists() else (66, 200)
+
+    def closed_loop(checkpoint: str, iteration: int) -> dict:
+        results = evaluate(checkpoint, suite, f"{args.out}/iter_{iteration:02d}/eval-{suite.name}",
+                           workers=args.workers, progress=not args.quiet, plots=False, resolution=resolution)
+        agg = results["aggregate"]
+        return {key: agg[key] for key in ("success_rate", "mean_abs_offset_m", "on_policy_rmse")}
+
+    try:
+        cfg = DaggerConfig(init=args.init, data=args.data, out=args.out, iterations=args.iterations,
+                           episodes_per_iter=args.episodes_per_iter,
+                           beta_schedule=tuple(float(b) for b in _csv(args.beta_schedule)), mixture=args.mixture,
+                           retrain=args.retrain, epochs=args.epochs, workers=args.workers, seed=args.seed)
+        rows = run_dagger(cfg, closed_loop, progress=not args.quiet)
+    except (ValueError, LogError, CheckpointError) as error:
+        print(f"steerloop dagger: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"steerloop dagger: interrupted; re-run the same command to resume ({args.out}/dagger.json)",
+              file=sys.stderr)
+        return 130
+    print(f"{'iteration':>9} {'beta':>5} {'frames':>7} {'success':>8} {'mean|offset|':>12} {'on-policy RMSE':>14}")
+    for row in rows:
+        m = row["closed_loop"]
+        print(f"{row['iteration']:>9} {row['beta']:>5.2f} {row['frames']:>7} {m['success_rate']:>8.2f} "
+              f"{m['mean_abs_offset_m']:>12.3f} {m['on_policy_rmse']:>14.4f}")
+    print(f"table: {args.out}/dagger.json")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from sim.log import validate
 
@@ -247,6 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--data", required=True, help="held-out dataset directory")
     off.add_argument("--out", default=None, help="write the metrics as JSON here")
     off.set_defaults(func=cmd_offline)
+
+    dg = sub.add_parser("dagger", help="DAgger: learner drives, expert labels, retrain on the aggregate (resumable)")
+    dg.add_argument("--init", required=True, help="behaviour-cloning checkpoint to start from")
+    dg.add_argument("--data", action="append", required=True, help="the expert dataset(s) it was trained on")
+    dg.add_argument("--out", required=True, help="run directory")
+    dg.add_argument("--iterations", type=int, default=4, help="DAgger iterations (default 4)")
+    dg.add_argument("--episodes-per-iter", type=int, default=10, help="episodes recorded per iteration")
+    dg.add_argument("--beta-schedule", default="0.5,0.25,0", help="beta per iteration; the last repeats")
+    dg.add_argument("--mixture", default="step", help="flip the expert/learner coin per step or per episode")
+    dg.add_argument("--retrain", default="scratch", help="scratch or finetune")
+    dg.add_argument("--epochs", type=int, default=4, help="training epochs per iteration")
+    dg.add_argument("--suite", default="val", help="closed-loop suite scored after each iteration (default val)")
+    dg.add_argument("--workers", type=int, default=1, help="worker processes for recording and evaluation")
+    dg.add_argument("--seed", type=int, default=0, help="seed")
+    dg.add_argument("--quiet", action="store_true", help="no progress bars")
+    dg.set_defaults(func=cmd_dagger)
 
     val = sub.add_parser("validate", help="check a driving log; one line per problem, non-zero exit if any")
     val.add_argument("path", help="dataset directory")

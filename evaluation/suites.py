@@ -25,6 +25,7 @@ from sim.track import Track, TrackSpecError, split_seed
 from sim.wrappers import Perturbation
 
 TEST_TRACKS = 20  # held-out procedural tracks in the `test` family of suites
+VAL_TRACKS = 10  # validation tracks (model selection, DAgger iterations)
 SMOKE_TRACK_LENGTH = 150.0  # [m]
 DEFAULT_SPEED = 10.0  # [m/s]
 CONTROL_DT = 0.05  # [s] at the default 20 Hz control rate
@@ -125,6 +126,9 @@ def builtin_suite(name: str) -> Suite:
         return Suite("smoke", tuple(scenarios))
     if name == "test":
         return _test_scenarios("test", lambda i: "default")
+    if name == "val":
+        return Suite("val", tuple(Scenario(name=f"val-{i:02d}-proc-{split_seed('val', i)}", track=split_seed("val", i),
+                                           seed=scenario_seed("val", i)) for i in range(VAL_TRACKS)))
     if name == "recovery":
         return _test_scenarios("recovery", lambda i: "default", perturb=True)
     if name == "shift":
@@ -134,7 +138,7 @@ def builtin_suite(name: str) -> Suite:
     raise ValueError(f"unknown suite {name!r}; built-in suites: {BUILTIN_SUITES}, or give a suite JSON file")
 
 
-BUILTIN_SUITES = ("smoke", "test", "recovery", "shift", "interventions")
+BUILTIN_SUITES = ("smoke", "val", "test", "recovery", "shift", "interventions")
 
 
 class SuiteError(ValueError):

@@ -74,6 +74,8 @@ class TrainConfig:
     """Rows removed from the top of the camera frame (sky) before resizing."""
     input_size: tuple[int, int] = (66, 200)
     """Network input (h, w) after cropping and resizing."""
+    init: str | None = None
+    """Start from this checkpoint's weights (fine-tuning); its architecture must match."""
 
     def __post_init__(self):
         self.augment = tuple(a for a in self.augment if a)
@@ -252,6 +254,12 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
     # Model and optimiser.
     torch.manual_seed(cfg.seed)
     model = build_model(model_config)
+    if cfg.init is not None:
+        init_model, init_config, _ = load_checkpoint(cfg.init)
+        if init_config.to_dict() != model_config.to_dict():
+            raise ValueError(f"--init {cfg.init} is a {init_config.arch} with a different configuration than "
+                             f"the {cfg.model} being trained; fine-tune only from the same architecture and inputs")
+        model.load_state_dict(init_model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_windows = max(cfg.batch_frames // T, 1)
     steps_per_epoch = math.ceil(len(train_windows) / batch_windows)
