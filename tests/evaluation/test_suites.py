@@ -37,7 +37,14 @@ def write_suite(directory: Path, spec, name: str = "suite.json") -> Path:
 
 # ----------------------------------------------------------------------------- built-in suites
 def test_builtin_suite_names():
-    assert set(BUILTIN_SUITES) == {"smoke", "test", "recovery", "shift", "interventions"}
+    assert set(BUILTIN_SUITES) == {"smoke", "val", "test", "recovery", "shift", "interventions"}
+
+
+def test_val_suite_uses_validation_tracks_disjoint_from_test():
+    val, test = builtin_suite("val"), builtin_suite("test")
+    assert len(val.scenarios) == 10
+    assert {s.track for s in val.scenarios}.isdisjoint({s.track for s in test.scenarios})
+    assert all(100_000 <= s.track < 200_000 for s in val.scenarios)
 
 
 def test_smoke_suite():
