@@ -28,7 +28,7 @@ class Episode:
     info: dict = field(default_factory=dict)
 
 
-class _Track:
+class _Run:
     """Per-environment bookkeeping of a batched rollout."""
 
     def __init__(self, env, obs, info, video: str | None):
@@ -93,7 +93,7 @@ def rollout_batch(envs: list, policy, *, seeds: list[int | None], options: list[
     runs = []
     for env, seed, option, video in zip(envs, seeds, options, videos):
         obs, info = env.reset(seed=seed, options=option)
-        runs.append(_Track(env, obs, info, video))
+        runs.append(_Run(env, obs, info, video))
     state, start = None, np.ones((n,), dtype=bool)
     try:
         while not all(run.done for run in runs):

@@ -31,7 +31,7 @@ from evaluation.metrics import autonomy_percent, bootstrap_ci, recovery_metrics
 from evaluation.rollout import rollout_batch
 from evaluation.suites import Scenario, Suite
 from sim import MAX_EPISODE_STEPS
-from sim.env import LaneKeepEnv, load_track
+from sim.env import LaneKeepEnv
 from sim.parallel import run_in_processes
 from sim.wrappers import InterventionWrapper, PerturbationWrapper
 
@@ -82,11 +82,6 @@ def make_env(scenario: Scenario, *, privileged: bool, resolution=(66, 200), slot
     if scenario.interventions:
         env = InterventionWrapper(env)
     return TimeLimit(env, MAX_EPISODE_STEPS)
-
-
-def _route_length(scenario: Scenario) -> float:
-    """Length of the scenario's route [m] (a proxy for its run time)."""
-    return load_track(scenario.track, length=scenario.track_length).length
 
 
 def reset_options(scenario: Scenario) -> dict:
@@ -258,8 +253,6 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
                 save(index, metrics, trajectory)
 
     jobs = [(g, [suite.scenarios[i] for i in g], tuple(resolution), [video_for(i) for i in g]) for g in groups]
-    # Longest groups first, so the last ones to finish are short (the groups themselves are fixed).
-    jobs.sort(key=lambda job: -sum(_route_length(s) for s in job[1]))
     try:
         if workers <= 1 or len(jobs) <= 1:
             _single_threaded()

@@ -482,8 +482,3 @@ class LaneKeepEnv(gym.Env):
             "success": False,
         }
 
-
-def track_to_json(track: Track) -> str:
-    """The spec of ``track`` as canonical JSON (for logs and results)."""
-    return json.dumps(track.to_spec(), sort_keys=True)
-

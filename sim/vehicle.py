@@ -28,7 +28,6 @@ import tempfile
 from collections import deque
 from dataclasses import dataclass
 
-import numpy as np
 import pybullet as p
 
 GRAVITY = 9.81  # [m/s^2]

@@ -132,9 +132,8 @@ def evaluate_windows(model, make_batch, val_windows: np.ndarray, batch_windows: 
     sq_err, sq_zero, n, loss_sum, batches = 0.0, 0.0, 0, 0.0, 0
     for i in range(0, len(val_windows), batch_windows):
         batch = make_batch(val_windows[i:i + batch_windows])
-        loss, _ = model(batch)
-        steering, _ = model.predict_sequence(batch["images"])
-        sq_err += float(((steering - batch["steering"]) ** 2).sum())
+        loss, metrics = model(batch)  # no mask: steering_mse is the mean over every frame of the batch
+        sq_err += metrics["steering_mse"] * batch["steering"].numel()
         sq_zero += float((batch["steering"] ** 2).sum())
         n += batch["steering"].numel()
         loss_sum += float(loss)
