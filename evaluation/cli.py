@@ -62,6 +62,14 @@ def cmd_drive(args) -> int:
     return 0
 
 
+def _add_backend_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="local", choices=["local", "ray"],
+                        help="run episodes/scenarios in local worker processes or as Ray tasks (same results)")
+    parser.add_argument("--address", default=None,
+                        help="with --backend ray: the Ray cluster, 'auto' or HOST:PORT (default: start a local "
+                             "Ray instance with --workers CPUs)")
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -76,7 +84,8 @@ def cmd_record(args) -> int:
                            track_length=args.track_length, noise=args.noise, noise_kind=args.noise_kind,
                            cameras=_csv(args.cameras), conditions=_csv(args.conditions),
                            resolution=args.resolution, speed=args.speed, expert=args.expert, workers=args.workers,
-                           learner=args.learner, beta=args.beta, mixture=args.mixture)
+                           backend=args.backend, address=args.address, learner=args.learner, beta=args.beta,
+                           mixture=args.mixture)
         summary = record(cfg, progress=not args.quiet)
     except (ValueError, TrackSpecError, FileNotFoundError, LogError) as error:
         print(f"steerloop record: {error}", file=sys.stderr)
@@ -121,7 +130,8 @@ def cmd_evaluate(args) -> int:
     try:
         suite = load_suite(args.suite)
         results = evaluate(args.policy, suite, args.out, workers=args.workers, videos=args.video,
-                           resolution=args.resolution, progress=not args.quiet, batch=args.batch)
+                           resolution=args.resolution, progress=not args.quiet, batch=args.batch,
+                           backend=args.backend, address=args.address)
     except (ValueError, SuiteError, ResultsError, CheckpointError, FileNotFoundError) as error:
         print(f"steerloop evaluate: {error}", file=sys.stderr)
         return 2
@@ -163,7 +173,8 @@ def cmd_dagger(args) -> int:
 
     def closed_loop(checkpoint: str, iteration: int) -> dict:
         results = evaluate(checkpoint, suite, f"{args.out}/iter_{iteration:02d}/eval-{suite.name}",
-                           workers=args.workers, progress=not args.quiet, plots=False, resolution=resolution)
+                           workers=args.workers, progress=not args.quiet, plots=False, resolution=resolution,
+                           backend=args.backend, address=args.address)
         agg = results["aggregate"]
         return {key: agg[key] for key in ("success_rate", "mean_abs_offset_m", "on_policy_rmse")}
 
@@ -171,7 +182,8 @@ def cmd_dagger(args) -> int:
         cfg = DaggerConfig(init=args.init, data=args.data, out=args.out, iterations=args.iterations,
                            episodes_per_iter=args.episodes_per_iter,
                            beta_schedule=tuple(float(b) for b in _csv(args.beta_schedule)), mixture=args.mixture,
-                           retrain=args.retrain, epochs=args.epochs, workers=args.workers, seed=args.seed)
+                           retrain=args.retrain, epochs=args.epochs, workers=args.workers, seed=args.seed,
+                           backend=args.backend, address=args.address)
         rows = run_dagger(cfg, closed_loop, progress=not args.quiet)
     except (ValueError, LogError, CheckpointError) as error:
         print(f"steerloop dagger: {error}", file=sys.stderr)
@@ -254,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--beta", type=float, default=1.0, help="DAgger: probability that the expert drives")
     rec.add_argument("--mixture", default="step", help="DAgger: flip the expert/learner coin per step or episode")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_backend_args(rec)
     rec.set_defaults(func=cmd_record)
 
     tr = sub.add_parser("train", help="behaviour cloning from driving logs (resumable)")
@@ -280,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=int, default=4, help="scenarios stepped in lockstep with batched inference")
     ev.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_backend_args(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     off = sub.add_parser("offline", help="offline metrics on held-out logs, beside the all-zeros predictor")
@@ -302,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--workers", type=int, default=1, help="worker processes for recording and evaluation")
     dg.add_argument("--seed", type=int, default=0, help="seed")
     dg.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_backend_args(dg)
     dg.set_defaults(func=cmd_dagger)
 
     val = sub.add_parser("validate", help="check a driving log; one line per problem, non-zero exit if any")

@@ -32,7 +32,7 @@ from evaluation.rollout import rollout_batch
 from evaluation.suites import Scenario, Suite
 from sim import MAX_EPISODE_STEPS
 from sim.env import LaneKeepEnv
-from sim.parallel import run_in_processes
+from sim.parallel import check_backend, run_tasks
 from sim.wrappers import InterventionWrapper, PerturbationWrapper
 
 RESULTS_SCHEMA_VERSION = "1.0.0"
@@ -190,19 +190,26 @@ class ResultsError(ValueError):
 
 
 def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 1, videos: int = 0,
-             resolution=(66, 200), progress: bool = True, plots: bool = True, batch: int = DEFAULT_BATCH) -> dict:
+             resolution=(66, 200), progress: bool = True, plots: bool = True, batch: int = DEFAULT_BATCH,
+             backend: str = "local", address: str | None = None) -> dict:
     """Run ``policy_name`` over ``suite`` into ``out``; returns the results dict.
 
     Scenarios run in fixed groups of ``batch`` (scenarios 0..batch-1, batch..2*batch-1, ...)
     that step in lockstep with one batched ``predict`` per step; groups are spread over
     ``workers`` processes. Group composition never depends on ``workers``, so results are
     bit-identical for any number of workers.
+
+    ``backend`` chooses where groups run: ``local`` (worker processes on this machine) or
+    ``ray`` (one Ray task per group, on the cluster at ``address``, "auto" or "HOST:PORT",
+    or on a new local Ray instance when ``address`` is None); results are identical. With
+    Ray the policy path must be readable from every node.
     """
     from tqdm import tqdm
 
     from agents import load_policy
 
     out = Path(out)
+    check_backend(backend, address)
     policy = load_policy(policy_name)  # fail fast on a bad policy, before any work
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
@@ -254,14 +261,14 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
 
     jobs = [(g, [suite.scenarios[i] for i in g], tuple(resolution), [video_for(i) for i in g]) for g in groups]
     try:
-        if workers <= 1 or len(jobs) <= 1:
+        if backend == "local" and (workers <= 1 or len(jobs) <= 1):
             _single_threaded()
             for indices, scenarios, res, video_paths in jobs:
                 results = run_group(policy, scenarios, resolution=res, videos=video_paths)
                 save_group([(i, m, t) for i, (m, t) in zip(indices, results)])
         else:
-            run_in_processes(_worker_run, jobs, save_group, workers=workers, initializer=_worker_init,
-                             initargs=(policy_name,))
+            run_tasks(_worker_run, jobs, save_group, workers=max(workers, 1), backend=backend, address=address,
+                      initializer=_worker_init, initargs=(policy_name,))
     finally:
         bar.close()
         close_env_pool()

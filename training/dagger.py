@@ -20,6 +20,7 @@ from typing import Callable
 
 from agents.checkpoint import load_checkpoint
 from agents.mixture import MIXTURE_MODES
+from sim.parallel import check_backend
 from training.record import RecordConfig, record
 from training.train import TrainConfig, train
 
@@ -49,7 +50,11 @@ class DaggerConfig:
     epochs: int = 4
     """Training epochs per iteration."""
     workers: int = 1
-    """Recording worker processes."""
+    """Recording worker processes (episodes recorded at once)."""
+    backend: str = "local"
+    """Where recording runs: local or ray (same data; not part of the run's identity)."""
+    address: str | None = None
+    """With backend ray: the cluster ("auto" or "HOST:PORT"); None starts a local Ray instance."""
     seed: int = 0
     """Seeds recording (per iteration) and training."""
     track_length: float = 400.0
@@ -70,6 +75,7 @@ class DaggerConfig:
             raise ValueError(f"--mixture must be one of {MIXTURE_MODES}, got {self.mixture!r}")
         if self.retrain not in RETRAIN_MODES:
             raise ValueError(f"--retrain must be one of {RETRAIN_MODES}, got {self.retrain!r}")
+        check_backend(self.backend, self.address)
 
     def beta(self, iteration: int) -> float:
         return self.beta_schedule[min(iteration, len(self.beta_schedule) - 1)]
@@ -81,7 +87,8 @@ def run_dagger(cfg: DaggerConfig, evaluate_fn: Callable[[str, int], dict] | None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     table_path = out / "dagger.json"
-    run_config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    run_config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+                  if k not in ("backend", "address")}  # where it runs does not change the results
     state = {"config": run_config, "iterations": []}
     if table_path.exists():
         state = json.loads(table_path.read_text())
@@ -98,7 +105,8 @@ def run_dagger(cfg: DaggerConfig, evaluate_fn: Callable[[str, int], dict] | None
         recorded = record(RecordConfig(out=str(data_dir), episodes=cfg.episodes_per_iter, suite="train",
                                        seed=cfg.seed * 1000 + i + 1, track_length=cfg.track_length,
                                        resolution=resolution,
-                                       workers=cfg.workers, learner=learner, beta=cfg.beta(i), mixture=cfg.mixture,
+                                       workers=cfg.workers, backend=cfg.backend, address=cfg.address,
+                                       learner=learner, beta=cfg.beta(i), mixture=cfg.mixture,
                                        extra={"dagger_iteration": i, "learner": learner}), progress=progress)
         datasets.append(str(data_dir))
         model_dir = out / f"iter_{i:02d}" / "model"

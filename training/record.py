@@ -20,7 +20,7 @@ from agents.mixture import MixturePolicy
 from sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from sim.env import LaneKeepEnv, load_track
 from sim.log import DrivingLogWriter, EpisodeBuffer
-from sim.parallel import run_in_processes
+from sim.parallel import check_backend, run_tasks
 from sim.scene import CONDITIONS
 from sim.track import SPLIT_SEED_RANGES, split_seed
 
@@ -30,7 +30,8 @@ MAX_EPISODE_STEPS = 3000  # [control steps] safety cap per episode (150 s at 20 
 
 @dataclass
 class RecordConfig:
-    """What to record. Everything here (except ``out`` and ``workers``) defines the dataset."""
+    """What to record. Everything here (except ``out``, ``workers``, ``backend``, ``address`` and ``extra``)
+    defines the dataset."""
 
     out: str = "data/expert"
     """Dataset directory (created, or resumed when it holds the same recording)."""
@@ -65,7 +66,11 @@ class RecordConfig:
     mixture: str = "step"
     """DAgger: flip the expert/learner coin every step or once per episode."""
     workers: int = 1
-    """Worker processes, each with its own simulator (does not change the content)."""
+    """Episodes recorded at once, each worker with its own simulator (does not change the content)."""
+    backend: str = "local"
+    """Where episodes run: local (worker processes here) or ray (Ray tasks; same content)."""
+    address: str | None = None
+    """With backend ray: the cluster to use ("auto" or "HOST:PORT"); None starts a local Ray instance."""
     extra: dict = field(default_factory=dict)
     """Extra metadata stored in the manifest (e.g. who/what produced the data)."""
 
@@ -88,6 +93,7 @@ class RecordConfig:
             raise ValueError(f"--expert must be one of {sorted(CONTROLLERS)}, got {self.expert!r}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        check_backend(self.backend, self.address)
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"--beta must be within [0, 1], got {self.beta}")
         if self.learner is not None and self.noise > 0:
@@ -96,7 +102,7 @@ class RecordConfig:
     def dataset_config(self) -> dict:
         """The fields that define the dataset's content (compared on resume)."""
         config = asdict(self)
-        for key in ("out", "workers", "extra"):
+        for key in ("out", "workers", "backend", "address", "extra"):
             config.pop(key)
         config["cameras"], config["conditions"] = list(self.cameras), list(self.conditions)
         config["resolution"] = list(self.resolution)
@@ -221,13 +227,8 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
         bar.update(1)
 
     try:
-        if cfg.workers == 1 or len(jobs) <= 1:
-            _init_worker()
-            for job in jobs:
-                finish(record_episode(cfg, job))
-        else:
-            run_in_processes(record_episode, [(cfg, job) for job in jobs], finish, workers=cfg.workers,
-                             initializer=_init_worker)
+        run_tasks(record_episode, [(cfg, job) for job in jobs], finish, workers=cfg.workers, backend=cfg.backend,
+                  address=cfg.address, initializer=_init_worker)
     finally:
         bar.close()
     elapsed = time.perf_counter() - started

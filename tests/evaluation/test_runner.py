@@ -129,6 +129,42 @@ def test_workers_do_not_change_the_results(smoke_expert, tmp_path):
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
 
 
+def _same_results(out1: Path, out2: Path) -> None:
+    r1, r2 = (json.loads((out / "results.json").read_text()) for out in (out1, out2))
+    assert [s["metrics"] for s in r1["scenarios"]] == [s["metrics"] for s in r2["scenarios"]]
+    assert r1["aggregate"] == r2["aggregate"]
+    for name in (s["name"] for s in r1["scenarios"]):
+        with np.load(out1 / "trajectories" / f"{name}.npz") as a, np.load(out2 / "trajectories" / f"{name}.npz") as b:
+            assert a.files == b.files
+            for key in a.files:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
+
+
+def test_ray_backend_gives_the_same_results(smoke_expert, tmp_path, ray_local):
+    out1, _ = smoke_expert
+    evaluate("expert", load_suite("smoke"), tmp_path / "ray", resolution=TINY, progress=False, workers=2,
+             backend="ray")
+    _same_results(out1, tmp_path / "ray")
+    assert (out1 / "results.json").read_bytes() == (tmp_path / "ray" / "results.json").read_bytes()
+
+
+def test_ray_backend_gives_a_learned_policy_bit_identical_results(tmp_path, ray_local):
+    import torch
+
+    from agents.checkpoint import save_checkpoint
+    from agents.models import ModelConfig, build_model
+    from agents.preprocess import PreprocessConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(arch="cnn-lstm", preprocess=PreprocessConfig(crop_top=4, resize=(20, 40)))
+    checkpoint = save_checkpoint(tmp_path / "ckpt", build_model(config), config, {"note": "untrained"})
+    suite = Suite("two", tuple(Scenario(name=f"short-{i}", track=SHORT_SPEC, seed=i) for i in range(2)))
+    for backend in ("local", "ray"):
+        evaluate(str(checkpoint), suite, tmp_path / backend, resolution=TINY, progress=False, plots=False,
+                 workers=2, batch=1, backend=backend)
+    _same_results(tmp_path / "local", tmp_path / "ray")
+
+
 def test_zeros_departs_on_a_curvy_scenario():
     scenario = load_suite("smoke").scenarios[2]  # the s-bend
     assert scenario.track["name"] == "s-bend"

@@ -76,6 +76,19 @@ def test_worker_count_does_not_change_the_bytes(recorded):
     assert without_created(read_manifest(root / "w1")) == without_created(read_manifest(root / "w2"))
 
 
+def test_ray_backend_records_the_same_bytes(recorded, ray_local):
+    root, _ = recorded
+    from evaluation.cli import main
+
+    assert main(["record", "--out", str(root / "ray"), "--episodes", "2", "--resolution", "16x32", "--track-length",
+                 str(TRACK_LENGTH), "--workers", "2", "--backend", "ray", "--quiet"]) == 0
+    for index in range(2):
+        name = episode_file(index)
+        assert (root / "w1" / name).read_bytes() == (root / "ray" / name).read_bytes(), f"{name} differs on Ray"
+    assert without_created(read_manifest(root / "w1")) == without_created(read_manifest(root / "ray"))
+    assert "backend" not in read_manifest(root / "ray")["config"]
+
+
 def test_recording_is_valid_and_complete(recorded):
     root, _ = recorded
     assert validate(root / "w1") == []

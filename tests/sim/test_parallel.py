@@ -1,0 +1,52 @@
+"""The task backends of sim.parallel: local processes and Ray tasks, and their refusals."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from evaluation.cli import main
+from sim.parallel import BackendError, RAY_INSTALL_HINT, check_backend, run_tasks, set_threads_from_allotment
+
+
+def test_local_backend_runs_every_job_in_process_or_in_workers():
+    for workers in (1, 2):
+        results = []
+        run_tasks(divmod, [(7, 2), (9, 4), (5, 5)], results.append, workers=workers)
+        assert sorted(results) == [(1, 0), (2, 1), (3, 1)]
+
+
+def test_ray_tasks_return_every_result_with_threads_from_the_cpu_allotment(ray_local):
+    results = []
+    run_tasks(divmod, [(7, 2), (9, 4), (5, 5)], results.append, workers=2, backend="ray")
+    assert sorted(results) == [(1, 0), (2, 1), (3, 1)]
+    threads = []
+    run_tasks(set_threads_from_allotment, [(), ()], threads.append, workers=2, backend="ray")
+    assert threads == [1, 1]  # each task asks Ray for one CPU
+
+
+def test_a_failing_ray_task_raises_its_error_in_the_caller(ray_local):
+    with pytest.raises(ZeroDivisionError):
+        run_tasks(divmod, [(1, 0)], lambda result: None, workers=1, backend="ray")
+
+
+def test_unknown_backend_and_stray_address_are_refused():
+    with pytest.raises(BackendError, match="--backend must be one of"):
+        check_backend("dask")
+    with pytest.raises(BackendError, match="only used with --backend ray"):
+        check_backend("local", "auto")
+    with pytest.raises(ValueError, match="--workers must be >= 1"):
+        run_tasks(divmod, [(1, 1)], print, workers=0)
+
+
+def test_without_ray_the_flag_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # importlib.util.find_spec("ray") is now None
+    with pytest.raises(BackendError, match="steerloop\\[ray\\]"):
+        check_backend("ray")
+    for command in (["evaluate", "--policy", "expert", "--suite", "smoke", "--out", str(tmp_path / "eval")],
+                    ["record", "--out", str(tmp_path / "data"), "--episodes", "1"]):
+        assert main([*command, "--backend", "ray", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert RAY_INSTALL_HINT in err, err
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "data").exists()  # refused before any work
