@@ -1,0 +1,94 @@
+"""LaneKeep in vectorised environments: gymnasium's AsyncVectorEnv and stable-baselines3's
+SubprocVecEnv (subprocesses started by forkserver / spawn), each sub-environment seeded
+on its own; vectorised rollouts equal serial ones bit for bit."""
+
+from __future__ import annotations
+
+import functools
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.vector import AsyncVectorEnv
+from stable_baselines3.common.vec_env import SubprocVecEnv
+
+from conftest import TINY
+
+# "sim:" makes gym.make import sim (which registers the env) inside a fresh subprocess.
+ENV_ID = "sim:steerloop/LaneKeep-v0"
+CONFIG = {"resolution": TINY, "track_length": 60.0}  # a procedural training track drawn from each env's seed
+STEPS = 30  # [control steps] short of any route end or departure
+SEEDS = [11, 12]
+
+
+def make_env():
+    return functools.partial(gym.make, ENV_ID, **CONFIG)
+
+
+def actions(n_envs: int) -> np.ndarray:
+    """A fixed, different steering sequence per environment: (STEPS, n_envs, 1)."""
+    t = np.arange(STEPS)[:, None, None]
+    phase = np.arange(n_envs)[None, :, None]
+    return (0.15 * np.sin(0.2 * t + phase)).astype(np.float32)
+
+
+def serial_rollout(seed: int, sequence: np.ndarray) -> tuple[list[dict], list[float], list[bool]]:
+    """The observations (after reset and after every step), rewards and terminations of one env."""
+    env = make_env()()
+    try:
+        obs, _ = env.reset(seed=seed)
+        observations, rewards, dones = [obs], [], []
+        for action in sequence:
+            obs, reward, terminated, truncated, _ = env.step(action)
+            observations.append(obs)
+            rewards.append(reward)
+            dones.append(terminated or truncated)
+    finally:
+        env.close()
+    return observations, rewards, dones
+
+
+@pytest.fixture(scope="module")
+def serial():
+    sequences = actions(len(SEEDS))
+    return sequences, [serial_rollout(seed, sequences[:, i]) for i, seed in enumerate(SEEDS)]
+
+
+def _assert_matches(serial_runs, step: int, obs: dict, rewards=None, dones=None):
+    for i, (observations, serial_rewards, serial_dones) in enumerate(serial_runs):
+        for key in ("image", "speed"):
+            np.testing.assert_array_equal(obs[key][i], observations[step][key],
+                                          err_msg=f"env {i}: observation[{key!r}] differs at step {step}")
+        if rewards is not None:
+            assert rewards[i] == serial_rewards[step - 1], f"env {i}: reward differs at step {step}"
+            assert bool(dones[i]) is serial_dones[step - 1] is False
+
+
+def test_async_vector_env_equals_serial_envs(serial):
+    sequences, runs = serial
+    envs = AsyncVectorEnv([make_env() for _ in SEEDS], context="forkserver")
+    try:
+        assert envs.single_observation_space["image"].shape == (*TINY, 3)
+        obs, _ = envs.reset(seed=SEEDS)
+        assert not np.array_equal(obs["image"][0], obs["image"][1])  # per-env seeds: different tracks
+        _assert_matches(runs, 0, obs)
+        for step, action in enumerate(sequences, start=1):
+            obs, rewards, terminated, truncated, _ = envs.step(action)
+            _assert_matches(runs, step, obs, rewards, terminated | truncated)
+    finally:
+        envs.close()
+
+
+def test_sb3_subproc_vec_env_equals_serial_envs(serial):
+    sequences, runs = serial
+    assert SEEDS[1] == SEEDS[0] + 1  # SB3 seeds sub-environment i with seed + i
+    venv = SubprocVecEnv([make_env() for _ in SEEDS], start_method="spawn")
+    try:
+        venv.seed(SEEDS[0])
+        obs = venv.reset()
+        _assert_matches(runs, 0, obs)
+        for step, action in enumerate(sequences, start=1):
+            obs, rewards, dones, _ = venv.step(action)
+            _assert_matches(runs, step, obs, rewards, dones)
+    finally:
+        venv.close()
