@@ -232,6 +232,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_regress(args) -> int:
+    from evaluation.regress import regress
+
+    try:
+        return regress(args.policy, args.baseline, suite=args.suite, tolerance=args.tolerance, out=args.out,
+                       workers=args.workers, statistical=args.statistical, resolution=args.resolution,
+                       progress=not args.quiet, plots=args.plots)
+    except KeyboardInterrupt:
+        print("steerloop regress: interrupted; finished scenarios are kept. Re-run the same command to finish.",
+              file=sys.stderr)
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steerloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,6 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_backend_args(dg)
     dg.set_defaults(func=cmd_dagger)
+
+    rg = sub.add_parser("regress", help="regression gate: compare a candidate policy with a baseline; "
+                        "exit 0 no regression, 1 regression, 2 could not compare")
+    rg.add_argument("--policy", required=True, help="candidate: a policy (checkpoint directory, .zip, expert, "
+                    "zeros) or a results directory / results.json")
+    rg.add_argument("--baseline", required=True, help="baseline: a policy or a results directory / results.json")
+    rg.add_argument("--suite", default=None, help="suite name or JSON (default: the baseline results' suite, "
+                    "else test)")
+    rg.add_argument("--tolerance", default=None, help="per-metric tolerances, a .json or .toml file")
+    rg.add_argument("--out", default=None, help="results directory root (default: the steerloop cache, "
+                    "$STEERLOOP_CACHE or ~/.cache/steerloop); regress.json is written here")
+    rg.add_argument("--workers", type=int, default=1, help="worker processes (results do not depend on it)")
+    rg.add_argument("--statistical", action="store_true", help="paired bootstrap over scenarios: fail only on "
+                    "a significant degradation beyond tolerance (noisy policies)")
+    rg.add_argument("--resolution", type=_resolution, default=None, help="camera HxW (default: the baseline "
+                    "results' resolution, else 66x200)")
+    rg.add_argument("--plots", action="store_true", help="also write per-scenario plots of evaluated policies")
+    rg.add_argument("--quiet", action="store_true", help="no progress bar")
+    rg.set_defaults(func=cmd_regress)
 
     val = sub.add_parser("validate", help="check a driving log; one line per problem, non-zero exit if any")
     val.add_argument("path", help="dataset directory")
