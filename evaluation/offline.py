@@ -66,21 +66,26 @@ def replay(policy, log: DrivingLog, index: int, camera: str = "center") -> np.nd
     return out
 
 
-def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: float | None = None) -> dict:
-    """Offline metrics of ``policy_name`` on every episode of ``data``, beside all-zeros."""
+def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: float | None = None,
+                     series: str | None = None) -> dict:
+    """Offline metrics of ``policy_name`` on every episode of ``data``, beside all-zeros.
+
+    ``series``: also save the open-loop replay as an ``.npz`` holding, per episode ``i``,
+    ``prediction_i``, ``label_i`` and ``time_i`` ((N_i,) arrays; load with ``np.load``)."""
     from agents import load_policy
 
     policy = load_policy(policy_name)
     log = DrivingLog(data)
     if dt is None:
         dt = 1.0 / float(log.manifest.get("config", {}).get("control_hz", 20))
-    predictions, labels, speeds, per_episode = [], [], [], []
+    predictions, labels, speeds, times, per_episode = [], [], [], [], []
     for index in log.episodes:
         pred = replay(policy, log, index)
         episode = log.read_episode(index, cameras=[])
         predictions.append(pred)
         labels.append(episode["expert_steering"])
         speeds.append(episode["speed"])
+        times.append(episode["time"])
         per_episode.append({"episode": index, "rmse": float(np.sqrt(np.mean((pred - episode["expert_steering"]) ** 2)))})
     result = {
         "policy": policy_name, "data": str(data), "episodes": len(log.episodes),
@@ -89,6 +94,12 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
         "per_episode": per_episode,
     }
     log.close()
+    if series:
+        arrays = {}
+        for i, (pred, label, t) in enumerate(zip(predictions, labels, times)):
+            arrays.update({f"prediction_{i}": pred, f"label_{i}": label, f"time_{i}": t})
+        Path(series).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(series, **arrays)
     if out:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -188,13 +188,17 @@ def load_suite_file(path: str | Path) -> Suite:
     if not isinstance(interventions, bool):
         raise SuiteError(f"{path}: 'interventions' must be true or false, got {interventions!r}")
     perturbations = spec.get("perturbations", "none")
+    track_length = spec.get("track_length", Scenario.track_length)
+    if isinstance(track_length, bool) or not isinstance(track_length, (int, float)) or not 50 <= track_length <= 5000:
+        raise SuiteError(f"{path}: 'track_length' (of procedural tracks) must be a number in [50, 5000] m, "
+                         f"got {track_length!r}")
     scenarios, index = [], 0
     for t, entry in enumerate(tracks):
         where = f"{path}: tracks[{t}]"
         if isinstance(entry, bool) or not isinstance(entry, (int, str)):
             raise SuiteError(f"{where}: must be a procedural track seed (integer) or a spec path (string)")
         try:
-            track = load_track(entry if isinstance(entry, int) else str(path.parent / entry))
+            track = load_track(entry if isinstance(entry, int) else str(path.parent / entry), length=track_length)
         except (TrackSpecError, FileNotFoundError, ValueError) as error:
             raise SuiteError(f"{where}: {error}") from None
         track_value = entry if isinstance(entry, int) else track.to_spec()
@@ -210,7 +214,8 @@ def load_suite_file(path: str | Path) -> Suite:
         for condition in conditions:
             scenarios.append(Scenario(name=f"{name}-{index:02d}-{track.name}-{condition}", track=track_value,
                                       condition=condition, speed=float(speed), perturbations=schedule,
-                                      interventions=interventions, seed=scenario_seed(name, index)))
+                                      interventions=interventions, seed=scenario_seed(name, index),
+                                      track_length=float(track_length)))
             index += 1
     return Suite(name, tuple(scenarios))
 
