@@ -232,6 +232,28 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from agents.checkpoint import CheckpointError
+    from evaluation.runner import ResultsError
+    from evaluation.study import StudyError, load_study, run_study
+    from sim.log import LogError
+
+    if args.workers < 1:
+        print(f"steerloop study: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_study(args.config)
+        run_study(cfg, args.out, workers=args.workers, progress=not args.quiet)
+    except (StudyError, ResultsError, LogError, CheckpointError, ValueError) as error:
+        print(f"steerloop study: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"steerloop study: interrupted; re-run the same command to resume ({args.out})", file=sys.stderr)
+        return 130
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def cmd_regress(args) -> int:
     from evaluation.regress import regress
 
@@ -364,6 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW")
     bench.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     bench.set_defaults(func=cmd_bench)
+
+    st = sub.add_parser("study", help="the offline-vs-closed-loop gap study: record, train, evaluate, report (cached)")
+    st.add_argument("--config", required=True, help="study TOML file, or a preset: default, demo")
+    st.add_argument("--out", required=True, help="study directory (stages cached by content, report.md)")
+    st.add_argument("--workers", type=int, default=2, help="worker processes for recording and evaluation")
+    st.add_argument("--quiet", action="store_true", help="no progress bars")
+    st.set_defaults(func=cmd_study)
+
+    demo = sub.add_parser("demo", help="a small preset of the gap study (about 15 minutes on 2 CPU cores)")
+    demo.add_argument("--out", default="steerloop-demo", help="study directory (default: steerloop-demo)")
+    demo.add_argument("--workers", type=int, default=2, help="worker processes for recording and evaluation")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_study, config="demo")
     return parser
 
 
