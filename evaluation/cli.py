@@ -122,6 +122,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_rl(args) -> int:
+    from training.rl import RLConfig, train_rl
+
+    try:
+        cfg = RLConfig(out=args.out, algo=args.algo, timesteps=args.timesteps, envs=args.envs,
+                       recurrent=args.recurrent, init=args.init, seed=args.seed, resolution=args.resolution,
+                       track_length=args.track_length, tracks=args.tracks, conditions=_csv(args.conditions),
+                       n_steps=args.n_steps, save_every=args.save_every, threads=args.threads)
+        summary = train_rl(cfg, progress=not args.quiet)
+    except ValueError as error:
+        print(f"steerloop train-rl: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"steerloop train-rl: interrupted; re-run the same command to continue from the newest "
+              f"{args.out}/checkpoints/*.zip", file=sys.stderr)
+        return 130
+    height, width = summary["resolution"]
+    print(f"{summary['algorithm']}: {summary['timesteps']} steps in {summary['seconds']:.0f} s; model "
+          f"{summary['model']}\nevaluate it with: steerloop evaluate --policy {summary['model']} "
+          f"--resolution {height}x{width} --suite val --out {Path(args.out) / 'eval-val'}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from agents.checkpoint import CheckpointError
     from evaluation.runner import ResultsError, evaluate, summary_table
@@ -318,6 +341,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=2, help="torch threads (recorded in the checkpoint)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
+
+    rl = sub.add_parser("train-rl", help="PPO (stable-baselines3) in closed loop on training tracks (resumable)")
+    rl.add_argument("--algo", default="ppo", help="ppo (the only one)")
+    rl.add_argument("--out", required=True, help="run directory (model.zip, checkpoints/)")
+    rl.add_argument("--timesteps", type=int, default=100_000, help="environment steps in total (default 100000)")
+    rl.add_argument("--envs", type=int, default=1, help="parallel environments (SubprocVecEnv; default 1)")
+    rl.add_argument("--init", default=None, help="behaviour-cloning checkpoint distilled into the policy first")
+    rl.add_argument("--recurrent", action="store_true", help="RecurrentPPO (LSTM) from sb3-contrib")
+    rl.add_argument("--seed", type=int, default=0, help="seed (PPO, environments, distillation)")
+    rl.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
+    rl.add_argument("--track-length", type=float, default=200.0, help="procedural route length [m] (default 200)")
+    rl.add_argument("--tracks", type=int, default=100, help="routes come from the first N training tracks")
+    rl.add_argument("--conditions", default="default", help="comma-separated visual conditions")
+    rl.add_argument("--n-steps", type=int, default=512, help="steps per environment between PPO updates")
+    rl.add_argument("--save-every", type=int, default=10_000, help="steps between resumable checkpoints")
+    rl.add_argument("--threads", type=int, default=1, help="torch threads of the learner")
+    rl.add_argument("--quiet", action="store_true", help="no progress bar")
+    rl.set_defaults(func=cmd_train_rl)
 
     ev = sub.add_parser("evaluate", help="closed-loop evaluation of a policy over a scenario suite (resumable)")
     ev.add_argument("--policy", required=True, help="checkpoint directory, expert, expert:LAW or zeros")

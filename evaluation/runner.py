@@ -211,6 +211,10 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     out = Path(out)
     check_backend(backend, address)
     policy = load_policy(policy_name)  # fail fast on a bad policy, before any work
+    trained_on = getattr(policy, "image_size", None)
+    if trained_on is not None and tuple(trained_on) != tuple(resolution):
+        raise ValueError(f"{policy_name} was trained on {trained_on[0]}x{trained_on[1]} camera images; evaluate it "
+                         f"with --resolution {trained_on[0]}x{trained_on[1]} (got {resolution[0]}x{resolution[1]})")
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     run_id = {"policy": policy_name, "suite": suite.to_dict(), "resolution": list(resolution), "batch": batch}
