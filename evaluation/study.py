@@ -44,15 +44,10 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from evaluation.suites import BUILTIN_SUITES, Suite, SuiteError, load_suite
 from training.dagger import DaggerConfig
