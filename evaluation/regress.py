@@ -65,15 +65,6 @@ class Tolerance:
     def allowed(self, baseline: float) -> float:
         return max(self.absolute, self.relative * abs(baseline))
 
-    def describe(self) -> str:
-        parts = []
-        if self.absolute:
-            parts.append(f"{self.absolute:g}")
-        if self.relative:
-            parts.append(f"{self.relative:.0%}" if self.relative * 100 == round(self.relative * 100)
-                         else f"{self.relative:g}x")
-        return "max(" + ", ".join(parts) + ")" if len(parts) == 2 else (parts[0] if parts else "0")
-
 
 @dataclass(frozen=True)
 class GateMetric:
@@ -684,9 +675,11 @@ def suite_from_dict(spec: dict) -> Suite:
 def _suite_of(results: EvaluationResult) -> Suite | None:
     """The suite ``results`` were evaluated on: from the directory's run.json, else a built-in by name."""
     if results.path is not None and (results.path.parent / "run.json").is_file():
-        run = json.loads((results.path.parent / "run.json").read_text())
-        if isinstance(run, dict) and isinstance(run.get("suite"), dict):
+        try:
+            run = json.loads((results.path.parent / "run.json").read_text())
             return suite_from_dict(run["suite"])
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError):
+            pass  # a run.json of another steerloop version: fall back to the suite's name
     try:
         return load_suite(results.suite)
     except (SuiteError, ValueError):

@@ -17,9 +17,10 @@ from evaluation.cli import main
 from evaluation.metrics import bootstrap_ci
 from evaluation.regress import (CONFIDENCE, GATE_METRICS, IncomparableError, PolicyEvaluator, Tolerance, Tolerances,
                                 ToleranceError, assert_no_regression, check_comparable, compare, load_results,
-                                load_tolerances, parse_tolerances, policy_fingerprint)
+                                load_tolerances, parse_tolerances, policy_fingerprint, suite_from_dict)
 from evaluation.runner import RESULTS_SCHEMA_VERSION, aggregate
 from evaluation.suites import Scenario, Suite, load_suite
+from sim.wrappers import Perturbation
 
 from conftest import SHORT_SPEC
 
@@ -326,6 +327,14 @@ def test_policy_evaluator_memoises_and_reuses_the_cache(tmp_path):
     stamp = trajectory.stat().st_mtime_ns
     again = PolicyEvaluator(tmp_path / "cache")("expert", tmp_path / "tiny.json", resolution=(16, 32))
     assert again.data == result.data and trajectory.stat().st_mtime_ns == stamp  # not driven again
+
+
+def test_a_suite_round_trips_through_its_run_json_form():
+    schedule = (Perturbation.push(20), Perturbation("steering_pulse", 150, -0.3, 5))
+    suite = Suite("mine", (Scenario(name="mine-00-short-dusk", track=SHORT_SPEC, condition="dusk", seed=3,
+                                    perturbations=schedule),
+                           Scenario(name="mine-01-proc-7", track=7, interventions=True, seed=4)))
+    assert suite_from_dict(json.loads(json.dumps(suite.to_dict()))) == suite
 
 
 # ----------------------------------------------------------------------------- the command
