@@ -72,6 +72,8 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
 
     ``series``: also save the open-loop replay as an ``.npz`` holding, per episode ``i``,
     ``prediction_i``, ``label_i`` and ``time_i`` ((N_i,) arrays; load with ``np.load``)."""
+    import torch
+
     from agents import load_policy
 
     policy = load_policy(policy_name)
@@ -79,8 +81,13 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
     if dt is None:
         dt = 1.0 / float(log.manifest.get("config", {}).get("control_hz", 20))
     predictions, labels, speeds, times, per_episode = [], [], [], [], []
-    for index in log.episodes:
-        pred = replay(policy, log, index)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one frame at a time: more threads only spin (20x slower on a busy machine)
+    try:
+        preds = [replay(policy, log, index) for index in log.episodes]
+    finally:
+        torch.set_num_threads(threads)
+    for index, pred in zip(log.episodes, preds):
         episode = log.read_episode(index, cameras=[])
         predictions.append(pred)
         labels.append(episode["expert_steering"])

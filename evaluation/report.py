@@ -34,6 +34,7 @@ SMOOTHING_S = 1.0  # [s] moving-average window of the compounding-error curves
 AFTER_PERTURBATION_S = 8.0  # [s] window plotted after a perturbation starts
 CODEVILLA_MSE_R = 0.39  # Codevilla et al. 2018: MSE vs success rate
 CODEVILLA_OTHER_R = 0.6  # ... MAE, QCE and TRE reach r > 0.6
+MATCHED_FRAMES = 0.9  # a behaviour-cloning control needs at least this fraction of DAgger's labelled frames
 
 
 @dataclass
@@ -404,7 +405,7 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str) -> list[str]:
+def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str, dagger=()) -> list[str]:
     out = []
     zeros = rows[0].zeros["rmse"]
     n_routes = rows[0].results[primary][0]["aggregate"]["scenarios"]
@@ -471,6 +472,18 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str)
                  f"{_mean(x.closed['on_policy_rmse'] for x in members):.4f} (n={len(members)})"
                  for name, members in sorted(regimes.items())]
         out.append("**Data regimes (DART noise, side cameras, DAgger).** " + "; ".join(parts) + ".")
+    for policy, init, matched in dagger:
+        control = max(matched, key=lambda m: m.closed["success_rate"] or 0.0) if matched else None
+        beats = (policy.closed["success_rate"] or 0) > (init.closed["success_rate"] or 0) and (
+            control is None or (policy.closed["success_rate"] or 0) > (control.closed["success_rate"] or 0))
+        out.append(f"**DAgger (Ross et al.).** {policy.name} ({policy.frames} expert-labelled frames) succeeds on "
+                   f"{policy.closed['success_rate']:.2f} of the routes, against {init.closed['success_rate']:.2f} for "
+                   f"{init.name}, the behaviour-cloning policy it started from"
+                   + (f", and {control.closed['success_rate']:.2f} for {control.name}, behaviour cloning on "
+                      f"{control.frames} expert frames" if control else ", with no frame-matched behaviour-cloning "
+                      "control in the study")
+                   + (". DAgger wins." if beats else ". DAgger does not win here: the published finding does not "
+                      "reproduce in this setup."))
     ratios = [r.closed["on_policy_rmse"] / r.offline["rmse"] for r in rows if r.closed["on_policy_rmse"]]
     if ratios:
         grew = [f for f, c in compounding.items() if c["offset_last_10s"] > c["offset_first_10s"]]
@@ -479,6 +492,33 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str)
                    + (f"Mean |offset| grows from the first to the last 10 s of the routes for: {', '.join(grew)}."
                       if grew else "Mean |offset| does not grow over the routes for any family."))
     return out
+
+
+def dagger_comparisons(rows: list[PolicyRow], plan) -> list[tuple[PolicyRow, PolicyRow, list[PolicyRow]]]:
+    """(DAgger policy, the behaviour-cloning policy it started from, behaviour-cloning
+    policies of the same architecture with at least as many expert-labelled frames)."""
+    by_name = {r.name: r for r in rows}
+    out = []
+    for r in rows:
+        stage = plan.policies[r.name]
+        if stage.kind != "dagger":
+            continue
+        init = by_name[stage.params["init"]]
+        matched = [b for b in rows if plan.policies[b.name].kind == "train" and b.arch == r.arch
+                   and b.frames >= MATCHED_FRAMES * r.frames and b is not init]
+        out.append((r, init, matched))
+    return out
+
+
+def dagger_table(comparisons) -> str:
+    lines = ["| DAgger policy | compared with | expert-labelled frames | success | mean abs offset [m] | recovery | "
+             "on-policy RMSE |", "|---|---|---|---|---|---|---|"]
+    for dagger, init, matched in comparisons:
+        for row, role in ((dagger, "DAgger"), (init, "BC it started from"), *((m, "BC, as many frames") for m in matched)):
+            lines.append(f"| {dagger.name} | {row.name} ({role}) | {row.frames} | {_fmt(row.closed['success_rate'], 2)} "
+                         f"| {_fmt(row.closed['mean_abs_offset_m'])} | {_fmt(row.closed['recovery_rate'], 2)} | "
+                         f"{_fmt(row.closed['on_policy_rmse'], 4)} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- report
@@ -507,6 +547,7 @@ def write_report(plan) -> Path:
     compounding = compounding_figure(rows, plan, figures / "compounding.png")
     on_policy_figure(rows, figures / "on_policy_vs_offline.png")
     contrast = pick_contrast(rows, primary)
+    dagger = dagger_comparisons(rows, plan)
     order = closed_loop_order(rows)
     best_offline = min(rows, key=lambda r: r.offline["rmse"])
 
@@ -515,7 +556,7 @@ def write_report(plan) -> Path:
           f"({rows[0].offline['frames']} frames); closed loop on "
           + ", ".join(f"`{name}` ({len(s.scenarios)} scenarios)" for name, s in plan.suites.items())
           + f". Success, mean |offset|, departures/km and on-policy RMSE are from `{primary}`.", "",
-          "## Findings", "", *[f"- {line}" for line in findings(rows, corr, compounding, primary)], "",
+          "## Findings", "", *[f"- {line}" for line in findings(rows, corr, compounding, primary, dagger)], "",
           "## Policies: offline beside closed loop", "", policy_table(rows), "",
           "Offline metrics on held-out logs, with the all-zeros predictor:", "", offline_table(rows), "",
           "## Correlation across the population (Codevilla et al. style)", "",
@@ -534,6 +575,10 @@ def write_report(plan) -> Path:
     md += ["", "![offline RMSE vs success](figures/rmse_vs_success.png)"]
     if has_autonomy:
         md += ["![offline RMSE vs autonomy](figures/rmse_vs_autonomy.png)"]
+    if dagger:
+        md += ["", "## DAgger against behaviour cloning", "",
+               "Closed loop on the primary suite; expert-labelled frames count every dataset the policy was trained "
+               "on (for DAgger: the initial data and every iteration's).", "", dagger_table(dagger)]
     md += ["", "## Compounding error", "",
            "Mean |lateral offset| against time since the start, steering error in closed loop beside the open-loop "
            "replay of the held-out logs, and |offset| after a scripted perturbation, per policy family.", "",

@@ -15,7 +15,7 @@ TINY = """
 [study]
 name = "tiny"
 resolution = [24, 64]
-suites = ["smoke"]
+suites = ["tiny-suite.json"]
 offline_data = "val"
 threads = 1
 
@@ -47,10 +47,17 @@ augment = ["shift"]
 crop_top = 4
 input_size = [16, 48]
 val_fraction = 0.5
+
+[policies.dagger]
+dagger = { init = "pilotnet", iterations = 1, episodes_per_iter = 1, beta_schedule = [0.0], epochs = 1, track_length = 60.0 }
 """
 
 
+SUITE = {"name": "tiny", "tracks": [200000, 200001], "track_length": 60.0}
+
+
 def write_study(tmp_path: Path, text: str = TINY) -> Path:
+    (tmp_path / "tiny-suite.json").write_text(json.dumps(SUITE))
     path = tmp_path / "study.toml"
     path.write_text(text)
     return path
@@ -75,12 +82,16 @@ def test_tiny_study_writes_the_report(tiny_study):
     for figure in ("rmse_vs_success.png", "compounding.png", "on_policy_vs_offline.png"):
         assert (out / "figures" / figure).stat().st_size > 1000
     summary = json.loads((out / "report.json").read_text())
-    assert [p["name"] for p in summary["policies"]] == ["pilotnet", "lstm"]
+    assert [p["name"] for p in summary["policies"]] == ["pilotnet", "lstm", "dagger"]
+    frames = {p["name"]: p["frames"] for p in summary["policies"]}
+    assert frames["dagger"] > frames["pilotnet"], "DAgger's aggregate includes its init's data and its own"
+    assert "## DAgger against behaviour cloning" in report and "(BC it started from)" in report
     for policy in summary["policies"]:
         assert policy["frames"] > 0
         assert 0.0 <= policy["closed_loop"]["success_rate"] <= 1.0
         assert policy["offline"]["rmse"] >= 0 and policy["zeros"]["rmse"] > 0
-    assert 1 <= summary["best_offline_closed_loop_rank"] <= 2
+    assert 1 <= summary["best_offline_closed_loop_rank"] <= 3
+    assert len(summary["correlations"]) == 6 * 4  # 6 offline x 4 closed-loop metrics on a plain suite
 
 
 def test_rerunning_a_finished_study_does_nothing(tiny_study, capsys):
@@ -98,7 +109,7 @@ def test_changing_one_policy_reruns_only_what_depends_on_it(tiny_study, tmp_path
     changed = write_study(tmp_path, TINY.replace("seq_len = 4", "seq_len = 2"))
     plan = plan_study(load_study(str(changed)), out)
     todo = [(s.kind, s.name) for s in plan.stages if not (out / "stages" / s.marker).exists()]
-    assert todo == [("train", "lstm"), ("offline", "lstm"), ("closed_loop", "lstm@smoke")]
+    assert todo == [("train", "lstm"), ("offline", "lstm"), ("closed_loop", "lstm@tiny")]
 
 
 def test_the_same_study_plans_the_same_keys(tmp_path):
@@ -108,7 +119,7 @@ def test_the_same_study_plans_the_same_keys(tmp_path):
 
 
 def test_dagger_policy_depends_on_its_init(tmp_path):
-    text = TINY + '\n[policies.dagger]\ndagger = { init = "pilotnet", iterations = 1, episodes_per_iter = 1 }\n'
+    text = TINY
     plan = plan_study(load_study(str(write_study(tmp_path, text))), tmp_path / "out")
     assert plan.policies["dagger"].kind == "dagger"
     assert plan.dataset_dirs("dagger")[-1].endswith("iter_00/data")
@@ -130,7 +141,7 @@ def test_presets_parse():
     (lambda t: t.replace('data = ["clean"]\nepochs = 1\naugment = []', 'data = ["nope"]\nepochs = 1\naugment = []'),
      "policies.pilotnet.data names 'nope'"),
     (lambda t: t.replace('offline_data = "val"', 'offline_data = "held"'), "study.offline_data names 'held'"),
-    (lambda t: t.replace('suites = ["smoke"]', 'suites = ["nosuch"]'), "'nosuch' is neither a built-in suite"),
+    (lambda t: t.replace('suites = ["tiny-suite.json"]', 'suites = ["nosuch"]'), "'nosuch' is neither a built-in suite"),
     (lambda t: t + '\n[policies.d]\ndagger = { init = "ghost" }\n', "dagger.init must name a policy defined above"),
     (lambda t: t.replace('model = "pilotnet"', 'model = "resnet"'), "[policies.pilotnet]: --model must be one of"),
     (lambda t: t.replace("[study]", "[study\n"), "not valid TOML"),
