@@ -238,7 +238,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from evaluation.bench import bench_env, bench_eval, bench_record, bench_train, format_table
+    from evaluation.bench import bench_env, bench_eval, bench_record, bench_scale, bench_train, format_table
 
     if args.target == "env":
         result = bench_env(steps=args.steps, repeats=args.repeats, resolution=args.resolution)
@@ -246,6 +246,15 @@ def cmd_bench(args) -> int:
         result = bench_record(episodes=args.episodes or 8, repeats=args.repeats, resolution=args.resolution)
     elif args.target == "train":
         result = bench_train(data=args.data, repeats=args.repeats)
+    elif args.target == "scale":
+        from sim.parallel import BackendError, check_backend
+
+        try:
+            check_backend("ray")
+        except BackendError as error:
+            print(f"steerloop bench scale: {error}", file=sys.stderr)
+            return 2
+        result = bench_scale(scenarios=args.episodes or 16, repeats=args.repeats)
     else:
         result = bench_eval(scenarios=args.episodes or 16, repeats=args.repeats)
     if args.json:
@@ -266,7 +275,8 @@ def cmd_study(args) -> int:
         return 2
     try:
         cfg = load_study(args.config)
-        run_study(cfg, args.out, workers=args.workers, progress=not args.quiet)
+        run_study(cfg, args.out, workers=args.workers, progress=not args.quiet, backend=args.backend,
+                  address=args.address)
     except (StudyError, ResultsError, LogError, CheckpointError, ValueError) as error:
         print(f"steerloop study: {error}", file=sys.stderr)
         return 2
@@ -419,8 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=cmd_validate)
 
     bench = sub.add_parser("bench", help="throughput benchmarks, measured side by side")
-    bench.add_argument("target", choices=["env", "record", "train", "eval"], help="what to benchmark")
-    bench.add_argument("--episodes", type=int, default=0, help="record/eval: episodes or scenarios per repeat (8)")
+    bench.add_argument("target", choices=["env", "record", "train", "eval", "scale"],
+                       help="what to benchmark (scale: evaluation on 1 and 2 local workers and on Ray)")
+    bench.add_argument("--episodes", type=int, default=0, help="record/eval/scale: episodes or scenarios per repeat "
+                       "(record 8, eval and scale 16)")
     bench.add_argument("--data", default=None, help="train: dataset to read (default: a small fresh recording)")
     bench.add_argument("--steps", type=int, default=300, help="steps per repeat")
     bench.add_argument("--repeats", type=int, default=3, help="repeats (the median is reported)")
@@ -433,12 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True, help="study directory (stages cached by content, report.md)")
     st.add_argument("--workers", type=int, default=2, help="worker processes for recording and evaluation")
     st.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_backend_args(st)
     st.set_defaults(func=cmd_study)
 
     demo = sub.add_parser("demo", help="a small preset of the gap study (about 15 minutes on 2 CPU cores)")
     demo.add_argument("--out", default="steerloop-demo", help="study directory (default: steerloop-demo)")
     demo.add_argument("--workers", type=int, default=2, help="worker processes for recording and evaluation")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_backend_args(demo)
     demo.set_defaults(func=cmd_study, config="demo")
     return parser
 

@@ -166,7 +166,8 @@ def load_study(name_or_path: str) -> StudyConfig:
             raise StudyError(f"{path}: study.suites: {suite!r} is neither a built-in suite {BUILTIN_SUITES} "
                              f"nor a suite file next to the study file")
     resolution = tuple(int(v) for v in head.get("resolution", (66, 200)))
-    record_fields = _fields(RecordConfig) - {"out", "workers", "resolution", "learner", "beta", "mixture", "extra"}
+    record_fields = _fields(RecordConfig) - {"out", "workers", "resolution", "learner", "beta", "mixture", "extra",
+                                             "backend", "address"}
     datasets = {}
     for name, table in raw.get("datasets", {}).items():
         where = f"{path}: [datasets.{name}]"
@@ -180,7 +181,7 @@ def load_study(name_or_path: str) -> StudyConfig:
             raise StudyError(f"{where}: {error}") from None
         datasets[name] = table
     train_fields = _fields(TrainConfig) - {"out", "init", "threads"}
-    dagger_fields = _fields(DaggerConfig) - {"out", "data", "workers"}
+    dagger_fields = _fields(DaggerConfig) - {"out", "data", "workers", "backend", "address"}
     policies = {}
     for name, table in raw.get("policies", {}).items():
         where = f"{path}: [policies.{name}]"
@@ -280,7 +281,7 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
         else:
             dagger = {k: v for k, v in spec.dagger.items() if k != "init"}
             dagger = dataclasses.asdict(DaggerConfig(**dagger, init="unused", data=["unused"]))
-            for unused in ("init", "data", "out", "workers"):
+            for unused in ("init", "data", "out", "workers", "backend", "address"):
                 dagger.pop(unused)
             init = spec.dagger["init"]
             key = _hash({"dagger": dagger, "init": policies[init].key, "resolution": list(cfg.resolution)})
@@ -313,8 +314,12 @@ def _write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def _run_stage(plan: StudyPlan, stage: Stage, *, workers: int, progress: bool) -> dict:
-    """Run one stage (resuming whatever part of it already exists); returns its summary."""
+def _run_stage(plan: StudyPlan, stage: Stage, *, workers: int, progress: bool, backend: str = "local",
+               address: str | None = None) -> dict:
+    """Run one stage (resuming whatever part of it already exists); returns its summary.
+    ``backend``/``address`` choose where recording and evaluation tasks run (local worker
+    processes or a Ray cluster); they never change a stage's content, so not its key."""
+    where = {"workers": workers, "backend": backend, "address": address}
     from evaluation.offline import evaluate_offline
     from evaluation.runner import evaluate
     from training.dagger import run_dagger
@@ -323,7 +328,7 @@ def _run_stage(plan: StudyPlan, stage: Stage, *, workers: int, progress: bool) -
 
     cfg = plan.config
     if stage.kind == "record":
-        summary = record(RecordConfig(out=str(stage.out), resolution=cfg.resolution, workers=workers,
+        summary = record(RecordConfig(out=str(stage.out), resolution=cfg.resolution, **where,
                                       extra={"study": cfg.name, "dataset": stage.name}, **stage.params["config"]),
                          progress=progress)
         return {key: value for key, value in summary.items() if key != "out"}
@@ -336,7 +341,7 @@ def _run_stage(plan: StudyPlan, stage: Stage, *, workers: int, progress: bool) -
     if stage.kind == "dagger":
         init = stage.params["init"]
         rows = run_dagger(DaggerConfig(init=plan.checkpoint(init), data=plan.dataset_dirs(init), out=str(stage.out),
-                                       workers=workers, **stage.params["config"]), progress=progress)
+                                       **where, **stage.params["config"]), progress=progress)
         return {"iterations": len(rows), "frames": [row["frames"] for row in rows]}
     if stage.kind == "offline":
         held_out = str(plan.datasets[cfg.offline_data].out)
@@ -345,14 +350,14 @@ def _run_stage(plan: StudyPlan, stage: Stage, *, workers: int, progress: bool) -
         return {"rmse": result["model"]["rmse"], "zeros_rmse": result["zeros"]["rmse"]}
     if stage.kind == "closed_loop":
         suite = load_suite(stage.params["suite"])
-        results = evaluate(plan.checkpoint(stage.params["policy"]), suite, stage.out, workers=workers,
+        results = evaluate(plan.checkpoint(stage.params["policy"]), suite, stage.out, **where,
                            resolution=cfg.resolution, progress=progress, plots=False)
         return {"success_rate": results["aggregate"]["success_rate"]}
     raise AssertionError(f"unknown stage kind {stage.kind!r}")
 
 
 def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: bool = True,
-              log=print) -> dict:
+              backend: str = "local", address: str | None = None, log=print) -> dict:
     """Run (or resume) every stage not yet finished, then write the report; returns the
     study summary (also ``OUT/study.json``)."""
     from evaluation.report import write_report
@@ -370,7 +375,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: 
         eta = f", ETA {elapsed / (n - 1) * (len(todo) - n + 1) / 60:.1f} min" if n > 1 else ""
         log(f"[{n}/{len(todo)}] {stage.kind} {stage.name} -> {stage.out} ({elapsed / 60:.1f} min elapsed{eta})")
         began = time.perf_counter()
-        summary = _run_stage(plan, stage, workers=workers, progress=progress)
+        summary = _run_stage(plan, stage, workers=workers, progress=progress, backend=backend, address=address)
         _write_json(markers / stage.marker, {"kind": stage.kind, "name": stage.name, "key": stage.key,
                                              "out": str(stage.out), "seconds": time.perf_counter() - began,
                                              "summary": summary})

@@ -182,3 +182,12 @@ def test_bootstrap_interval_is_deterministic_and_brackets_the_estimate():
     r, lo, hi = first
     assert lo <= r <= hi and -1 <= lo and hi <= 1
     assert all(math.isnan(v) for v in correlation_ci(x, np.ones(12), pearson))
+
+
+@pytest.mark.slow
+def test_ray_backend_gives_the_same_study(tiny_study, tmp_path, ray_local):
+    config, local_out = tiny_study
+    out = tmp_path / "ray"
+    assert main(["study", "--config", str(config), "--out", str(out), "--workers", "2", "--quiet",
+                 "--backend", "ray"]) == 0
+    assert json.loads((out / "report.json").read_text()) == json.loads((local_out / "report.json").read_text())
