@@ -260,3 +260,78 @@ def bench_eval(scenarios: int = 16, track_length: float = 150.0, repeats: int = 
         "w2_over_w1_speedup": round(med["closed_loop_w2_steps_per_s"] / med["closed_loop_w1_steps_per_s"], 3),
         "target_w2_over_w1_speedup_min": 1.7,
     }
+
+
+def bench_scale(scenarios: int = 16, track_length: float = 200.0, repeats: int = 3, progress: bool = True) -> dict:
+    """Closed-loop evaluation throughput (scenario steps/s) with 1 and 2 local worker
+    processes and with 2 Ray tasks on a local 2-CPU Ray instance, repeat by repeat in one
+    run, and the Ray overhead relative to the local backend with the same 2 workers. The
+    policy is an untrained cnn-lstm checkpoint driving whole routes in intervention mode.
+
+    The Ray instance is started once before timing (as a cluster is, before commands use
+    it); its start-up time is reported apart. Each evaluation starts its local worker
+    processes afresh, while Ray keeps its worker processes between runs (each run still
+    loads the policy in every worker), so the first Ray run is also reported on its own.
+    """
+    import tempfile
+
+    import ray
+    from tqdm import tqdm
+
+    from agents.checkpoint import save_checkpoint
+    from agents.models import ModelConfig, build_model
+    from evaluation.runner import evaluate
+    from evaluation.suites import Scenario, Suite, scenario_seed
+    from sim.parallel import connect_ray
+    from sim.track import split_seed
+
+    torch.set_num_threads(1)
+    # Intervention mode puts the untrained policy back on the lane, so every scenario drives its whole route.
+    suite = Suite("bench", tuple(Scenario(name=f"bench-{i}", track=split_seed("test", i), track_length=track_length,
+                                          seed=scenario_seed("bench", i), interventions=True)
+                                 for i in range(scenarios)))
+    runs = (("local", 1), ("local", 2), ("ray", 2))
+    rates: dict[str, list[float]] = {f"{backend}_w{workers}_steps_per_s": [] for backend, workers in runs}
+    started_ray = not ray.is_initialized()
+    start = time.perf_counter()
+    connect_ray(None, num_cpus=2)
+    ray_start_s = time.perf_counter() - start
+    bar = tqdm(total=repeats * len(runs), desc="bench scale", unit="run", disable=not progress, dynamic_ncols=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            config = ModelConfig(arch="cnn-lstm")
+            save_checkpoint(f"{tmp}/ckpt", build_model(config), config, {"note": "untrained, for benchmarking"})
+            reference = None
+            for r in range(repeats):
+                for backend, workers in runs:
+                    out = f"{tmp}/eval-{r}-{backend}-{workers}"
+                    start = time.perf_counter()
+                    results = evaluate(f"{tmp}/ckpt", suite, out, workers=workers, backend=backend, progress=False,
+                                       plots=False)
+                    seconds = time.perf_counter() - start
+                    total = sum(s["metrics"]["steps"] for s in results["scenarios"])
+                    rates[f"{backend}_w{workers}_steps_per_s"].append(total / seconds)
+                    metrics = [s["metrics"] for s in results["scenarios"]]
+                    if reference is None:
+                        reference = metrics
+                    elif metrics != reference:
+                        raise RuntimeError(f"bench scale: {backend} with {workers} worker(s) gave different "
+                                           "per-scenario metrics from the first run")
+                    bar.update(1)
+    finally:
+        bar.close()
+        if started_ray:
+            ray.shutdown()
+    med = {key: statistics.median(values) for key, values in rates.items()}
+    return {
+        "scenarios": scenarios, "track_length_m": track_length, "repeats": repeats,
+        "ray_start_s": round(ray_start_s, 1),
+        **{key: round(value, 1) for key, value in med.items()},
+        "ray_w2_first_run_steps_per_s": round(rates["ray_w2_steps_per_s"][0], 1),
+        "local_w2_over_w1_speedup": round(med["local_w2_steps_per_s"] / med["local_w1_steps_per_s"], 3),
+        "ray_w2_over_local_w1_speedup": round(med["ray_w2_steps_per_s"] / med["local_w1_steps_per_s"], 3),
+        "ray_overhead_vs_local_w2": round(1.0 - med["ray_w2_steps_per_s"] / med["local_w2_steps_per_s"], 3),
+        "target_ray_overhead_max": 0.15,
+        "identical_metrics": True,
+    }

@@ -1,0 +1,17 @@
+"""``steerloop bench scale``: local and Ray evaluation throughput measured side by side."""
+
+from __future__ import annotations
+
+import pytest
+
+from evaluation.bench import bench_scale
+
+
+def test_bench_scale_measures_every_backend_with_identical_results(ray_local):
+    result = bench_scale(scenarios=2, track_length=40.0, repeats=1, progress=False)
+    for key in ("local_w1_steps_per_s", "local_w2_steps_per_s", "ray_w2_steps_per_s"):
+        assert result[key] > 0, key
+    assert result["identical_metrics"] is True
+    overhead = 1 - result["ray_w2_steps_per_s"] / result["local_w2_steps_per_s"]
+    assert result["ray_overhead_vs_local_w2"] == pytest.approx(overhead, abs=0.002)
+    assert ray_local.is_initialized()  # an instance it did not start is left running
