@@ -360,6 +360,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: 
               backend: str = "local", address: str | None = None, log=print) -> dict:
     """Run (or resume) every stage not yet finished, then write the report; returns the
     study summary (also ``OUT/study.json``)."""
+    from evaluation import report as report_module
     from evaluation.report import write_report
 
     plan = plan_study(cfg, out)
@@ -379,7 +380,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: 
         _write_json(markers / stage.marker, {"kind": stage.kind, "name": stage.name, "key": stage.key,
                                              "out": str(stage.out), "seconds": time.perf_counter() - began,
                                              "summary": summary})
-    report_key = _hash([s.key for s in stages] + [STUDY_SCHEMA_VERSION])
+    report_code = hashlib.sha256(Path(report_module.__file__).read_bytes()).hexdigest()
+    report_key = _hash([s.key for s in stages] + [STUDY_SCHEMA_VERSION, report_code])
     study = {"schema_version": STUDY_SCHEMA_VERSION, "name": cfg.name, "config_file": cfg.path,
              "report_key": report_key,
              "stages": [{"kind": s.kind, "name": s.name, "key": s.key, "out": str(s.out)} for s in stages]}
