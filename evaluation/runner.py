@@ -32,7 +32,7 @@ from evaluation.rollout import rollout_batch
 from evaluation.suites import Scenario, Suite
 from sim import MAX_EPISODE_STEPS
 from sim.env import LaneKeepEnv
-from sim.parallel import check_backend, run_tasks
+from sim.parallel import check_backend, connect_ray, run_tasks
 from sim.wrappers import InterventionWrapper, PerturbationWrapper
 
 RESULTS_SCHEMA_VERSION = "1.0.0"
@@ -211,6 +211,8 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     out = Path(out)
     check_backend(backend, address)
     policy = load_policy(policy_name)  # fail fast on a bad policy, before any work
+    if backend == "ray":
+        connect_ray(address, num_cpus=max(workers, 1))  # an unreachable cluster also fails before any work
     trained_on = getattr(policy, "image_size", None)
     if trained_on is not None and tuple(trained_on) != tuple(resolution):
         raise ValueError(f"{policy_name} was trained on {trained_on[0]}x{trained_on[1]} camera images; evaluate it "

@@ -15,6 +15,7 @@ outputs never depend on the backend or on the number of workers.
 from __future__ import annotations
 
 import importlib.util
+import socket
 import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -26,6 +27,7 @@ RAY_INSTALL_HINT = 'pip install "steerloop[ray]"'
 # Each distinct track costs a worker PyBullet mesh memory it never frees; recycling workers
 # after this many tasks bounds a long run's memory (a Ray worker process exits after as many).
 TASKS_PER_WORKER = 50
+CONNECT_TIMEOUT_S = 5.0  # a HOST:PORT that does not accept a TCP connection within this is refused
 
 
 class BackendError(ValueError):
@@ -124,6 +126,10 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
 
     if ray.is_initialized():
         return
+    if address is not None and not _accepts_connections(address):
+        raise BackendError(f"--address {address}: nothing accepts connections there (tried for "
+                           f"{CONNECT_TIMEOUT_S:g} s); start the cluster with `ray start --head` on the head node "
+                           "and pass its HOST:PORT (6379 by default), or --address auto on a cluster node")
     try:
         if address is None:
             ray.init(num_cpus=num_cpus, include_dashboard=False)
@@ -135,8 +141,22 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
                            "instance") from None
 
 
+def _accepts_connections(address: str) -> bool:
+    """Whether a plain HOST:PORT address accepts a TCP connection ("auto" and ray:// URLs are left to Ray)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return True
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
 def _run_on_ray(fn: Callable, jobs: list[tuple], on_result: Callable, *, workers: int, address: str | None,
                 initializer: Callable | None, initargs: tuple) -> None:
+    if not jobs:
+        return
     import ray
 
     connect_ray(address, num_cpus=workers)

@@ -20,7 +20,7 @@ from agents.mixture import MixturePolicy
 from sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from sim.env import LaneKeepEnv, load_track
 from sim.log import DrivingLogWriter, EpisodeBuffer
-from sim.parallel import check_backend, run_tasks
+from sim.parallel import check_backend, connect_ray, run_tasks
 from sim.scene import CONDITIONS
 from sim.track import SPLIT_SEED_RANGES, split_seed
 
@@ -208,6 +208,8 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
     """Record the missing episodes of ``cfg`` into ``cfg.out``; returns a summary."""
     from tqdm import tqdm
 
+    if cfg.backend == "ray":
+        connect_ray(cfg.address, num_cpus=cfg.workers)  # an unreachable cluster fails before any file is made
     writer = DrivingLogWriter(cfg.out, config=cfg.dataset_config(), cameras=cfg.cameras, resolution=cfg.resolution,
                               suite=cfg.suite if cfg.track is None else None,
                               seeds={"seed": cfg.seed}, extra={"expert": {"law": cfg.expert}, **cfg.extra})

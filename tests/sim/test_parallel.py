@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -50,3 +51,13 @@ def test_without_ray_the_flag_says_how_to_install_it(monkeypatch, tmp_path, caps
         err = capsys.readouterr().err
         assert RAY_INSTALL_HINT in err, err
     assert not (tmp_path / "eval").exists() and not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_an_unreachable_cluster_address_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "eval"
+    result = subprocess.run([sys.executable, "-m", "evaluation.cli", "evaluate", "--policy", "expert", "--suite",
+                             "smoke", "--out", str(out), "--backend", "ray", "--address", "127.0.0.1:1", "--quiet"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "127.0.0.1:1" in result.stderr and "ray start --head" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
