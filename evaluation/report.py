@@ -34,6 +34,7 @@ SMOOTHING_S = 1.0  # [s] moving-average window of the compounding-error curves
 AFTER_PERTURBATION_S = 8.0  # [s] window plotted after a perturbation starts
 CODEVILLA_MSE_R = 0.39  # Codevilla et al. 2018: MSE vs success rate
 CODEVILLA_OTHER_R = 0.6  # ... MAE, QCE and TRE reach r > 0.6
+SIMILAR_RMSE = 0.1  # offline RMSEs within 10% of each other count as "equal offline error"
 MATCHED_FRAMES = 0.9  # a behaviour-cloning control needs at least this fraction of DAgger's labelled frames
 
 
@@ -443,6 +444,15 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
     else:
         out.append("**Which offline metric predicts driving.** Success rate is the same for every policy, so no "
                    "correlation with it can be computed: the suite does not separate these policies.")
+    twins = [(a, b) for a in rows for b in rows
+             if abs(a.offline["rmse"] - b.offline["rmse"]) <= SIMILAR_RMSE * max(a.offline["rmse"], b.offline["rmse"])
+             and (a.closed["success_rate"] or 0) - (b.closed["success_rate"] or 0) >= 0.5]
+    if twins:
+        a, b = max(twins, key=lambda p: (p[0].closed["success_rate"] or 0) - (p[1].closed["success_rate"] or 0))
+        out.append(f"**Equal offline error, different driving.** {a.name} and {b.name} have offline RMSE "
+                   f"{a.offline['rmse']:.4f} and {b.offline['rmse']:.4f} (within {SIMILAR_RMSE:.0%}) but succeed on "
+                   f"{a.closed['success_rate']:.2f} and {b.closed['success_rate']:.2f} of the routes, as Codevilla et "
+                   "al. observed.")
     best_offline = min(rows, key=lambda r: r.offline["rmse"])
     better = [r for r in rows if (r.closed["success_rate"] or 0) > (best_offline.closed["success_rate"] or 0)]
     out.append(f"**Best offline is not best on the road (comma.ai).** The policy with the lowest offline RMSE, "
