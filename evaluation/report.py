@@ -298,14 +298,15 @@ def compounding_figure(rows: list[PolicyRow], plan, path: Path) -> dict:
             curve = _padded_mean(after)
             axes[2].plot(np.arange(len(curve)) * CONTROL_DT, curve, color=colour, label=family)
     axes[0].set(xlabel="time since start [s]", ylabel="mean |lateral offset| [m]",
-                title=f"closed loop ({primary}); departed runs hold their last value")
+                title=f"closed loop, {primary}\n(a departed run holds its last value)")
     axes[1].set(xlabel="time since start [s]", ylabel="mean |steering - expert| (1 s average)",
-                title="steering error: closed loop (solid) vs open-loop replay (dashed)")
+                title="steering error\nclosed loop (solid) vs open-loop replay (dashed)")
     if recovery:
         axes[2].set(xlabel="time since perturbation start [s]", ylabel="mean |lateral offset| [m]",
-                    title=f"after a perturbation ({recovery})")
+                    title=f"after a perturbation\n{recovery}")
     for ax in axes:
         ax.legend(fontsize=6)
+        ax.title.set_fontsize(9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
