@@ -493,8 +493,10 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
                    + (f", and {control.closed['success_rate']:.2f} for {control.name}, behaviour cloning on "
                       f"{control.frames} expert frames" if control else ", with no frame-matched behaviour-cloning "
                       "control in the study")
-                   + (". DAgger wins." if beats else ". DAgger does not win here: the published finding does not "
-                      "reproduce in this setup."))
+                   + (". DAgger wins." if beats else
+                      ". Its starting policy already succeeds everywhere, so this pair cannot show a difference."
+                      if (init.closed["success_rate"] or 0) >= 1.0 else
+                      ". DAgger does not win here: the published finding does not reproduce in this setup."))
     ratios = [r.closed["on_policy_rmse"] / r.offline["rmse"] for r in rows if r.closed["on_policy_rmse"]]
     if ratios:
         grew = [f for f, c in compounding.items() if c["offset_last_10s"] > c["offset_first_10s"]]
