@@ -19,7 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from evaluation.runner import run_scenario  # noqa: E402
+from evaluation.runner import json_safe, run_scenario  # noqa: E402
+from evaluation.suites import CONTROL_DT  # noqa: E402
 from sim.env import load_track  # noqa: E402
 
 OFFLINE_METRICS = ("rmse", "mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
@@ -29,7 +30,6 @@ HIGHER_IS_BETTER = {"success_rate", "autonomy_pct", "recovery_rate"}
 RECURRENT = ("cnn-lstm", "conv3d-lstm")
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
-CONTROL_DT = 0.05  # [s]
 SMOOTHING_S = 1.0  # [s] moving-average window of the compounding-error curves
 AFTER_PERTURBATION_S = 8.0  # [s] window plotted after a perturbation starts
 CODEVILLA_MSE_R = 0.39  # Codevilla et al. 2018: MSE vs success rate
@@ -535,17 +535,6 @@ def dagger_table(comparisons) -> str:
 
 
 # ----------------------------------------------------------------------------- report
-def _json_safe(value):
-    """NaN -> None and tuples -> lists, so report.json is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def write_report(plan) -> Path:
     """Write ``OUT/report.md`` and its figures; returns the report path."""
     rows = collect(plan)
@@ -621,5 +610,5 @@ def write_report(plan) -> Path:
                             for r in rows],
                "correlations": [{"offline": k[0], "closed_loop": k[1], **v} for k, v in corr.items()],
                "best_offline": best_offline.name, "best_offline_closed_loop_rank": order.index(best_offline) + 1}
-    (plan.out / "report.json").write_text(json.dumps(_json_safe(summary), indent=1, sort_keys=True))
+    (plan.out / "report.json").write_text(json.dumps(json_safe(summary), indent=1, sort_keys=True))
     return path

@@ -145,13 +145,14 @@ def _worker_run(indices: list[int], scenarios: list[Scenario], resolution, video
     return [(i, metrics, trajectory) for i, (metrics, trajectory) in zip(indices, results)]
 
 
-def _json_safe(value):
+def json_safe(value):
+    """NaN/inf -> None, numpy scalars -> Python, tuples -> lists: strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (np.floating, np.integer, np.bool_)):
         return value.item()
     return value
@@ -222,14 +223,14 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     run_id = {"policy": policy_name, "suite": suite.to_dict(), "resolution": list(resolution), "batch": batch}
     run_file = out / "run.json"
     if run_file.exists():
-        if json.loads(run_file.read_text()) != _json_safe(run_id):
+        if json.loads(run_file.read_text()) != json_safe(run_id):
             raise ResultsError(f"{out} already holds results of a different run (see {run_file}); "
                                "choose another --out, nothing was overwritten")
     elif (out / "results.json").exists():
         raise ResultsError(f"{out} holds results.json from another run; choose another --out")
     for sub in ("scenarios", "trajectories", "videos"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(_json_safe(run_id), indent=1, sort_keys=True))
+    run_file.write_text(json.dumps(json_safe(run_id), indent=1, sort_keys=True))
 
     done = {}
     for i, scenario in enumerate(suite.scenarios):
@@ -245,7 +246,7 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
         nonlocal steps
         scenario = suite.scenarios[index]
         np.savez_compressed(out / "trajectories" / f"{scenario.name}.npz", **trajectory)
-        record = {"scenario": scenario.to_dict(), "metrics": _json_safe(metrics)}
+        record = {"scenario": scenario.to_dict(), "metrics": json_safe(metrics)}
         tmp = out / "scenarios" / f"{scenario.name}.json.tmp"
         tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
         os.replace(tmp, out / "scenarios" / f"{scenario.name}.json")
@@ -283,7 +284,7 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     describe = policy.describe() if hasattr(policy, "describe") else {"kind": type(policy).__name__}
     results = {
         "schema_version": RESULTS_SCHEMA_VERSION,
-        "policy": {"name": policy_name, **_json_safe(describe)},
+        "policy": {"name": policy_name, **json_safe(describe)},
         "suite": suite.name,
         "seeds": [s.seed for s in suite.scenarios],
         "resolution": list(resolution),
@@ -295,7 +296,7 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
         "aggregate": aggregate(scenario_metrics, suite),
     }
     tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(_json_safe(results), indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(json_safe(results), indent=1, sort_keys=True))
     os.replace(tmp, out / "results.json")
     if plots:
         from evaluation.plots import plot_results
