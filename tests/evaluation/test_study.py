@@ -15,7 +15,7 @@ TINY = """
 [study]
 name = "tiny"
 resolution = [24, 64]
-suites = ["tiny-suite.json"]
+suites = ["smoke"]
 offline_data = "val"
 threads = 1
 
@@ -53,11 +53,7 @@ dagger = { init = "pilotnet", iterations = 1, episodes_per_iter = 1, beta_schedu
 """
 
 
-SUITE = {"name": "tiny", "tracks": [200000, 200001], "track_length": 60.0}
-
-
 def write_study(tmp_path: Path, text: str = TINY) -> Path:
-    (tmp_path / "tiny-suite.json").write_text(json.dumps(SUITE))
     path = tmp_path / "study.toml"
     path.write_text(text)
     return path
@@ -109,7 +105,7 @@ def test_changing_one_policy_reruns_only_what_depends_on_it(tiny_study, tmp_path
     changed = write_study(tmp_path, TINY.replace("seq_len = 4", "seq_len = 2"))
     plan = plan_study(load_study(str(changed)), out)
     todo = [(s.kind, s.name) for s in plan.stages if not (out / "stages" / s.marker).exists()]
-    assert todo == [("train", "lstm"), ("offline", "lstm"), ("closed_loop", "lstm@tiny")]
+    assert todo == [("train", "lstm"), ("offline", "lstm"), ("closed_loop", "lstm@smoke")]
 
 
 def test_the_same_study_plans_the_same_keys(tmp_path):
@@ -141,7 +137,7 @@ def test_presets_parse():
     (lambda t: t.replace('data = ["clean"]\nepochs = 1\naugment = []', 'data = ["nope"]\nepochs = 1\naugment = []'),
      "policies.pilotnet.data names 'nope'"),
     (lambda t: t.replace('offline_data = "val"', 'offline_data = "held"'), "study.offline_data names 'held'"),
-    (lambda t: t.replace('suites = ["tiny-suite.json"]', 'suites = ["nosuch"]'), "'nosuch' is neither a built-in suite"),
+    (lambda t: t.replace('suites = ["smoke"]', 'suites = ["nosuch"]'), "'nosuch' is neither a built-in suite"),
     (lambda t: t + '\n[policies.d]\ndagger = { init = "ghost" }\n', "dagger.init must name a policy defined above"),
     (lambda t: t.replace('model = "pilotnet"', 'model = "resnet"'), "[policies.pilotnet]: --model must be one of"),
     (lambda t: t.replace("[study]", "[study\n"), "not valid TOML"),
