@@ -215,25 +215,52 @@ def bench_train(data: str | None = None, steps: int = 20, repeats: int = 3, seq_
     }
 
 
-def bench_eval(scenarios: int = 16, track_length: float = 150.0, repeats: int = 3) -> dict:
-    """Env-only steps/s next to closed-loop steps/s with a cnn-lstm checkpoint, and the
-    speed-up of 2 evaluation workers over 1, in one run."""
-    import tempfile
-
-    from agents.checkpoint import save_checkpoint
-    from agents.models import ModelConfig, build_model
-    from evaluation.runner import evaluate
+def _whole_route_suite(scenarios: int, track_length: float):
+    """Test routes in intervention mode: an untrained policy is put back on the lane
+    whenever it leaves it, so every scenario drives its whole route, as a trained policy
+    does on a real suite (an untrained one would otherwise leave the road within seconds
+    and the bench would time resets)."""
     from evaluation.suites import Scenario, Suite, scenario_seed
     from sim.track import split_seed
 
+    return Suite("bench", tuple(Scenario(name=f"bench-{i}", track=split_seed("test", i), track_length=track_length,
+                                         seed=scenario_seed("bench", i), interventions=True)
+                                for i in range(scenarios)))
+
+
+def _untrained_checkpoint(path: str) -> str:
+    """An untrained cnn-lstm checkpoint (seeded), for timing closed-loop inference."""
+    from agents.checkpoint import save_checkpoint
+    from agents.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(arch="cnn-lstm")
+    save_checkpoint(path, build_model(config), config, {"note": "untrained, for benchmarking"})
+    return path
+
+
+def bench_eval(scenarios: int = 16, track_length: float = 200.0, repeats: int = 3, progress: bool = True) -> dict:
+    """Env-only steps/s next to closed-loop steps/s with a cnn-lstm checkpoint, and the
+    speed-up of 2 evaluation workers over 1, repeat by repeat in one run.
+
+    All three drive the same whole routes (see :func:`_whole_route_suite`): env-only is
+    the bare environment stepped with the expert's command from ``info``; closed loop is
+    ``evaluate`` as ``steerloop evaluate`` runs it (this process for 1 worker, fresh worker
+    processes for 2, start-up included), results and trajectories written.
+    """
+    import tempfile
+
+    from tqdm import tqdm
+
+    from evaluation.runner import evaluate
+
     torch.set_num_threads(1)
-    suite = Suite("bench", tuple(Scenario(name=f"bench-{i}", track=split_seed("test", i), track_length=track_length,
-                                          seed=scenario_seed("bench", i)) for i in range(scenarios)))
+    suite = _whole_route_suite(scenarios, track_length)
     rates = {"env_steps_per_s": [], "closed_loop_w1_steps_per_s": [], "closed_loop_w2_steps_per_s": []}
+    bar = tqdm(total=repeats * len(rates), desc="bench eval", unit="run", disable=not progress, dynamic_ncols=True)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        config = ModelConfig(arch="cnn-lstm")
-        save_checkpoint(f"{tmp}/ckpt", build_model(config), config, {"note": "untrained, for benchmarking"})
+        checkpoint = _untrained_checkpoint(f"{tmp}/ckpt")
+        reference = None
         for r in range(repeats):
             env = LaneKeepEnv(track_length=track_length)
             steps, start = 0, time.perf_counter()
@@ -243,22 +270,31 @@ def bench_eval(scenarios: int = 16, track_length: float = 150.0, repeats: int = 
                 while not (terminated or truncated):
                     obs, _, terminated, truncated, info = env.step(np.array([info["expert_steering"]], np.float32))
                     steps += 1
-                    truncated = steps % 400 == 0
-            env.close()
             rates["env_steps_per_s"].append(steps / (time.perf_counter() - start))
+            env.close()
+            bar.update(1)
             for workers in (1, 2):
                 start = time.perf_counter()
-                results = evaluate(f"{tmp}/ckpt", suite, f"{tmp}/eval-{r}-{workers}", workers=workers, progress=False,
+                results = evaluate(checkpoint, suite, f"{tmp}/eval-{r}-{workers}", workers=workers, progress=False,
                                    plots=False)
                 total = sum(s["metrics"]["steps"] for s in results["scenarios"])
                 rates[f"closed_loop_w{workers}_steps_per_s"].append(total / (time.perf_counter() - start))
+                metrics = [s["metrics"] for s in results["scenarios"]]
+                reference = reference or metrics
+                if metrics != reference:
+                    raise RuntimeError(f"bench eval: {workers} worker(s) gave different per-scenario metrics")
+                bar.update(1)
+    bar.close()
     med = {key: statistics.median(values) for key, values in rates.items()}
     return {
-        "scenarios": scenarios, "repeats": repeats, **{key: round(value, 1) for key, value in med.items()},
+        "scenarios": scenarios, "track_length_m": track_length, "repeats": repeats,
+        "closed_loop_steps": sum(m["steps"] for m in reference),
+        **{key: round(value, 1) for key, value in med.items()},
         "closed_loop_over_env_ratio": round(med["closed_loop_w1_steps_per_s"] / med["env_steps_per_s"], 3),
         "target_closed_loop_ratio_min": 0.8,
         "w2_over_w1_speedup": round(med["closed_loop_w2_steps_per_s"] / med["closed_loop_w1_steps_per_s"], 3),
         "target_w2_over_w1_speedup_min": 1.7,
+        "identical_metrics": True,
     }
 
 
@@ -266,7 +302,7 @@ def bench_scale(scenarios: int = 16, track_length: float = 200.0, repeats: int =
     """Closed-loop evaluation throughput (scenario steps/s) with 1 and 2 local worker
     processes and with 2 Ray tasks on a local 2-CPU Ray instance, repeat by repeat in one
     run, and the Ray overhead relative to the local backend with the same 2 workers. The
-    policy is an untrained cnn-lstm checkpoint driving whole routes in intervention mode.
+    policy is an untrained cnn-lstm checkpoint driving whole routes (:func:`_whole_route_suite`).
 
     The Ray instance is started once before timing (as a cluster is, before commands use
     it); its start-up time is reported apart. Each evaluation starts its local worker
@@ -278,18 +314,11 @@ def bench_scale(scenarios: int = 16, track_length: float = 200.0, repeats: int =
     import ray
     from tqdm import tqdm
 
-    from agents.checkpoint import save_checkpoint
-    from agents.models import ModelConfig, build_model
     from evaluation.runner import evaluate
-    from evaluation.suites import Scenario, Suite, scenario_seed
     from sim.parallel import connect_ray
-    from sim.track import split_seed
 
     torch.set_num_threads(1)
-    # Intervention mode puts the untrained policy back on the lane, so every scenario drives its whole route.
-    suite = Suite("bench", tuple(Scenario(name=f"bench-{i}", track=split_seed("test", i), track_length=track_length,
-                                          seed=scenario_seed("bench", i), interventions=True)
-                                 for i in range(scenarios)))
+    suite = _whole_route_suite(scenarios, track_length)
     runs = (("local", 1), ("local", 2), ("ray", 2))
     rates: dict[str, list[float]] = {f"{backend}_w{workers}_steps_per_s": [] for backend, workers in runs}
     started_ray = not ray.is_initialized()
@@ -299,15 +328,13 @@ def bench_scale(scenarios: int = 16, track_length: float = 200.0, repeats: int =
     bar = tqdm(total=repeats * len(runs), desc="bench scale", unit="run", disable=not progress, dynamic_ncols=True)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            torch.manual_seed(0)
-            config = ModelConfig(arch="cnn-lstm")
-            save_checkpoint(f"{tmp}/ckpt", build_model(config), config, {"note": "untrained, for benchmarking"})
+            checkpoint = _untrained_checkpoint(f"{tmp}/ckpt")
             reference = None
             for r in range(repeats):
                 for backend, workers in runs:
                     out = f"{tmp}/eval-{r}-{backend}-{workers}"
                     start = time.perf_counter()
-                    results = evaluate(f"{tmp}/ckpt", suite, out, workers=workers, backend=backend, progress=False,
+                    results = evaluate(checkpoint, suite, out, workers=workers, backend=backend, progress=False,
                                        plots=False)
                     seconds = time.perf_counter() - start
                     total = sum(s["metrics"]["steps"] for s in results["scenarios"])

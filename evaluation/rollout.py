@@ -76,9 +76,12 @@ def rollout_batch(envs: list, policy, *, seeds: list[int | None], options: list[
     """Drive ``policy`` in several environments in lockstep, one batched ``predict`` per step.
 
     Observations are stacked to (N, ...) and the policy's recurrent state covers all N
-    environments; an environment whose episode has ended keeps feeding its last
-    observation (its actions are ignored) until every episode has ended, so the batch
-    composition, and with it every prediction, never depends on timing.
+    environments. When an episode ends, a policy with ``select_state(state, keep)`` (keep:
+    (N,) bool; returns the state of the kept environments) is called on the remaining
+    environments only; any other policy keeps being fed the finished environment's last
+    observation (its actions are ignored) until every episode has ended. Either way the
+    batch composition at every step follows from the episodes alone, never from timing,
+    so every prediction is reproducible.
 
     The policy is called with the SB3 contract, ``episode_start`` true on the first step,
     its recurrent ``state`` carried from step to step. Step t of a trajectory holds the
@@ -94,17 +97,23 @@ def rollout_batch(envs: list, policy, *, seeds: list[int | None], options: list[
     for env, seed, option, video in zip(envs, seeds, options, videos):
         obs, info = env.reset(seed=seed, options=option)
         runs.append(_Run(env, obs, info, video))
+    shrink = hasattr(policy, "select_state")
+    batch = list(runs)  # the runs the policy is called on
     state, start = None, np.ones((n,), dtype=bool)
     try:
         while not all(run.done for run in runs):
-            actions, state = policy.predict(_stack([run.obs for run in runs]), state=state, episode_start=start,
+            actions, state = policy.predict(_stack([run.obs for run in batch]), state=state, episode_start=start,
                                             deterministic=True)
-            start = np.zeros((n,), dtype=bool)
-            actions = np.asarray(actions, dtype=np.float32).reshape(n, -1)
-            for run, action in zip(runs, actions):
+            actions = np.asarray(actions, dtype=np.float32).reshape(len(batch), -1)
+            for run, action in zip(batch, actions):
                 if not run.done:
                     obs, _, terminated, truncated, info = run.env.step(action)
                     run.record(obs, terminated, truncated, info, max_steps)
+            keep = np.array([not run.done for run in batch])
+            if shrink and keep.any() and not keep.all():
+                state = policy.select_state(state, keep)
+                batch = [run for run, kept in zip(batch, keep) if kept]
+            start = np.zeros((len(batch),), dtype=bool)
     finally:
         for run in runs:
             if run.writer is not None:
