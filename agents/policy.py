@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from agents.models import ModelConfig, SteeringModel, count_parameters
-from agents.preprocess import preprocess
+from agents.preprocess import preprocess_channels_last
 
 
 class LearnedPolicy:
@@ -95,7 +95,8 @@ class LearnedPolicy:
         batched = image.ndim == 4
         images = image if batched else image[None]  # (N, H, W, 3)
         n = images.shape[0]
-        x = torch.from_numpy(preprocess(images, self.config.preprocess)).to(self.device)  # (N, 3, h, w)
+        hwc = preprocess_channels_last(images, self.config.preprocess)  # (N, h, w, 3)
+        x = torch.from_numpy(hwc).permute(0, 3, 1, 2).to(self.device)  # (N, 3, h, w), channels-last memory
 
         torch_state = None
         if self.recurrent:
@@ -112,7 +113,7 @@ class LearnedPolicy:
                         state = self._reset_envs(state, starts)
             torch_state = tuple(torch.from_numpy(np.ascontiguousarray(s)).to(self.device) for s in state)
 
-        with torch.no_grad():
+        with torch.inference_mode():
             steering, next_state = self.model.step(x, torch_state)  # (N,)
         actions = np.clip(steering.cpu().numpy().astype(np.float32), -1.0, 1.0)[:, None]  # (N, 1)
         if self.recurrent:

@@ -239,44 +239,64 @@ def _untrained_checkpoint(path: str) -> str:
     return path
 
 
-def bench_eval(scenarios: int = 16, track_length: float = 200.0, repeats: int = 3, progress: bool = True) -> dict:
+def _replay(suite, trajectories: list[dict], resolution) -> int:
+    """Step the scenarios' own environments (wrappers included) with the steering a
+    closed-loop run executed, no policy; checks that the drive is reproduced exactly and
+    returns the number of steps."""
+    from evaluation.runner import close_env_pool, make_env, reset_options
+
+    steps = 0
+    try:
+        for scenario, trajectory in zip(suite.scenarios, trajectories):
+            env = make_env(scenario, privileged=False, resolution=resolution)
+            env.reset(seed=scenario.seed, options=reset_options(scenario))
+            offsets = []
+            for steering in trajectory["steering"]:
+                _, _, _, _, info = env.step(np.array([steering], np.float32))
+                offsets.append(info.get("offset_before_intervention", info["lateral_offset"]))
+            steps += len(offsets)
+            if not np.array_equal(offsets, trajectory["lateral_offset"]):
+                raise RuntimeError(f"bench eval: replaying {scenario.name}'s steering did not reproduce its drive")
+    finally:
+        close_env_pool()
+    return steps
+
+
+def bench_eval(scenarios: int = 20, track_length: float = 200.0, repeats: int = 3, progress: bool = True,
+               batch: int | None = None) -> dict:
     """Env-only steps/s next to closed-loop steps/s with a cnn-lstm checkpoint, and the
     speed-up of 2 evaluation workers over 1, repeat by repeat in one run.
 
-    All three drive the same whole routes (see :func:`_whole_route_suite`): env-only is
-    the bare environment stepped with the expert's command from ``info``; closed loop is
-    ``evaluate`` as ``steerloop evaluate`` runs it (this process for 1 worker, fresh worker
-    processes for 2, start-up included), results and trajectories written.
+    The routes are :func:`_whole_route_suite` (20 by default, as many as the ``test``
+    suites). Closed loop is ``evaluate`` as ``steerloop evaluate`` runs it, lockstep groups
+    of at most ``batch`` (default: the runner's), in this process for 1 worker and in fresh
+    worker processes for 2 (start-up included), results and trajectories written. Env-only
+    does the same simulation work without the policy: the scenarios' environments, wrappers
+    and interventions included, stepped with the steering the closed-loop run executed
+    (which reproduces its drive exactly, checked), so the ratio is the cost of the policy
+    and the closed-loop machinery alone.
     """
     import tempfile
 
     from tqdm import tqdm
 
-    from evaluation.runner import evaluate
+    from evaluation.runner import DEFAULT_BATCH, evaluate
 
+    batch = DEFAULT_BATCH if batch is None else batch
+    resolution = (66, 200)
     torch.set_num_threads(1)
     suite = _whole_route_suite(scenarios, track_length)
     rates = {"env_steps_per_s": [], "closed_loop_w1_steps_per_s": [], "closed_loop_w2_steps_per_s": []}
     bar = tqdm(total=repeats * len(rates), desc="bench eval", unit="run", disable=not progress, dynamic_ncols=True)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = _untrained_checkpoint(f"{tmp}/ckpt")
-        reference = None
+        reference = trajectories = None
         for r in range(repeats):
-            env = LaneKeepEnv(track_length=track_length)
-            steps, start = 0, time.perf_counter()
-            for scenario in suite.scenarios:
-                obs, info = env.reset(seed=scenario.seed, options={"track": scenario.track})
-                terminated = truncated = False
-                while not (terminated or truncated):
-                    obs, _, terminated, truncated, info = env.step(np.array([info["expert_steering"]], np.float32))
-                    steps += 1
-            rates["env_steps_per_s"].append(steps / (time.perf_counter() - start))
-            env.close()
-            bar.update(1)
             for workers in (1, 2):
+                out = f"{tmp}/eval-{r}-{workers}"
                 start = time.perf_counter()
-                results = evaluate(checkpoint, suite, f"{tmp}/eval-{r}-{workers}", workers=workers, progress=False,
-                                   plots=False)
+                results = evaluate(checkpoint, suite, out, workers=workers, resolution=resolution, progress=False,
+                                   plots=False, batch=batch)
                 total = sum(s["metrics"]["steps"] for s in results["scenarios"])
                 rates[f"closed_loop_w{workers}_steps_per_s"].append(total / (time.perf_counter() - start))
                 metrics = [s["metrics"] for s in results["scenarios"]]
@@ -284,17 +304,26 @@ def bench_eval(scenarios: int = 16, track_length: float = 200.0, repeats: int = 
                 if metrics != reference:
                     raise RuntimeError(f"bench eval: {workers} worker(s) gave different per-scenario metrics")
                 bar.update(1)
+                if trajectories is None:
+                    trajectories = [dict(np.load(f"{out}/trajectories/{s.name}.npz")) for s in suite.scenarios]
+                if workers == 1:
+                    start = time.perf_counter()
+                    steps = _replay(suite, trajectories, resolution)
+                    rates["env_steps_per_s"].append(steps / (time.perf_counter() - start))
+                    bar.update(1)
     bar.close()
     med = {key: statistics.median(values) for key, values in rates.items()}
     return {
-        "scenarios": scenarios, "track_length_m": track_length, "repeats": repeats,
+        "scenarios": scenarios, "track_length_m": track_length, "batch": batch, "repeats": repeats,
         "closed_loop_steps": sum(m["steps"] for m in reference),
+        "interventions": sum(m["interventions"] for m in reference),
         **{key: round(value, 1) for key, value in med.items()},
         "closed_loop_over_env_ratio": round(med["closed_loop_w1_steps_per_s"] / med["env_steps_per_s"], 3),
         "target_closed_loop_ratio_min": 0.8,
         "w2_over_w1_speedup": round(med["closed_loop_w2_steps_per_s"] / med["closed_loop_w1_steps_per_s"], 3),
         "target_w2_over_w1_speedup_min": 1.7,
         "identical_metrics": True,
+        "replay_reproduces_drive": True,
     }
 
 

@@ -256,7 +256,7 @@ def cmd_bench(args) -> int:
             return 2
         result = bench_scale(scenarios=args.episodes or 16, repeats=args.repeats)
     else:
-        result = bench_eval(scenarios=args.episodes or 16, repeats=args.repeats)
+        result = bench_eval(scenarios=args.episodes or 20, repeats=args.repeats, batch=args.batch)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -376,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="results directory")
     ev.add_argument("--workers", type=int, default=1, help="worker processes (results do not depend on it)")
     ev.add_argument("--video", type=int, default=0, help="write videos of the first N scenarios")
-    ev.add_argument("--batch", type=int, default=4, help="scenarios stepped in lockstep with batched inference")
+    ev.add_argument("--batch", type=int, default=4,  # evaluation.runner.DEFAULT_BATCH (not imported: pybullet)
+                    help="at most this many scenarios stepped in lockstep with batched inference (default 4)")
     ev.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_backend_args(ev)
@@ -432,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("target", choices=["env", "record", "train", "eval", "scale"],
                        help="what to benchmark (scale: evaluation on 1 and 2 local workers and on Ray)")
     bench.add_argument("--episodes", type=int, default=0, help="record/eval/scale: episodes or scenarios per repeat "
-                       "(record 8, eval and scale 16)")
+                       "(record 8, eval 20, scale 16)")
+    bench.add_argument("--batch", type=int, default=None, help="eval: scenarios per lockstep group (default: as "
+                       "steerloop evaluate)")
     bench.add_argument("--data", default=None, help="train: dataset to read (default: a small fresh recording)")
     bench.add_argument("--steps", type=int, default=300, help="steps per repeat")
     bench.add_argument("--repeats", type=int, default=3, help="repeats (the median is reported)")

@@ -36,7 +36,7 @@ from sim.parallel import check_backend, connect_ray, run_tasks
 from sim.wrappers import InterventionWrapper, PerturbationWrapper
 
 RESULTS_SCHEMA_VERSION = "1.0.0"
-DEFAULT_BATCH = 4  # scenarios per lockstep group (batched inference)
+DEFAULT_BATCH = 4  # at most this many scenarios per lockstep group (batched inference; see lockstep_groups)
 AGGREGATE_KEYS = ("success", "mean_abs_offset_m", "max_abs_offset_m", "rms_heading_error_rad", "departures_per_km",
                   "time_outside_lane_s", "route_completion", "on_policy_rmse", "smoothness_per_s")
 
@@ -102,6 +102,25 @@ def _scenario_metrics(scenario: Scenario, env, episode) -> dict:
         metrics["interventions"] = episode.interventions
         metrics["autonomy_pct"] = autonomy_percent(episode.interventions, metrics["duration_s"])
     return metrics
+
+
+def lockstep_groups(n: int, batch: int) -> list[list[int]]:
+    """Scenario indices 0..n-1 split, in order, into the groups that step in lockstep.
+
+    The fewest groups of at most ``batch`` scenarios, made an even number when there are
+    enough scenarios, with sizes differing by at most one: groups are the unit of parallel
+    work, so two workers (or any number dividing the count) always get equal shares. The
+    20-scenario suites become groups of 4, 4, 3, 3, 3, 3 (5 groups of 4 would leave one
+    worker 3 and the other 2). Depends on ``n`` and ``batch`` only, never on the workers.
+    """
+    if n < 1:
+        return []
+    count = math.ceil(n / batch)
+    if count % 2 and count < n:
+        count += 1
+    size, larger = divmod(n, count)
+    bounds = np.cumsum([0] + [size + (g < larger) for g in range(count)])
+    return [list(range(int(a), int(b))) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def run_group(policy, scenarios: list[Scenario], *, resolution=(66, 200), videos=None) -> list[tuple[dict, dict]]:
@@ -195,9 +214,9 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
              backend: str = "local", address: str | None = None) -> dict:
     """Run ``policy_name`` over ``suite`` into ``out``; returns the results dict.
 
-    Scenarios run in fixed groups of ``batch`` (scenarios 0..batch-1, batch..2*batch-1, ...)
-    that step in lockstep with one batched ``predict`` per step; groups are spread over
-    ``workers`` processes. Group composition never depends on ``workers``, so results are
+    Scenarios run in fixed groups of at most ``batch`` (:func:`lockstep_groups`) that step
+    in lockstep with one batched ``predict`` per step; groups are spread over ``workers``
+    processes. Group composition never depends on ``workers``, so results are
     bit-identical for any number of workers.
 
     ``backend`` chooses where groups run: ``local`` (worker processes on this machine) or
@@ -258,8 +277,7 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     def video_for(index: int):
         return str(out / "videos" / f"{suite.scenarios[index].name}.mp4") if index < videos else None
 
-    groups = [list(range(g, min(g + batch, len(suite.scenarios)))) for g in range(0, len(suite.scenarios), batch)]
-    groups = [g for g in groups if any(i in todo for i in g)]  # a group is re-run whole, so resumes match
+    groups = [g for g in lockstep_groups(len(suite.scenarios), batch) if any(i in todo for i in g)]  # a group is re-run whole, so resumes match
 
     def save_group(results) -> None:
         for index, metrics, trajectory in results:

@@ -210,6 +210,21 @@ def test_step_by_step_equals_window_pass(arch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_single_step_lstm_equals_nn_lstm(layers):
+    """The written-out closed-loop LSTM step gives nn.LSTM's output and state."""
+    torch.manual_seed(0)
+    model = build_model(small_config("cnn-lstm", lstm_layers=layers)).eval()
+    features = torch.randn(3, 1, model.config.feature_dim)  # (B, 1, F)
+    state = tuple(torch.randn(layers, 3, model.config.hidden) for _ in range(2))
+    with torch.no_grad():
+        y, (h, c) = model._run_lstm(features, state)
+        y_ref, (h_ref, c_ref) = model.lstm(features, state)
+    for got, want in ((y, y_ref), (h, h_ref), (c, c_ref)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 def test_conv3d_output_depends_only_on_current_stack():
     """Output t sees frames t-frame_stack+1..t (through the 3D conv) and earlier ones only via the LSTM;
     the first frames are padded with copies of frame 0, not zeros."""

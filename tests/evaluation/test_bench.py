@@ -15,3 +15,15 @@ def test_bench_scale_measures_every_backend_with_identical_results(ray_local):
     overhead = 1 - result["ray_w2_steps_per_s"] / result["local_w2_steps_per_s"]
     assert result["ray_overhead_vs_local_w2"] == pytest.approx(overhead, abs=0.002)
     assert ray_local.is_initialized()  # an instance it did not start is left running
+
+
+def test_bench_eval_replays_the_closed_loop_drive_and_reports_both_targets():
+    from evaluation.bench import bench_eval
+
+    result = bench_eval(scenarios=2, track_length=40.0, repeats=1, progress=False)
+    for key in ("env_steps_per_s", "closed_loop_w1_steps_per_s", "closed_loop_w2_steps_per_s"):
+        assert result[key] > 0, key
+    assert result["identical_metrics"] is True and result["replay_reproduces_drive"] is True
+    assert result["closed_loop_over_env_ratio"] == pytest.approx(
+        result["closed_loop_w1_steps_per_s"] / result["env_steps_per_s"], abs=0.002)
+    assert result["batch"] == 4 and result["closed_loop_steps"] > 0

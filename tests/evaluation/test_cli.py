@@ -83,3 +83,11 @@ def test_bench_env_json():
     for key in ("render_fps", "physics_steps_per_s", "env_steps_per_s", "env_overhead_ratio"):
         assert isinstance(bench[key], (int, float)) and bench[key] > 0, key
     assert bench["resolution"] == [16, 32]
+
+
+def test_evaluate_batch_default_is_the_runners():
+    from evaluation.cli import build_parser
+    from evaluation.runner import DEFAULT_BATCH
+
+    args = build_parser().parse_args(["evaluate", "--policy", "zeros", "--out", "unused"])
+    assert args.batch == DEFAULT_BATCH

@@ -14,7 +14,8 @@ import pytest
 from agents import load_policy
 from evaluation.metrics import autonomy_percent
 from evaluation.rollout import TRAJECTORY_KEYS
-from evaluation.runner import RESULTS_SCHEMA_VERSION, ResultsError, aggregate, evaluate, run_scenario
+from evaluation.runner import (RESULTS_SCHEMA_VERSION, ResultsError, aggregate, evaluate, lockstep_groups,
+                               run_scenario)
 from evaluation.suites import Scenario, Suite, load_suite, load_suite_file
 from sim.wrappers import Perturbation
 
@@ -32,6 +33,22 @@ def tree(path: Path) -> dict:
     """Every file under ``path`` -> (bytes, mtime_ns)."""
     return {str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))
             if p.is_file()}
+
+
+@pytest.mark.parametrize("n, batch, sizes", [
+    (20, 4, [4, 4, 3, 3, 3, 3]),  # 5 groups of 4 would split 3:2 over two workers
+    (16, 4, [4, 4, 4, 4]),
+    (10, 4, [3, 3, 2, 2]),
+    (3, 4, [2, 1]),
+    (1, 4, [1]),
+    (20, 2, [2] * 10),
+    (7, 1, [1] * 7),
+    (0, 4, []),
+])
+def test_lockstep_groups_are_even_in_number_and_balanced(n, batch, sizes):
+    groups = lockstep_groups(n, batch)
+    assert [len(g) for g in groups] == sizes
+    assert [i for g in groups for i in g] == list(range(n))  # every scenario once, in order
 
 
 @pytest.fixture(scope="module")
