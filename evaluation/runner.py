@@ -119,8 +119,12 @@ def lockstep_groups(n: int, batch: int) -> list[list[int]]:
     if count % 2 and count < n:
         count += 1
     size, larger = divmod(n, count)
-    bounds = np.cumsum([0] + [size + (g < larger) for g in range(count)])
-    return [list(range(int(a), int(b))) for a, b in zip(bounds[:-1], bounds[1:])]
+    groups, start = [], 0
+    for g in range(count):
+        end = start + size + (g < larger)
+        groups.append(list(range(start, end)))
+        start = end
+    return groups
 
 
 def run_group(policy, scenarios: list[Scenario], *, resolution=(66, 200), videos=None) -> list[tuple[dict, dict]]:
@@ -277,7 +281,8 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     def video_for(index: int):
         return str(out / "videos" / f"{suite.scenarios[index].name}.mp4") if index < videos else None
 
-    groups = [g for g in lockstep_groups(len(suite.scenarios), batch) if any(i in todo for i in g)]  # a group is re-run whole, so resumes match
+    # A group is re-run whole, so resumes match.
+    groups = [g for g in lockstep_groups(len(suite.scenarios), batch) if any(i in todo for i in g)]
 
     def save_group(results) -> None:
         for index, metrics, trajectory in results:
