@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from agents.baselines import ZerosPolicy
-from agents.experts import ExpertPolicy
+from steerloop.agents.baselines import ZerosPolicy
+from steerloop.agents.experts import ExpertPolicy
 
 BUILTIN_POLICIES = ("expert", "expert:stanley", "expert:pure_pursuit", "zeros")
 
@@ -21,11 +21,11 @@ def load_policy(name: str):
     if name.startswith("expert:"):
         return ExpertPolicy(name.split(":", 1)[1])
     if name.endswith(".zip"):
-        from agents.sb3 import SB3Policy
+        from steerloop.agents.sb3 import SB3Policy
 
         return SB3Policy(name)
     if os.path.exists(name):
-        from agents.checkpoint import load_policy_from_checkpoint
+        from steerloop.agents.checkpoint import load_policy_from_checkpoint
 
         return load_policy_from_checkpoint(name)
     raise ValueError(f"unknown policy {name!r}: use one of {BUILTIN_POLICIES} or a checkpoint directory "

@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from agents.models import ModelConfig, SteeringModel, build_model
-from agents.policy import LearnedPolicy
+from steerloop.agents.models import ModelConfig, SteeringModel, build_model
+from steerloop.agents.policy import LearnedPolicy
 
 FORMAT = "steerloop-checkpoint"
 FORMAT_VERSION = 1

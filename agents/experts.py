@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 
-from sim.controllers import CONTROLLERS, DEFAULT_EXPERT, LaneFeatures
-from sim.vehicle import VehicleParams
+from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT, LaneFeatures
+from steerloop.sim.vehicle import VehicleParams
 
 OU_THETA = 0.5  # [1/s] mean reversion rate of the Ornstein-Uhlenbeck steering noise
 NOISE_KINDS = ("gaussian", "ou")

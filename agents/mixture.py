@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.experts import ExpertPolicy
+from steerloop.agents.experts import ExpertPolicy
 
 MIXTURE_MODES = ("step", "episode")
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.preprocess import PreprocessConfig
+from steerloop.agents.preprocess import PreprocessConfig
 
 ARCHS = ("pilotnet", "cnn-lstm", "conv3d-lstm")
 

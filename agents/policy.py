@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from agents.models import ModelConfig, SteeringModel, count_parameters
-from agents.preprocess import preprocess_channels_last
+from steerloop.agents.models import ModelConfig, SteeringModel, count_parameters
+from steerloop.agents.preprocess import preprocess_channels_last
 
 
 class LearnedPolicy:

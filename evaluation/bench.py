@@ -9,8 +9,8 @@ import time
 import numpy as np
 import torch
 
-from sim.camera import body_camera_matrices, render
-from sim.env import LaneKeepEnv
+from steerloop.sim.camera import body_camera_matrices, render
+from steerloop.sim.env import LaneKeepEnv
 
 BENCH_TRACK = 200_000  # the first test-split track
 
@@ -92,8 +92,8 @@ def format_table(title: str, rows: dict) -> str:
 
 def _expert_env_rate(episodes: int, track_length: float, resolution) -> float:
     """Env steps/s of the clean expert over the recording's own episodes, nothing written."""
-    from agents.experts import ExpertPolicy
-    from training.record import RecordConfig, episode_jobs
+    from steerloop.agents.experts import ExpertPolicy
+    from steerloop.training.record import RecordConfig, episode_jobs
 
     cfg = RecordConfig(out="unused", episodes=episodes, track_length=track_length, resolution=resolution)
     env = LaneKeepEnv(resolution=resolution, privileged=True, track_length=track_length)
@@ -114,7 +114,7 @@ def bench_record(episodes: int = 8, track_length: float = 300.0, resolution=(66,
     """Recording frames/s (W=1 and W=2) next to the env's own steps/s, in one run."""
     import tempfile
 
-    from training.record import RecordConfig, record
+    from steerloop.training.record import RecordConfig, record
 
     torch.set_num_threads(1)
     rates = {"env_steps_per_s": [], "record_w1_frames_per_s": [], "record_w2_frames_per_s": []}
@@ -148,11 +148,11 @@ def bench_train(data: str | None = None, steps: int = 20, repeats: int = 3, seq_
     stateful per-step inference next to re-running the whole T-frame window."""
     import tempfile
 
-    from agents.models import ModelConfig, build_model
-    from agents.preprocess import PreprocessConfig
-    from training.data import BatchMaker, load_episodes, windows
-    from training.record import RecordConfig, record
-    from training.train import prefetch
+    from steerloop.agents.models import ModelConfig, build_model
+    from steerloop.agents.preprocess import PreprocessConfig
+    from steerloop.training.data import BatchMaker, load_episodes, windows
+    from steerloop.training.record import RecordConfig, record
+    from steerloop.training.train import prefetch
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,7 +165,7 @@ def bench_train(data: str | None = None, steps: int = 20, repeats: int = 3, seq_
     torch.manual_seed(0)
     model = build_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    from sim.camera import CameraSpec
+    from steerloop.sim.camera import CameraSpec
 
     make_batch = BatchMaker(episodes, seq_len, config.preprocess, CameraSpec(height=height, width=width),
                             ("center",), ("shift", "jitter"))
@@ -220,8 +220,8 @@ def _whole_route_suite(scenarios: int, track_length: float):
     whenever it leaves it, so every scenario drives its whole route, as a trained policy
     does on a real suite (an untrained one would otherwise leave the road within seconds
     and the bench would time resets)."""
-    from evaluation.suites import Scenario, Suite, scenario_seed
-    from sim.track import split_seed
+    from steerloop.evaluation.suites import Scenario, Suite, scenario_seed
+    from steerloop.sim.track import split_seed
 
     return Suite("bench", tuple(Scenario(name=f"bench-{i}", track=split_seed("test", i), track_length=track_length,
                                          seed=scenario_seed("bench", i), interventions=True)
@@ -230,8 +230,8 @@ def _whole_route_suite(scenarios: int, track_length: float):
 
 def _untrained_checkpoint(path: str) -> str:
     """An untrained cnn-lstm checkpoint (seeded), for timing closed-loop inference."""
-    from agents.checkpoint import save_checkpoint
-    from agents.models import ModelConfig, build_model
+    from steerloop.agents.checkpoint import save_checkpoint
+    from steerloop.agents.models import ModelConfig, build_model
 
     torch.manual_seed(0)
     config = ModelConfig(arch="cnn-lstm")
@@ -243,7 +243,7 @@ def _replay(suite, trajectories: list[dict], resolution) -> int:
     """Step the scenarios' own environments (wrappers included) with the steering a
     closed-loop run executed, no policy; checks that the drive is reproduced exactly and
     returns the number of steps."""
-    from evaluation.runner import close_env_pool, make_env, reset_options
+    from steerloop.evaluation.runner import close_env_pool, make_env, reset_options
 
     steps = 0
     try:
@@ -280,7 +280,7 @@ def bench_eval(scenarios: int = 20, track_length: float = 200.0, repeats: int = 
 
     from tqdm import tqdm
 
-    from evaluation.runner import DEFAULT_BATCH, evaluate
+    from steerloop.evaluation.runner import DEFAULT_BATCH, evaluate
 
     batch = DEFAULT_BATCH if batch is None else batch
     resolution = (66, 200)
@@ -343,8 +343,8 @@ def bench_scale(scenarios: int = 16, track_length: float = 200.0, repeats: int =
     import ray
     from tqdm import tqdm
 
-    from evaluation.runner import evaluate
-    from sim.parallel import connect_ray
+    from steerloop.evaluation.runner import evaluate
+    from steerloop.sim.parallel import connect_ray
 
     torch.set_num_threads(1)
     suite = _whole_route_suite(scenarios, track_length)

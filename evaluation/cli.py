@@ -32,11 +32,11 @@ def _print_summary(metrics: dict) -> None:
 def cmd_drive(args) -> int:
     import gymnasium as gym
 
-    import sim  # noqa: F401  (registers the env)
-    from agents import load_policy
-    from evaluation.rollout import rollout
-    from sim.env import load_track
-    from sim.track import TrackSpecError
+    import steerloop.sim  # noqa: F401  (registers the env)
+    from steerloop.agents import load_policy
+    from steerloop.evaluation.rollout import rollout
+    from steerloop.sim.env import load_track
+    from steerloop.sim.track import TrackSpecError
 
     try:
         policy = load_policy(args.policy)
@@ -75,9 +75,9 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def cmd_record(args) -> int:
-    from sim.log import LogError
-    from sim.track import TrackSpecError
-    from training.record import RecordConfig, record
+    from steerloop.sim.log import LogError
+    from steerloop.sim.track import TrackSpecError
+    from steerloop.training.record import RecordConfig, record
 
     try:
         cfg = RecordConfig(out=args.out, episodes=args.episodes, suite=args.suite, seed=args.seed, track=args.track,
@@ -101,9 +101,9 @@ def cmd_record(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from agents.checkpoint import CheckpointError
-    from sim.log import LogError
-    from training.train import TrainConfig, train
+    from steerloop.agents.checkpoint import CheckpointError
+    from steerloop.sim.log import LogError
+    from steerloop.training.train import TrainConfig, train
 
     try:
         cfg = TrainConfig(data=args.data, out=args.out, model=args.model, seq_len=args.seq_len, epochs=args.epochs,
@@ -123,7 +123,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_rl(args) -> int:
-    from training.rl import RLConfig, train_rl
+    from steerloop.training.rl import RLConfig, train_rl
 
     try:
         cfg = RLConfig(out=args.out, algo=args.algo, timesteps=args.timesteps, envs=args.envs,
@@ -146,9 +146,9 @@ def cmd_train_rl(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from agents.checkpoint import CheckpointError
-    from evaluation.runner import ResultsError, evaluate, summary_table
-    from evaluation.suites import SuiteError, load_suite
+    from steerloop.agents.checkpoint import CheckpointError
+    from steerloop.evaluation.runner import ResultsError, evaluate, summary_table
+    from steerloop.evaluation.suites import SuiteError, load_suite
 
     try:
         suite = load_suite(args.suite)
@@ -168,9 +168,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_offline(args) -> int:
-    from agents.checkpoint import CheckpointError
-    from evaluation.offline import evaluate_offline, offline_table
-    from sim.log import LogError
+    from steerloop.agents.checkpoint import CheckpointError
+    from steerloop.evaluation.offline import evaluate_offline, offline_table
+    from steerloop.sim.log import LogError
 
     try:
         result = evaluate_offline(args.policy, args.data, args.out)
@@ -184,11 +184,11 @@ def cmd_offline(args) -> int:
 
 
 def cmd_dagger(args) -> int:
-    from agents.checkpoint import CheckpointError
-    from evaluation.runner import evaluate
-    from evaluation.suites import load_suite
-    from sim.log import LogError
-    from training.dagger import DaggerConfig, run_dagger
+    from steerloop.agents.checkpoint import CheckpointError
+    from steerloop.evaluation.runner import evaluate
+    from steerloop.evaluation.suites import load_suite
+    from steerloop.sim.log import LogError
+    from steerloop.training.dagger import DaggerConfig, run_dagger
 
     suite = load_suite(args.suite)
     manifest = Path(args.data[0]) / "manifest.json"
@@ -225,7 +225,7 @@ def cmd_dagger(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from sim.log import validate
+    from steerloop.sim.log import validate
 
     problems = validate(args.path)
     for line in problems:
@@ -238,7 +238,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from evaluation.bench import bench_env, bench_eval, bench_record, bench_scale, bench_train, format_table
+    from steerloop.evaluation.bench import bench_env, bench_eval, bench_record, bench_scale, bench_train, format_table
 
     if args.target == "env":
         result = bench_env(steps=args.steps, repeats=args.repeats, resolution=args.resolution)
@@ -247,7 +247,7 @@ def cmd_bench(args) -> int:
     elif args.target == "train":
         result = bench_train(data=args.data, repeats=args.repeats)
     elif args.target == "scale":
-        from sim.parallel import BackendError, check_backend
+        from steerloop.sim.parallel import BackendError, check_backend
 
         try:
             check_backend("ray")
@@ -265,10 +265,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from agents.checkpoint import CheckpointError
-    from evaluation.runner import ResultsError
-    from evaluation.study import StudyError, load_study, run_study
-    from sim.log import LogError
+    from steerloop.agents.checkpoint import CheckpointError
+    from steerloop.evaluation.runner import ResultsError
+    from steerloop.evaluation.study import StudyError, load_study, run_study
+    from steerloop.sim.log import LogError
 
     if args.workers < 1:
         print(f"steerloop study: --workers must be >= 1, got {args.workers}", file=sys.stderr)
@@ -288,7 +288,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_regress(args) -> int:
-    from evaluation.regress import regress
+    from steerloop.evaluation.regress import regress
 
     try:
         return regress(args.policy, args.baseline, suite=args.suite, tolerance=args.tolerance, out=args.out,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.log import DrivingLog
+from steerloop.sim.log import DrivingLog
 
 WINDOW = 16  # [steps] window of the cumulative speed-weighted error
 TRE_FRACTION = 0.1  # thresholded relative error: |a - a_hat| > 0.1 |a|
@@ -74,7 +74,7 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
     ``prediction_i``, ``label_i`` and ``time_i`` ((N_i,) arrays; load with ``np.load``)."""
     import torch
 
-    from agents import load_policy
+    from steerloop.agents import load_policy
 
     policy = load_policy(policy_name)
     log = DrivingLog(data)

@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from evaluation.metrics import departure_events  # noqa: E402
-from sim.env import load_track  # noqa: E402
+from steerloop.evaluation.metrics import departure_events  # noqa: E402
+from steerloop.sim.env import load_track  # noqa: E402
 
 PHASE_COLOURS = {1: "tab:red", 2: "tab:orange"}  # perturbation acting / recovery window
 

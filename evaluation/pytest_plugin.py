@@ -62,6 +62,6 @@ def steerloop_evaluate(pytestconfig: pytest.Config):
     """``steerloop_evaluate(policy, suite="test", *, resolution=(66, 200))`` -> EvaluationResult
     (``.success_rate``, ``.mean_abs_offset_m``, ``.scenarios``, ``.failed_scenarios``, ...),
     evaluated once per session for each (policy, suite, resolution)."""
-    from evaluation.regress import PolicyEvaluator, default_cache_dir
+    from steerloop.evaluation.regress import PolicyEvaluator, default_cache_dir
 
     return PolicyEvaluator(_out(pytestconfig) or default_cache_dir(), workers=_workers(pytestconfig))

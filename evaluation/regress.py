@@ -29,10 +29,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evaluation.metrics import bootstrap_ci
-from evaluation.runner import DEFAULT_BATCH, RESULTS_SCHEMA_VERSION, ResultsError, evaluate
-from evaluation.suites import Scenario, Suite, SuiteError, load_suite
-from sim.wrappers import Perturbation
+from steerloop.evaluation.metrics import bootstrap_ci
+from steerloop.evaluation.runner import DEFAULT_BATCH, RESULTS_SCHEMA_VERSION, ResultsError, evaluate
+from steerloop.evaluation.suites import Scenario, Suite, SuiteError, load_suite
+from steerloop.sim.wrappers import Perturbation
 
 EXIT_OK = 0
 EXIT_REGRESSION = 1
@@ -691,7 +691,7 @@ def regress(candidate: str, baseline: str, *, suite: str | None = None, toleranc
             progress: bool = True, plots: bool = False, stdout=None, stderr=None) -> int:
     """``steerloop regress``: print the diff table and return 0 (no regression), 1 (regression)
     or 2 (could not compare; the reason goes to ``stderr``)."""
-    from agents.checkpoint import CheckpointError
+    from steerloop.agents.checkpoint import CheckpointError
 
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
 

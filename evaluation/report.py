@@ -19,9 +19,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from evaluation.runner import json_safe, run_scenario  # noqa: E402
-from evaluation.suites import CONTROL_DT  # noqa: E402
-from sim.env import load_track  # noqa: E402
+from steerloop.evaluation.runner import json_safe, run_scenario  # noqa: E402
+from steerloop.evaluation.suites import CONTROL_DT  # noqa: E402
+from steerloop.sim.env import load_track  # noqa: E402
 
 OFFLINE_METRICS = ("rmse", "mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
 CLOSED_LOOP_METRICS = ("success_rate", "mean_abs_offset_m", "departures_per_km", "autonomy_pct", "recovery_rate",
@@ -371,9 +371,9 @@ def contrast_video(plan, primary: str, index: int, fail: PolicyRow, ok: PolicyRo
     results) and write their videos side by side, the failing one on the left."""
     import cv2
 
-    from agents import load_policy
-    from evaluation.runner import close_env_pool
-    from evaluation.video import VideoWriter
+    from steerloop.agents import load_policy
+    from steerloop.evaluation.runner import close_env_pool
+    from steerloop.evaluation.video import VideoWriter
 
     scenario = plan.suites[primary].scenarios[index]
     parts = []

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from evaluation.metrics import drift_metrics
-from evaluation.video import VideoWriter, compose_frame
+from steerloop.evaluation.metrics import drift_metrics
+from steerloop.evaluation.video import VideoWriter, compose_frame
 
 # Per-step series kept in a trajectory (all (T,) arrays; T = number of control steps).
 TRAJECTORY_KEYS = ("time", "x", "y", "yaw", "progress", "lateral_offset", "heading_error", "curvature", "speed",

@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 from gymnasium.wrappers import TimeLimit
 
-from evaluation.metrics import autonomy_percent, bootstrap_ci, recovery_metrics
-from evaluation.rollout import rollout_batch
-from evaluation.suites import Scenario, Suite
-from sim import MAX_EPISODE_STEPS
-from sim.env import LaneKeepEnv
-from sim.parallel import check_backend, connect_ray, run_tasks
-from sim.wrappers import InterventionWrapper, PerturbationWrapper
+from steerloop.evaluation.metrics import autonomy_percent, bootstrap_ci, recovery_metrics
+from steerloop.evaluation.rollout import rollout_batch
+from steerloop.evaluation.suites import Scenario, Suite
+from steerloop.sim import MAX_EPISODE_STEPS
+from steerloop.sim.env import LaneKeepEnv
+from steerloop.sim.parallel import check_backend, connect_ray, run_tasks
+from steerloop.sim.wrappers import InterventionWrapper, PerturbationWrapper
 
 RESULTS_SCHEMA_VERSION = "1.0.0"
 DEFAULT_BATCH = 4  # at most this many scenarios per lockstep group (batched inference; see lockstep_groups)
@@ -157,7 +157,7 @@ def _single_threaded() -> None:
 
 
 def _worker_init(policy_name: str) -> None:
-    from agents import load_policy
+    from steerloop.agents import load_policy
 
     _single_threaded()
     _POLICY["policy"] = load_policy(policy_name)
@@ -230,7 +230,7 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     """
     from tqdm import tqdm
 
-    from agents import load_policy
+    from steerloop.agents import load_policy
 
     out = Path(out)
     check_backend(backend, address)
@@ -322,7 +322,7 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     tmp.write_text(json.dumps(json_safe(results), indent=1, sort_keys=True))
     os.replace(tmp, out / "results.json")
     if plots:
-        from evaluation.plots import plot_results
+        from steerloop.evaluation.plots import plot_results
 
         plot_results(out, results, suite)
     return results

@@ -49,10 +49,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evaluation.suites import BUILTIN_SUITES, Suite, SuiteError, load_suite
-from training.dagger import DaggerConfig
-from training.record import RecordConfig
-from training.train import TrainConfig
+from steerloop.evaluation.suites import BUILTIN_SUITES, Suite, SuiteError, load_suite
+from steerloop.training.dagger import DaggerConfig
+from steerloop.training.record import RecordConfig
+from steerloop.training.train import TrainConfig
 
 STUDY_SCHEMA_VERSION = "1.0.0"
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "studies"
@@ -320,11 +320,11 @@ def _run_stage(plan: StudyPlan, stage: Stage, *, workers: int, progress: bool, b
     ``backend``/``address`` choose where recording and evaluation tasks run (local worker
     processes or a Ray cluster); they never change a stage's content, so not its key."""
     where = {"workers": workers, "backend": backend, "address": address}
-    from evaluation.offline import evaluate_offline
-    from evaluation.runner import evaluate
-    from training.dagger import run_dagger
-    from training.record import record
-    from training.train import train
+    from steerloop.evaluation.offline import evaluate_offline
+    from steerloop.evaluation.runner import evaluate
+    from steerloop.training.dagger import run_dagger
+    from steerloop.training.record import record
+    from steerloop.training.train import train
 
     cfg = plan.config
     if stage.kind == "record":
@@ -360,8 +360,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: 
               backend: str = "local", address: str | None = None, log=print) -> dict:
     """Run (or resume) every stage not yet finished, then write the report; returns the
     study summary (also ``OUT/study.json``)."""
-    from evaluation import report as report_module
-    from evaluation.report import write_report
+    from steerloop.evaluation import report as report_module
+    from steerloop.evaluation.report import write_report
 
     plan = plan_study(cfg, out)
     markers = plan.out / "stages"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.env import load_track
-from sim.scene import CONDITIONS
-from sim.track import Track, TrackSpecError, split_seed
-from sim.wrappers import Perturbation
+from steerloop.sim.env import load_track
+from steerloop.sim.scene import CONDITIONS
+from steerloop.sim.track import TRACKS_DIR, Track, TrackSpecError, split_seed
+from steerloop.sim.wrappers import Perturbation
 
 TEST_TRACKS = 20  # held-out procedural tracks in the `test` family of suites
 VAL_TRACKS = 10  # validation tracks (model selection, DAgger iterations)
@@ -121,7 +121,7 @@ def builtin_suite(name: str) -> Suite:
     if name == "smoke":
         scenarios = [Scenario(name=f"smoke-{i}-proc-{split_seed('test', i)}", track=split_seed("test", i),
                               track_length=SMOKE_TRACK_LENGTH, seed=scenario_seed("smoke", i)) for i in range(2)]
-        spec = json.loads((Path(__file__).resolve().parents[1] / "sim" / "tracks" / "s-bend.json").read_text())
+        spec = json.loads((TRACKS_DIR / "s-bend.json").read_text())
         scenarios.append(Scenario(name="smoke-2-s-bend", track=spec, seed=scenario_seed("smoke", 2)))
         return Suite("smoke", tuple(scenarios))
     if name == "test":

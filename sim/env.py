@@ -16,11 +16,11 @@ import pybullet as p
 from gymnasium import spaces
 from pybullet_utils import bullet_client
 
-from sim import controllers
-from sim.camera import CAMERA_NAMES, CameraSpec, body_camera_matrices, chase_camera_matrices, render
-from sim.scene import CONDITIONS, World, draw_appearance
-from sim.track import Track, generate_track, split_seed
-from sim.vehicle import Vehicle, VehicleParams
+from steerloop.sim import controllers
+from steerloop.sim.camera import CAMERA_NAMES, CameraSpec, body_camera_matrices, chase_camera_matrices, render
+from steerloop.sim.scene import CONDITIONS, World, draw_appearance
+from steerloop.sim.track import Track, generate_track, split_seed
+from steerloop.sim.vehicle import Vehicle, VehicleParams
 
 GRAVITY = 9.81  # [m/s^2]
 END_MARGIN = 10.0  # [m] the route ends this far before the end of the drawn road
@@ -399,7 +399,7 @@ class LaneKeepEnv(gym.Env):
 
     def top_down(self, size: int = 320) -> np.ndarray:
         """A (size, size, 3) uint8 map of the route, the car and its trail (for videos and plots)."""
-        from sim.topdown import draw_top_down
+        from steerloop.sim.topdown import draw_top_down
 
         return draw_top_down(self.track, self.vehicle.pose(), self.trail, self.vehicle_params, size=size)
 

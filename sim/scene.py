@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import pybullet as p
 
-from sim.camera import Lighting
-from sim.track import Track
+from steerloop.sim.camera import Lighting
+from steerloop.sim.track import Track
 
 MESH_STEP = 1.0  # [m] resolution at which cross-sections are chosen
 MESH_MAX_TURN = 0.05  # [rad] heading change between road cross-sections (chord error < 2 cm at 8 m width)

@@ -7,8 +7,8 @@ import math
 import cv2
 import numpy as np
 
-from sim.track import Track
-from sim.vehicle import VehicleParams
+from steerloop.sim.track import Track
+from steerloop.sim.vehicle import VehicleParams
 
 BACKGROUND = (60, 110, 50)  # RGB
 ROAD = (90, 90, 95)

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-import sim  # noqa: F401  (registers steerloop/LaneKeep-v0)
+import steerloop.sim  # noqa: F401  (registers steerloop/LaneKeep-v0)
 
 TINY = (16, 32)  # (H, W) [px]: the smallest images worth rendering; keeps every test fast
 

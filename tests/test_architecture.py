@@ -26,8 +26,15 @@ def _module_parts(path: Path) -> list[str]:
     return parts[:-1] if parts[-1] == "__init__" else parts
 
 
+def _layer(module: str) -> str:
+    """The layer (or other top-level package) a dotted module name belongs to:
+    ``steerloop.sim.env`` -> ``sim``, ``numpy.linalg`` -> ``numpy``."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "steerloop" and len(parts) > 1 else parts[0]
+
+
 def imported_top_level(path: Path) -> set[tuple[str, int]]:
-    """(top-level package, line) of everything ``path`` imports."""
+    """(layer or top-level package, line) of everything ``path`` imports."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package = _module_parts(path)
     if path.name != "__init__.py":
@@ -35,10 +42,10 @@ def imported_top_level(path: Path) -> set[tuple[str, int]]:
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {(alias.name.split(".")[0], node.lineno) for alias in node.names}
+            found |= {(_layer(alias.name), node.lineno) for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             if node.level == 0:
-                found.add((node.module.split(".")[0], node.lineno))
+                found.add((_layer(node.module), node.lineno))
             else:
                 base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
                 target = [*base, *(node.module.split(".") if node.module else [])]
@@ -48,7 +55,7 @@ def imported_top_level(path: Path) -> set[tuple[str, int]]:
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
             if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
-                found.add((node.args[0].value.split(".")[0], node.lineno))
+                found.add((_layer(node.args[0].value), node.lineno))
     return found
 
 
@@ -76,14 +83,14 @@ def test_import_scanner_sees_all_import_forms(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("")
     module = pkg / "m.py"
     module.write_text(
-        "import numpy as np, evaluation.cli\n"
-        "from agents import experts\n"
+        "import numpy as np, steerloop.evaluation.cli\n"
+        "from steerloop.agents import experts\n"
         "from . import sibling\n"
         "from ..track import Track\n"
         "import importlib\n"
-        "importlib.import_module('training.trainer')\n"
+        "importlib.import_module('steerloop.training.trainer')\n"
         "def f():\n"
-        "    from evaluation.metrics import drift_metrics\n"
+        "    from steerloop.evaluation.metrics import drift_metrics\n"
     )
     names = {name for name, _ in imported_top_level(module)}
     assert {"numpy", "evaluation", "agents", "sim", "importlib", "training"} <= names

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def expert_drive() -> dict[str, np.ndarray]:
     """The expert (``info["expert_steering"]``) on the short spec at tiny resolution, seed 0."""
-    from sim.env import LaneKeepEnv
+    from steerloop.sim.env import LaneKeepEnv
 
     env = LaneKeepEnv(track=SHORT_SPEC, resolution=TINY)
     try:
@@ -73,8 +73,8 @@ def step_policy(policy, frames: np.ndarray) -> np.ndarray:
 
 def evaluate_reference(out: Path) -> dict:
     """``evaluate`` of the committed checkpoint on the one-scenario reference suite."""
-    from evaluation.runner import evaluate
-    from evaluation.suites import load_suite
+    from steerloop.evaluation.runner import evaluate
+    from steerloop.evaluation.suites import load_suite
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "short.json").write_text(json.dumps(SHORT_SPEC))
@@ -102,7 +102,7 @@ def _assert_close_tree(actual, expected, path: str = "metrics") -> None:
 
 
 def test_committed_checkpoint_loads_and_steps_to_the_committed_steering():
-    from agents.checkpoint import load_policy_from_checkpoint
+    from steerloop.agents.checkpoint import load_policy_from_checkpoint
 
     reference = np.load(EXPERT_DRIVE)
     policy = load_policy_from_checkpoint(CHECKPOINT)
@@ -137,9 +137,9 @@ def regenerate() -> None:
 
     import torch
 
-    from agents.checkpoint import load_policy_from_checkpoint, save_checkpoint
-    from agents.models import ModelConfig, build_model
-    from agents.preprocess import PreprocessConfig
+    from steerloop.agents.checkpoint import load_policy_from_checkpoint, save_checkpoint
+    from steerloop.agents.models import ModelConfig, build_model
+    from steerloop.agents.preprocess import PreprocessConfig
 
     torch.set_num_threads(1)
     REFERENCE.mkdir(exist_ok=True)

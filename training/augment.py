@@ -15,7 +15,7 @@ import math
 import cv2
 import numpy as np
 
-from sim.camera import SIDE_CAMERA_OFFSET, CameraSpec
+from steerloop.sim.camera import SIDE_CAMERA_OFFSET, CameraSpec
 
 RECOVERY_TIME = 2.0  # [s] the corrective label returns the car to the centre line in about this time
 MIN_RECOVERY_DISTANCE = 8.0  # [m] lower bound of the corrective lookahead distance

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from agents.checkpoint import load_checkpoint
-from agents.mixture import MIXTURE_MODES
-from sim.parallel import check_backend
-from training.record import RecordConfig, record
-from training.train import TrainConfig, train
+from steerloop.agents.checkpoint import load_checkpoint
+from steerloop.agents.mixture import MIXTURE_MODES
+from steerloop.sim.parallel import check_backend
+from steerloop.training.record import RecordConfig, record
+from steerloop.training.train import TrainConfig, train
 
 RETRAIN_MODES = ("scratch", "finetune")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.preprocess import PreprocessConfig, preprocess
-from sim.camera import CameraSpec
-from sim.log import DrivingLog
-from training.augment import (CAMERA_SHIFTS, SHIFT_RANGE, YAW_RANGE, corrective_label, photometric_jitter,
+from steerloop.agents.preprocess import PreprocessConfig, preprocess
+from steerloop.sim.camera import CameraSpec
+from steerloop.sim.log import DrivingLog
+from steerloop.training.augment import (CAMERA_SHIFTS, SHIFT_RANGE, YAW_RANGE, corrective_label, photometric_jitter,
                               warp_viewpoint)
 
 AUGMENTATIONS = ("side", "shift", "jitter")

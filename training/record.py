@@ -15,14 +15,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from agents.experts import NOISE_KINDS, ExpertPolicy, NoisyExpert
-from agents.mixture import MixturePolicy
-from sim.controllers import CONTROLLERS, DEFAULT_EXPERT
-from sim.env import LaneKeepEnv, load_track
-from sim.log import DrivingLogWriter, EpisodeBuffer
-from sim.parallel import check_backend, connect_ray, run_tasks
-from sim.scene import CONDITIONS
-from sim.track import SPLIT_SEED_RANGES, split_seed
+from steerloop.agents.experts import NOISE_KINDS, ExpertPolicy, NoisyExpert
+from steerloop.agents.mixture import MixturePolicy
+from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT
+from steerloop.sim.env import LaneKeepEnv, load_track
+from steerloop.sim.log import DrivingLogWriter, EpisodeBuffer
+from steerloop.sim.parallel import check_backend, connect_ray, run_tasks
+from steerloop.sim.scene import CONDITIONS
+from steerloop.sim.track import SPLIT_SEED_RANGES, split_seed
 
 SUITES = tuple(SPLIT_SEED_RANGES)  # train, val, test
 MAX_EPISODE_STEPS = 3000  # [control steps] safety cap per episode (150 s at 20 Hz)
@@ -191,7 +191,7 @@ _WORKER_LEARNER: dict = {}
 def _worker_learner(path: str):
     """The DAgger learner of this process, loaded once."""
     if path not in _WORKER_LEARNER:
-        from agents import load_policy
+        from steerloop.agents import load_policy
 
         _WORKER_LEARNER.clear()
         _WORKER_LEARNER[path] = load_policy(path)

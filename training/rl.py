@@ -36,9 +36,9 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from sim import ENV_ID
-from sim.scene import CONDITIONS
-from sim.track import split_seed
+from steerloop.sim import ENV_ID
+from steerloop.sim.scene import CONDITIONS
+from steerloop.sim.track import split_seed
 
 ALGOS = ("ppo",)
 RL_INSTALL_HINT = 'pip install "steerloop[rl]"'
@@ -155,7 +155,7 @@ class TrainingTracks(gym.Wrapper):
 
 def make_training_env(cfg: RLConfig) -> gym.Env:
     """One training environment (picklable by reference, so SubprocVecEnv can build it)."""
-    import sim  # noqa: F401  (registers the env in a fresh subprocess)
+    import steerloop.sim  # noqa: F401  (registers the env in a fresh subprocess)
 
     condition = cfg.conditions[0] if len(cfg.conditions) == 1 else cfg.conditions
     env = gym.make(ENV_ID, split="train", track_length=cfg.track_length, resolution=cfg.resolution,
@@ -201,7 +201,7 @@ def collect_teacher_frames(cfg: RLConfig, progress: bool = True) -> dict[str, np
     starts and discounted returns of ``cfg.pretrain_steps`` steps."""
     from tqdm import tqdm
 
-    from agents import load_policy
+    from steerloop.agents import load_policy
 
     teacher = load_policy(cfg.init)
     if getattr(teacher, "requires_privileged", False) or not hasattr(teacher, "config"):

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from agents.checkpoint import load_checkpoint, save_checkpoint
-from agents.models import ARCHS, ModelConfig, build_model, count_parameters
-from agents.preprocess import PreprocessConfig
-from sim.camera import CameraSpec
-from training.data import AUGMENTATIONS, BatchMaker, load_episodes, manifest_id, split_episodes, windows
+from steerloop.agents.checkpoint import load_checkpoint, save_checkpoint
+from steerloop.agents.models import ARCHS, ModelConfig, build_model, count_parameters
+from steerloop.agents.preprocess import PreprocessConfig
+from steerloop.sim.camera import CameraSpec
+from steerloop.training.data import AUGMENTATIONS, BatchMaker, load_episodes, manifest_id, split_episodes, windows
 
 STATE_DIR = "trainer_state"  # inside the output directory: resumable optimiser state
 

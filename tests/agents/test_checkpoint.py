@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from agents.checkpoint import (CONFIG_FILE, FORMAT, WEIGHTS_FILE, CheckpointError, load_checkpoint,
+from steerloop.agents.checkpoint import (CONFIG_FILE, FORMAT, WEIGHTS_FILE, CheckpointError, load_checkpoint,
                                load_policy_from_checkpoint, save_checkpoint)
-from agents.models import ARCHS, ModelConfig, build_model
-from agents.policy import LearnedPolicy
-from agents.preprocess import PreprocessConfig
+from steerloop.agents.models import ARCHS, ModelConfig, build_model
+from steerloop.agents.policy import LearnedPolicy
+from steerloop.agents.preprocess import PreprocessConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

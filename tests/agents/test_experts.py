@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from agents import load_policy
-from agents.baselines import ZerosPolicy
-from agents.experts import OU_THETA, ExpertPolicy, NoisyExpert
-from sim import ENV_ID
-from sim.controllers import FEATURE_SIZE, LOOKAHEAD_DISTANCES, LaneFeatures, pure_pursuit, stanley
-from sim.track import TRACKS_DIR, split_seed
-from sim.vehicle import VehicleParams
-from sim.wrappers import Perturbation, PerturbationWrapper
+from steerloop.agents import load_policy
+from steerloop.agents.baselines import ZerosPolicy
+from steerloop.agents.experts import OU_THETA, ExpertPolicy, NoisyExpert
+from steerloop.sim import ENV_ID
+from steerloop.sim.controllers import FEATURE_SIZE, LOOKAHEAD_DISTANCES, LaneFeatures, pure_pursuit, stanley
+from steerloop.sim.track import TRACKS_DIR, split_seed
+from steerloop.sim.vehicle import VehicleParams
+from steerloop.sim.wrappers import Perturbation, PerturbationWrapper
 
 BAR_MEAN_ABS_OFFSET = 0.10  # [m]
 RECOVERY_OFFSET = 0.25  # [m]

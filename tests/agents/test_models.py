@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from agents.models import ARCHS, ModelConfig, build_model, count_parameters
-from agents.policy import LearnedPolicy
-from agents.preprocess import PreprocessConfig, preprocess
+from steerloop.agents.models import ARCHS, ModelConfig, build_model, count_parameters
+from steerloop.agents.policy import LearnedPolicy
+from steerloop.agents.preprocess import PreprocessConfig, preprocess
 
 RAW = (24, 48)  # (H, W) [px] of the synthetic raw camera frames
 pytestmark = pytest.mark.usefixtures("one_thread")

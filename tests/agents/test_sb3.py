@@ -8,11 +8,11 @@ import pytest
 from stable_baselines3 import PPO
 from stable_baselines3.common.evaluation import evaluate_policy
 
-import sim  # noqa: F401  (registers the env)
-from agents import load_policy
-from agents.experts import ExpertPolicy
-from evaluation.runner import run_scenario
-from evaluation.suites import Scenario
+import steerloop.sim  # noqa: F401  (registers the env)
+from steerloop.agents import load_policy
+from steerloop.agents.experts import ExpertPolicy
+from steerloop.evaluation.runner import run_scenario
+from steerloop.evaluation.suites import Scenario
 
 from conftest import SHORT_SPEC
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evaluation.bench import bench_scale
+from steerloop.evaluation.bench import bench_scale
 
 
 def test_bench_scale_measures_every_backend_with_identical_results(ray_local):
@@ -18,7 +18,7 @@ def test_bench_scale_measures_every_backend_with_identical_results(ray_local):
 
 
 def test_bench_eval_replays_the_closed_loop_drive_and_reports_both_targets():
-    from evaluation.bench import bench_eval
+    from steerloop.evaluation.bench import bench_eval
 
     result = bench_eval(scenarios=2, track_length=40.0, repeats=1, progress=False)
     for key in ("env_steps_per_s", "closed_loop_w1_steps_per_s", "closed_loop_w2_steps_per_s"):

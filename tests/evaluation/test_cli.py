@@ -11,7 +11,7 @@ from conftest import SHORT_SPEC
 
 
 def _run(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evaluation.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "steerloop", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -86,8 +86,8 @@ def test_bench_env_json():
 
 
 def test_evaluate_batch_default_is_the_runners():
-    from evaluation.cli import build_parser
-    from evaluation.runner import DEFAULT_BATCH
+    from steerloop.evaluation.cli import build_parser
+    from steerloop.evaluation.runner import DEFAULT_BATCH
 
     args = build_parser().parse_args(["evaluate", "--policy", "zeros", "--out", "unused"])
     assert args.batch == DEFAULT_BATCH

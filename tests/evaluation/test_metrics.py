@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.metrics import departure_events, drift_metrics
+from steerloop.evaluation.metrics import departure_events, drift_metrics
 
 
 def _trajectory(offset, *, progress=None, heading=None, steering=None, expert=None) -> dict:

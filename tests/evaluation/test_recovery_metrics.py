@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.metrics import (RECOVERY_DEADLINE, RECOVERY_HOLD, RECOVERY_OFFSET, autonomy_percent, bootstrap_ci,
+from steerloop.evaluation.metrics import (RECOVERY_DEADLINE, RECOVERY_HOLD, RECOVERY_OFFSET, autonomy_percent, bootstrap_ci,
                                 recovery_metrics)
-from sim.wrappers import Perturbation
+from steerloop.sim.wrappers import Perturbation
 
 DT = 0.05  # [s] -> deadline 100 steps, hold 20 steps
 N = 200

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.cli import main
-from evaluation.metrics import bootstrap_ci
-from evaluation.regress import (CONFIDENCE, GATE_METRICS, IncomparableError, PolicyEvaluator, Tolerance, Tolerances,
+from steerloop.evaluation.cli import main
+from steerloop.evaluation.metrics import bootstrap_ci
+from steerloop.evaluation.regress import (CONFIDENCE, GATE_METRICS, IncomparableError, PolicyEvaluator, Tolerance, Tolerances,
                                 ToleranceError, assert_no_regression, check_comparable, compare, load_results,
                                 load_tolerances, parse_tolerances, policy_fingerprint, suite_from_dict)
-from evaluation.runner import RESULTS_SCHEMA_VERSION, aggregate
-from evaluation.suites import Scenario, Suite, load_suite
-from sim.wrappers import Perturbation
+from steerloop.evaluation.runner import RESULTS_SCHEMA_VERSION, aggregate
+from steerloop.evaluation.suites import Scenario, Suite, load_suite
+from steerloop.sim.wrappers import Perturbation
 
 from conftest import SHORT_SPEC
 
@@ -440,7 +440,7 @@ def test_a_tolerance_file_can_let_a_degradation_pass(capsys, cache, tmp_path):
 
 
 def test_the_exit_code_reaches_the_shell(cache):
-    result = subprocess.run([sys.executable, "-m", "evaluation.cli", "regress", "--policy",
+    result = subprocess.run([sys.executable, "-m", "steerloop", "regress", "--policy",
                              str(results_dir(cache, "zeros")), "--baseline", str(results_dir(cache, "expert"))],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
@@ -450,7 +450,7 @@ def test_the_exit_code_reaches_the_shell(cache):
 # ----------------------------------------------------------------------------- pytest plugin
 def test_the_plugin_is_registered_through_pytest11():
     (entry,) = [e for e in metadata.entry_points(group="pytest11") if e.name == "steerloop"]
-    assert entry.value == "evaluation.pytest_plugin"
+    assert entry.value == "steerloop.evaluation.pytest_plugin"
 
 
 USER_TEST_FILE = '''
@@ -458,7 +458,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.regress import assert_no_regression
+from steerloop.evaluation.regress import assert_no_regression
 
 SUITE = Path(__file__).parent / "suite.json"
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from agents.models import ModelConfig, build_model
-from agents.policy import LearnedPolicy
-from agents.preprocess import PreprocessConfig
-from evaluation.rollout import rollout_batch
-from sim.env import LaneKeepEnv
+from steerloop.agents.models import ModelConfig, build_model
+from steerloop.agents.policy import LearnedPolicy
+from steerloop.agents.preprocess import PreprocessConfig
+from steerloop.evaluation.rollout import rollout_batch
+from steerloop.sim.env import LaneKeepEnv
 
 from conftest import TINY, straight_spec
 

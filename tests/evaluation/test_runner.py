@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agents import load_policy
-from evaluation.metrics import autonomy_percent
-from evaluation.rollout import TRAJECTORY_KEYS
-from evaluation.runner import (RESULTS_SCHEMA_VERSION, ResultsError, aggregate, evaluate, lockstep_groups,
+from steerloop.agents import load_policy
+from steerloop.evaluation.metrics import autonomy_percent
+from steerloop.evaluation.rollout import TRAJECTORY_KEYS
+from steerloop.evaluation.runner import (RESULTS_SCHEMA_VERSION, ResultsError, aggregate, evaluate, lockstep_groups,
                                run_scenario)
-from evaluation.suites import Scenario, Suite, load_suite, load_suite_file
-from sim.wrappers import Perturbation
+from steerloop.evaluation.suites import Scenario, Suite, load_suite, load_suite_file
+from steerloop.sim.wrappers import Perturbation
 
 from conftest import SHORT_SPEC, straight_spec
 
@@ -25,7 +25,7 @@ TINY = (16, 32)
 
 
 def cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evaluation.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "steerloop", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -168,9 +168,9 @@ def test_ray_backend_gives_the_same_results(smoke_expert, tmp_path, ray_local):
 def test_ray_backend_gives_a_learned_policy_bit_identical_results(tmp_path, ray_local):
     import torch
 
-    from agents.checkpoint import save_checkpoint
-    from agents.models import ModelConfig, build_model
-    from agents.preprocess import PreprocessConfig
+    from steerloop.agents.checkpoint import save_checkpoint
+    from steerloop.agents.models import ModelConfig, build_model
+    from steerloop.agents.preprocess import PreprocessConfig
 
     torch.manual_seed(0)
     config = ModelConfig(arch="cnn-lstm", preprocess=PreprocessConfig(crop_top=4, resize=(20, 40)))

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.cli import main
-from evaluation.report import correlation_ci, pearson, spearman
-from evaluation.study import PRESETS, StudyError, load_study, plan_study
+from steerloop.evaluation.cli import main
+from steerloop.evaluation.report import correlation_ci, pearson, spearman
+from steerloop.evaluation.study import PRESETS, StudyError, load_study, plan_study
 
 TINY = """
 [study]

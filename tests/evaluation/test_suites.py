@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.suites import (BUILTIN_SUITES, HELD_OUT_CONDITIONS, TEST_TRACKS, Scenario, SuiteError, builtin_suite,
+from steerloop.evaluation.suites import (BUILTIN_SUITES, HELD_OUT_CONDITIONS, TEST_TRACKS, Scenario, SuiteError, builtin_suite,
                                load_suite, load_suite_file, scenario_seed, standard_perturbations)
-from sim.env import load_track
-from sim.track import split_seed
-from sim.wrappers import Perturbation
+from steerloop.sim.env import load_track
+from steerloop.sim.track import split_seed
+from steerloop.sim.wrappers import Perturbation
 
 SHIPPED_TRACKS = Path(__file__).resolve().parents[2] / "sim" / "tracks"
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import SHORT_SPEC, TINY, drive_with_expert_label, straight_spec
 
-from sim import ENV_ID, controllers
-from sim.env import REWARD_WEIGHTS, RENDER_SIZE, LaneKeepEnv
-from sim.scene import CONDITIONS
+from steerloop.sim import ENV_ID, controllers
+from steerloop.sim.env import REWARD_WEIGHTS, RENDER_SIZE, LaneKeepEnv
+from steerloop.sim.scene import CONDITIONS
 
 INFO_KEYS = ("lateral_offset", "heading_error", "progress", "curvature", "speed", "wheel_angle", "departure",
              "expert_steering")

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from sim.log import (FRAME_COMPRESSION, FRAME_COMPRESSION_LEVEL, MANIFEST, SCALAR_FIELDS, SCHEMA_VERSION,
+from steerloop.sim.log import (FRAME_COMPRESSION, FRAME_COMPRESSION_LEVEL, MANIFEST, SCALAR_FIELDS, SCHEMA_VERSION,
                      CorruptEpisodeError, DrivingLog, DrivingLogWriter, EpisodeBuffer, LogError, episode_file,
                      validate)
 
@@ -542,18 +542,18 @@ def test_validate_reports_stray_files(dataset):
 KILL_SCRIPT = """
 import importlib.util, os, signal, sys
 sys.path.insert(0, {root!r})
-import sim.log
+import steerloop.sim.log
 spec = importlib.util.spec_from_file_location("log_tests", {tests!r})
 tests = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tests)
 where, out = sys.argv[1], sys.argv[2]
-target = sim.log.episode_file(2)
-real_replace, real_commit = os.replace, sim.log.DrivingLogWriter._commit_file
+target = steerloop.sim.log.episode_file(2)
+real_replace, real_commit = os.replace, steerloop.sim.log.DrivingLogWriter._commit_file
 
 def replace(src, dst):
     if where == "before_rename" and dst.endswith(target):
         os.kill(os.getpid(), signal.SIGKILL)  # tmp complete and fsynced, not yet renamed
-    if where == "before_manifest" and dst.endswith(sim.log.MANIFEST) and os.path.exists(os.path.join(out, target)):
+    if where == "before_manifest" and dst.endswith(steerloop.sim.log.MANIFEST) and os.path.exists(os.path.join(out, target)):
         os.kill(os.getpid(), signal.SIGKILL)  # episode renamed, manifest not yet replaced
     real_replace(src, dst)
 
@@ -566,7 +566,7 @@ def commit(self, final, image):
     real_commit(self, final, image)
 
 os.replace = replace
-sim.log.DrivingLogWriter._commit_file = commit
+steerloop.sim.log.DrivingLogWriter._commit_file = commit
 writer = tests.open_writer(out)
 for index in range(4):
     writer.write_episode(index, tests.make_buffer(6, seed=index), tests.attrs_for(index))

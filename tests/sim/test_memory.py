@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from sim.env import LaneKeepEnv
-from sim.track import split_seed
+from steerloop.sim.env import LaneKeepEnv
+from steerloop.sim.track import split_seed
 
 psutil = pytest.importorskip("psutil")
 

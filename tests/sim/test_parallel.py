@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from evaluation.cli import main
-from sim.parallel import BackendError, RAY_INSTALL_HINT, check_backend, run_tasks, set_threads_from_allotment
+from steerloop.evaluation.cli import main
+from steerloop.sim.parallel import BackendError, RAY_INSTALL_HINT, check_backend, run_tasks, set_threads_from_allotment
 
 
 def test_local_backend_runs_every_job_in_process_or_in_workers():
@@ -55,7 +55,7 @@ def test_without_ray_the_flag_says_how_to_install_it(monkeypatch, tmp_path, caps
 
 def test_an_unreachable_cluster_address_is_refused_before_any_work(tmp_path):
     out = tmp_path / "eval"
-    result = subprocess.run([sys.executable, "-m", "evaluation.cli", "evaluate", "--policy", "expert", "--suite",
+    result = subprocess.run([sys.executable, "-m", "steerloop", "evaluate", "--policy", "expert", "--suite",
                              "smoke", "--out", str(out), "--backend", "ray", "--address", "127.0.0.1:1", "--quiet"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from sim.track import (
+from steerloop.sim.track import (
     SAMPLE_STEP,
     SPLIT_SEED_RANGES,
     TEST,

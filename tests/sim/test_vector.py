@@ -5,6 +5,8 @@ on its own; vectorised rollouts equal serial ones bit for bit."""
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -12,10 +14,12 @@ import pytest
 from gymnasium.vector import AsyncVectorEnv
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
+from steerloop import ENV_ID_PREFIXED
 from conftest import TINY
 
-# "sim:" makes gym.make import sim (which registers the env) inside a fresh subprocess.
-ENV_ID = "sim:steerloop/LaneKeep-v0"
+# "steerloop:" makes gym.make import steerloop (which registers the env) in a fresh subprocess.
+ENV_ID = ENV_ID_PREFIXED
+assert ENV_ID == "steerloop:steerloop/LaneKeep-v0"  # the form the README shows
 CONFIG = {"resolution": TINY, "track_length": 60.0}  # a procedural training track drawn from each env's seed
 STEPS = 30  # [control steps] short of any route end or departure
 SEEDS = [11, 12]
@@ -92,3 +96,33 @@ def test_sb3_subproc_vec_env_equals_serial_envs(serial):
             _assert_matches(runs, step, obs, rewards, dones)
     finally:
         venv.close()
+
+
+# A parent that is plain ``python -c`` (not pytest, which has imported steerloop already):
+# the documented id, as a string, works in children started by spawn and forkserver.
+PARENT_SCRIPT = """
+import sys
+import gymnasium as gym
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import SubprocVecEnv
+
+method = sys.argv[1]
+config = dict(resolution=(16, 32), track_length=60.0)
+venv = make_vec_env("steerloop:steerloop/LaneKeep-v0", n_envs=2, seed=3, vec_env_cls=SubprocVecEnv,
+                    vec_env_kwargs=dict(start_method=method), env_kwargs=config)
+obs = venv.reset()
+venv.close()
+envs = gym.make_vec("steerloop:steerloop/LaneKeep-v0", num_envs=2, vectorization_mode="async",
+                    vector_kwargs=dict(context=method), **config)
+first, _ = envs.reset(seed=3)
+envs.close()
+print(obs["image"].shape, first["image"].shape)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_string_id_from_a_plain_python_parent(method, tmp_path):
+    result = subprocess.run([sys.executable, "-c", PARENT_SCRIPT, method], capture_output=True, text=True,
+                            timeout=180, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "(2, 16, 32, 3) (2, 16, 32, 3)"

@@ -10,7 +10,7 @@ import pybullet as p
 import pytest
 from pybullet_utils import bullet_client
 
-from sim.vehicle import (
+from steerloop.sim.vehicle import (
     KI_SPEED,
     KP_SPEED,
     MAX_SPEED_INTEGRAL,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import straight_spec
 
-from sim.wrappers import (
+from steerloop.sim.wrappers import (
     PHASE_ACTING,
     PHASE_NONE,
     PHASE_RECOVERY,

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from sim.camera import SIDE_CAMERA_OFFSET, CameraSpec
-from sim.env import LaneKeepEnv
-from training.augment import (CAMERA_SHIFTS, MIN_RECOVERY_DISTANCE, RECOVERY_TIME, corrective_label,
+from steerloop.sim.camera import SIDE_CAMERA_OFFSET, CameraSpec
+from steerloop.sim.env import LaneKeepEnv
+from steerloop.training.augment import (CAMERA_SHIFTS, MIN_RECOVERY_DISTANCE, RECOVERY_TIME, corrective_label,
                               photometric_jitter, viewpoint_homography, warp_viewpoint)
 
 from conftest import straight_spec

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from sim.log import validate
-from training.dagger import DaggerConfig, run_dagger
-from training.record import RecordConfig, record
-from training.train import TrainConfig, train
+from steerloop.sim.log import validate
+from steerloop.training.dagger import DaggerConfig, run_dagger
+from steerloop.training.record import RecordConfig, record
+from steerloop.training.train import TrainConfig, train
 
 TINY = (16, 32)
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from agents.checkpoint import save_checkpoint
-from agents.experts import ExpertPolicy
-from agents.mixture import MixturePolicy
-from agents.models import ModelConfig, build_model
-from agents.preprocess import PreprocessConfig
-from sim.env import LaneKeepEnv
-from sim.log import DrivingLog
-from training.record import RecordConfig, record
+from steerloop.agents.checkpoint import save_checkpoint
+from steerloop.agents.experts import ExpertPolicy
+from steerloop.agents.mixture import MixturePolicy
+from steerloop.agents.models import ModelConfig, build_model
+from steerloop.agents.preprocess import PreprocessConfig
+from steerloop.sim.env import LaneKeepEnv
+from steerloop.sim.log import DrivingLog
+from steerloop.training.record import RecordConfig, record
 
 from conftest import SHORT_SPEC
 
@@ -77,7 +77,7 @@ def test_mixture_policy_coin_per_step_and_per_episode():
         def predict(self, observation, state=None, episode_start=None, deterministic=True):
             return np.full((len(observation["privileged"]), 1), 0.5, np.float32), state
 
-    from sim.controllers import FEATURE_SIZE
+    from steerloop.sim.controllers import FEATURE_SIZE
 
     obs = {"privileged": np.zeros((4, FEATURE_SIZE), np.float32)}
     obs["privileged"][:, 7:] = np.tile(np.c_[np.arange(1.0, 31.0), np.zeros(30)], (4, 1, 1)).reshape(4, -1)

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sim.env import LaneKeepEnv
-from sim.log import MANIFEST, DrivingLog, LogError, episode_file, validate
-from training.record import RecordConfig, episode_jobs, record
+from steerloop.sim.env import LaneKeepEnv
+from steerloop.sim.log import MANIFEST, DrivingLog, LogError, episode_file, validate
+from steerloop.training.record import RecordConfig, episode_jobs, record
 
 TINY = (16, 32)
 TRACK_LENGTH = 60.0  # [m] procedural routes of ~120 m: ~300 steps per episode
@@ -44,7 +44,7 @@ def sha256(path) -> str:
 
 
 def cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evaluation.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "steerloop", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -78,7 +78,7 @@ def test_worker_count_does_not_change_the_bytes(recorded):
 
 def test_ray_backend_records_the_same_bytes(recorded, ray_local):
     root, _ = recorded
-    from evaluation.cli import main
+    from steerloop.evaluation.cli import main
 
     assert main(["record", "--out", str(root / "ray"), "--episodes", "2", "--resolution", "16x32", "--track-length",
                  str(TRACK_LENGTH), "--workers", "2", "--backend", "ray", "--quiet"]) == 0
@@ -204,7 +204,7 @@ def test_noise_is_in_the_dataset_config(noisy):
 def killed_then_resumed(tmp_path_factory):
     """``steerloop record`` SIGKILLed after its first episode, then re-run to completion."""
     out = tmp_path_factory.mktemp("killed") / "log"
-    command = [sys.executable, "-m", "evaluation.cli", "record", "--out", str(out), *RECORD_ARGS]
+    command = [sys.executable, "-m", "steerloop", "record", "--out", str(out), *RECORD_ARGS]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 90

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from agents import load_policy
-from agents.checkpoint import save_checkpoint
-from agents.models import ModelConfig, build_model
-from agents.preprocess import PreprocessConfig
-from evaluation.runner import evaluate, run_scenario
-from evaluation.suites import Scenario, Suite
-from training.rl import RL_INSTALL_HINT, RLConfig, _actor_and_value, collect_teacher_frames, distil_checkpoint, train_rl
+from steerloop.agents import load_policy
+from steerloop.agents.checkpoint import save_checkpoint
+from steerloop.agents.models import ModelConfig, build_model
+from steerloop.agents.preprocess import PreprocessConfig
+from steerloop.evaluation.runner import evaluate, run_scenario
+from steerloop.evaluation.suites import Scenario, Suite
+from steerloop.training.rl import RL_INSTALL_HINT, RLConfig, _actor_and_value, collect_teacher_frames, distil_checkpoint, train_rl
 
 from conftest import SHORT_SPEC
 
@@ -28,7 +28,7 @@ TINY_RUN = {"resolution": SMALL, "track_length": 60.0, "tracks": 3, "n_steps": 3
 
 
 def cli(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evaluation.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "steerloop", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -87,7 +87,7 @@ def test_recurrent_ppo_from_a_bc_checkpoint_drives_with_its_lstm_state(tmp_path,
 
 @pytest.mark.parametrize("recurrent", [False, True], ids=["ppo", "recurrent-ppo"])
 def test_distillation_fits_the_actor_to_the_bc_labels(tmp_path, bc_checkpoint, recurrent):
-    from training.rl import _algorithm, _vec_env
+    from steerloop.training.rl import _algorithm, _vec_env
 
     torch.manual_seed(0)
     cfg = RLConfig(out=str(tmp_path), init=bc_checkpoint, recurrent=recurrent, pretrain_steps=64, pretrain_epochs=8,

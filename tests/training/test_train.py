@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import training.train as train_module
-from agents.checkpoint import load_checkpoint
-from agents.models import build_model
-from agents.preprocess import PreprocessConfig
-from sim.camera import CameraSpec
-from training.data import BatchMaker, Episode, load_episodes, manifest_id, split_episodes, windows
-from training.record import RecordConfig, record
-from training.train import STATE_DIR, TrainConfig, train
+import steerloop.training.train as train_module
+from steerloop.agents.checkpoint import load_checkpoint
+from steerloop.agents.models import build_model
+from steerloop.agents.preprocess import PreprocessConfig
+from steerloop.sim.camera import CameraSpec
+from steerloop.training.data import BatchMaker, Episode, load_episodes, manifest_id, split_episodes, windows
+from steerloop.training.record import RecordConfig, record
+from steerloop.training.train import STATE_DIR, TrainConfig, train
 
 from conftest import SHORT_SPEC
 

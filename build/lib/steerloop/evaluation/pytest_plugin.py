@@ -1,0 +1,67 @@
+"""steerloop's pytest plugin (registered through the ``pytest11`` entry point ``steerloop``).
+
+It lets users test their own policies in their own repositories::
+
+    def test_new_model_still_drives(steerloop_evaluate):
+        result = steerloop_evaluate("runs/pilotnet/best", "smoke")
+        assert result.success_rate >= 0.95
+
+``steerloop_evaluate(policy, suite="test", *, resolution=(66, 200))`` evaluates a policy once
+per session for each (policy, suite, resolution) and returns an
+:class:`evaluation.regress.EvaluationResult`; results are kept in a directory keyed by the
+policy's content, the suite and steerloop's source, so an unchanged policy is not driven
+again in later sessions either. Options: ``--steerloop-out DIR`` (ini ``steerloop_out``;
+default ``$STEERLOOP_CACHE`` or ``~/.cache/steerloop``) and ``--steerloop-workers N``
+(ini ``steerloop_workers``; results do not depend on it).
+
+Nothing heavy is imported until the fixture is used: the plugin is loaded by every pytest
+run in the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("steerloop", "steerloop closed-loop policy evaluation")
+    group.addoption("--steerloop-out", default=None, metavar="DIR",
+                    help="directory for steerloop_evaluate results (default: $STEERLOOP_CACHE or "
+                         "~/.cache/steerloop)")
+    group.addoption("--steerloop-workers", type=int, default=None, metavar="N",
+                    help="worker processes for steerloop_evaluate (default 1; results do not depend on it)")
+    parser.addini("steerloop_out", "directory for steerloop_evaluate results", default="")
+    parser.addini("steerloop_workers", "worker processes for steerloop_evaluate", default="1")
+
+
+def _workers(config: pytest.Config) -> int:
+    value = config.getoption("steerloop_workers")
+    if value is None:
+        text = config.getini("steerloop_workers")
+        try:
+            value = int(text)
+        except ValueError:
+            raise pytest.UsageError(f"ini option steerloop_workers must be an integer, got {text!r}") from None
+    if value < 1:
+        raise pytest.UsageError(f"--steerloop-workers must be >= 1, got {value}")
+    return value
+
+
+def _out(config: pytest.Config) -> Path | None:
+    value = config.getoption("steerloop_out") or config.getini("steerloop_out")
+    if not value:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else config.rootpath / path
+
+
+@pytest.fixture(scope="session")
+def steerloop_evaluate(pytestconfig: pytest.Config):
+    """``steerloop_evaluate(policy, suite="test", *, resolution=(66, 200))`` -> EvaluationResult
+    (``.success_rate``, ``.mean_abs_offset_m``, ``.scenarios``, ``.failed_scenarios``, ...),
+    evaluated once per session for each (policy, suite, resolution)."""
+    from steerloop.evaluation.regress import PolicyEvaluator, default_cache_dir
+
+    return PolicyEvaluator(_out(pytestconfig) or default_cache_dir(), workers=_workers(pytestconfig))

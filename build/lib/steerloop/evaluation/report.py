@@ -1,0 +1,614 @@
+"""The gap study's report: ``OUT/report.md`` with PNG figures in ``OUT/figures``.
+
+Everything is computed from the stages' saved outputs (offline JSON, open-loop replays,
+closed-loop results and trajectories); the only simulator run is the side-by-side video
+of a failing and a succeeding policy. The findings section is generated from the
+numbers, and says plainly when a published finding does not reproduce.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from steerloop.evaluation.runner import json_safe, run_scenario  # noqa: E402
+from steerloop.evaluation.suites import CONTROL_DT  # noqa: E402
+from steerloop.sim.env import load_track  # noqa: E402
+
+OFFLINE_METRICS = ("rmse", "mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
+CLOSED_LOOP_METRICS = ("success_rate", "mean_abs_offset_m", "departures_per_km", "autonomy_pct", "recovery_rate",
+                       "on_policy_rmse")
+HIGHER_IS_BETTER = {"success_rate", "autonomy_pct", "recovery_rate"}
+RECURRENT = ("cnn-lstm", "conv3d-lstm")
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+SMOOTHING_S = 1.0  # [s] moving-average window of the compounding-error curves
+AFTER_PERTURBATION_S = 8.0  # [s] window plotted after a perturbation starts
+CODEVILLA_MSE_R = 0.39  # Codevilla et al. 2018: MSE vs success rate
+CODEVILLA_OTHER_R = 0.6  # ... MAE, QCE and TRE reach r > 0.6
+SIMILAR_RMSE = 0.1  # offline RMSEs within 10% of each other count as "equal offline error"
+MATCHED_FRAMES = 0.9  # a behaviour-cloning control needs at least this fraction of DAgger's labelled frames
+
+
+@dataclass
+class PolicyRow:
+    """Everything the report knows about one policy of the population."""
+
+    name: str
+    family: str
+    arch: str
+    regime: str
+    frames: int
+    val_rmse: float | None
+    offline: dict
+    zeros: dict
+    closed: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)  # suite name -> (results.json dict, results directory)
+
+
+# ----------------------------------------------------------------------------- statistics
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(len(x))
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation; nan when either variable is constant."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / math.sqrt((x * x).sum() * (y * y).sum()))
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (Pearson on average ranks); nan when either is constant."""
+    return pearson(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
+
+
+def correlation_ci(x, y, fn, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED):
+    """(point, lo, hi): ``fn`` over the policies with a 95% percentile bootstrap interval
+    (policies resampled with replacement; resamples with a constant variable are dropped)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    point = fn(x, y)
+    rng = np.random.default_rng(seed)
+    values = [fn(x[i], y[i]) for i in rng.integers(0, len(x), size=(samples, len(x)))]
+    values = np.asarray([v for v in values if not math.isnan(v)])
+    if math.isnan(point) or len(values) < samples // 10:
+        return point, math.nan, math.nan
+    return point, float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+# ----------------------------------------------------------------------------- collection
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _frames(dirs: list[str]) -> int:
+    return sum(int(e["length"]) for d in dirs for e in _read_json(Path(d) / "manifest.json")["episodes"].values())
+
+
+def _regime(plan, name: str) -> str:
+    stage = plan.policies[name]
+    if stage.kind == "dagger":
+        return "dagger"
+    config = stage.params["config"]
+    noisy = any(plan.config.datasets[d].get("noise", 0.0) > 0 for d in config["data"])
+    augment = set(config.get("augment", ("shift", "jitter")))
+    if noisy:
+        return "dart-noise"
+    if config.get("camera") == "all" and "side" in augment:
+        return "side-cameras"
+    if "shift" in augment:
+        return "shift-augment"
+    return "clean"
+
+
+def collect(plan) -> list[PolicyRow]:
+    """One row per policy from the stages' outputs."""
+    suites = list(plan.suites.values())
+    primary = suites[0]
+    rows = []
+    for name, stage in plan.policies.items():
+        checkpoint = Path(plan.checkpoint(name))
+        meta = _read_json(checkpoint / "config.json")
+        offline = _read_json(plan.offline[name].out / "offline.json")
+        row = PolicyRow(name=name, family=plan.config.policies[name].family, arch=meta["model"]["arch"],
+                        regime=_regime(plan, name), frames=_frames(plan.dataset_dirs(name)),
+                        val_rmse=meta.get("metrics", {}).get("val_rmse"),
+                        offline=offline["model"], zeros=offline["zeros"])
+        for suite in suites:
+            out = plan.closed_loop[(name, suite.name)].out
+            row.results[suite.name] = (_read_json(out / "results.json"), out)
+        agg = row.results[primary.name][0]["aggregate"]
+        row.closed = {key: agg.get(key) for key in ("success_rate", "mean_abs_offset_m", "departures_per_km",
+                                                     "on_policy_rmse")}
+        row.closed["autonomy_pct"] = next((row.results[s.name][0]["aggregate"]["autonomy_pct"]
+                                           for s in suites if s.has_interventions), None)
+        row.closed["recovery_rate"] = next((row.results[s.name][0]["aggregate"]["recovery_rate"]
+                                            for s in suites if s.has_perturbations), None)
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- tables
+def _fmt(value, digits: int = 3, scale: float = 1.0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value * scale:.{digits}f}"
+
+
+def policy_table(rows: list[PolicyRow]) -> str:
+    head = ("| policy | family | data | frames | offline RMSE | zeros RMSE | offline MAE | QCE | TRE | success | "
+            "mean abs offset [m] | departures/km | autonomy % | recovery | on-policy RMSE | on-policy / offline |")
+    lines = [head, "|" + "|".join(["---"] * 16) + "|"]
+    for r in rows:
+        ratio = r.closed["on_policy_rmse"] / r.offline["rmse"] if r.offline["rmse"] else math.nan
+        lines.append(f"| {r.name} | {r.family} | {r.regime} | {r.frames} | {_fmt(r.offline['rmse'], 4)} | "
+                     f"{_fmt(r.zeros['rmse'], 4)} | {_fmt(r.offline['mae'], 4)} | {_fmt(r.offline['qce'])} | "
+                     f"{_fmt(r.offline['tre'])} | {_fmt(r.closed['success_rate'], 2)} | "
+                     f"{_fmt(r.closed['mean_abs_offset_m'])} | {_fmt(r.closed['departures_per_km'], 2)} | "
+                     f"{_fmt(r.closed['autonomy_pct'], 1)} | {_fmt(r.closed['recovery_rate'], 2)} | "
+                     f"{_fmt(r.closed['on_policy_rmse'], 4)} | {_fmt(ratio, 1)}x |")
+    return "\n".join(lines)
+
+
+def offline_table(rows: list[PolicyRow]) -> str:
+    lines = ["| policy | " + " | ".join(OFFLINE_METRICS) + " |", "|" + "|".join(["---"] * 7) + "|"]
+    for r in rows:
+        lines.append(f"| {r.name} | " + " | ".join(_fmt(r.offline[k], 4) for k in OFFLINE_METRICS) + " |")
+    zeros = rows[0].zeros
+    lines.append("| *all-zeros* | " + " | ".join(_fmt(zeros[k], 4) for k in OFFLINE_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def correlations(rows: list[PolicyRow]) -> dict:
+    """{(offline metric, closed metric): {pearson: (r, lo, hi), spearman: (...), n}}."""
+    out = {}
+    for off in OFFLINE_METRICS:
+        for closed in CLOSED_LOOP_METRICS:
+            pairs = [(r.offline[off], r.closed[closed]) for r in rows
+                     if r.offline.get(off) is not None and r.closed.get(closed) is not None]
+            if len(pairs) < 3:
+                continue
+            x, y = np.asarray(pairs, np.float64).T
+            out[(off, closed)] = {"pearson": correlation_ci(x, y, pearson), "spearman": correlation_ci(x, y, spearman),
+                                  "n": len(pairs)}
+    return out
+
+
+def correlation_table(corr: dict) -> str:
+    closed = [c for c in CLOSED_LOOP_METRICS if any(k[1] == c for k in corr)]
+    lines = ["| offline metric | " + " | ".join(closed) + " |", "|" + "|".join(["---"] * (len(closed) + 1)) + "|"]
+
+    def cell(v):
+        r, lo, hi = v
+        return "n/a (constant)" if math.isnan(r) else f"{r:+.2f} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]"
+
+    for off in OFFLINE_METRICS:
+        cells = []
+        for c in closed:
+            entry = corr.get((off, c))
+            cells.append("" if entry is None else f"r {cell(entry['pearson'])}<br>ρ {cell(entry['spearman'])}")
+        lines.append(f"| {off} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def closed_loop_order(rows: list[PolicyRow]) -> list[PolicyRow]:
+    """Best driver first: success rate, then fewer departures per km, then mean |offset|."""
+    return sorted(rows, key=lambda r: (-(r.closed["success_rate"] or 0.0), r.closed["departures_per_km"] or 0.0,
+                                       r.closed["mean_abs_offset_m"] or 0.0, r.name))
+
+
+# ----------------------------------------------------------------------------- figures
+def _scatter(rows, y_key: str, ylabel: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    families = sorted({r.family for r in rows})
+    for i, family in enumerate(families):
+        pts = [(r.offline["rmse"], r.closed[y_key], r.name) for r in rows if r.family == family
+               and r.closed.get(y_key) is not None]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=family, color=f"C{i}")
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axvline(rows[0].zeros["rmse"] / 2, color="grey", ls=":", lw=0.8, label="half all-zeros RMSE")
+    ax.set_xlabel("offline RMSE on held-out logs")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _padded_mean(series: list[np.ndarray]) -> np.ndarray:
+    """Mean over runs per step; a run that ended early (departure) holds its last value."""
+    length = max(len(s) for s in series)
+    padded = np.stack([np.concatenate([s, np.full(length - len(s), s[-1])]) for s in series])
+    return padded.mean(axis=0)
+
+
+def _smooth(x: np.ndarray) -> np.ndarray:
+    k = max(int(SMOOTHING_S / CONTROL_DT), 1)
+    if len(x) < k:
+        return x
+    return np.convolve(x, np.ones(k) / k, mode="valid")
+
+
+def _trajectories(results_dir: Path, results: dict) -> list[dict]:
+    return [dict(np.load(results_dir / "trajectories" / f"{s['name']}.npz")) for s in results["scenarios"]]
+
+
+def compounding_figure(rows: list[PolicyRow], plan, path: Path) -> dict:
+    """Per family: |offset| vs time (closed loop), |steering error| vs time closed loop beside
+    open-loop replay, and |offset| after perturbations. Returns the plotted curves' summary."""
+    primary = list(plan.suites)[0]
+    recovery = next((s.name for s in plan.suites.values() if s.has_perturbations), None)
+    fig, axes = plt.subplots(1, 3 if recovery else 2, figsize=(15 if recovery else 10, 4))
+    summary = {}
+    for i, family in enumerate(sorted({r.family for r in rows})):
+        members = [r for r in rows if r.family == family]
+        offsets, closed_err, open_err, after = [], [], [], []
+        for r in members:
+            results, out = r.results[primary]
+            for traj in _trajectories(out, results):
+                offsets.append(np.abs(traj["lateral_offset"]))
+                closed_err.append(np.abs(traj["steering"] - traj["expert_steering"]))
+            replay = np.load(plan.offline[r.name].out / "replay.npz")
+            for key in replay.files:
+                if key.startswith("prediction_"):
+                    index = key.split("_", 1)[1]
+                    open_err.append(np.abs(replay[key] - replay[f"label_{index}"]))
+            if recovery:
+                results, out = r.results[recovery]
+                window = int(AFTER_PERTURBATION_S / CONTROL_DT)
+                for traj in _trajectories(out, results):
+                    phase = np.asarray(traj["perturbation_phase"])
+                    starts = np.flatnonzero((phase[1:] == 1) & (phase[:-1] != 1)) + 1
+                    for s in starts:
+                        chunk = np.abs(traj["lateral_offset"][s:s + window])
+                        if len(chunk):
+                            after.append(chunk)
+        colour = f"C{i}"
+        mean_offset = _padded_mean(offsets)
+        t = np.arange(len(mean_offset)) * CONTROL_DT
+        axes[0].plot(t, mean_offset, color=colour, label=family)
+        closed_curve, open_curve = _smooth(_padded_mean(closed_err)), _smooth(_padded_mean(open_err))
+        axes[1].plot(np.arange(len(closed_curve)) * CONTROL_DT, closed_curve, color=colour, label=f"{family} closed loop")
+        axes[1].plot(np.arange(len(open_curve)) * CONTROL_DT, open_curve, color=colour, ls="--",
+                     label=f"{family} open-loop replay")
+        summary[family] = {"closed_steer_err": float(np.mean(np.concatenate(closed_err))),
+                           "open_steer_err": float(np.mean(np.concatenate(open_err))),
+                           "offset_first_10s": float(mean_offset[: int(10 / CONTROL_DT)].mean()),
+                           "offset_last_10s": float(mean_offset[-int(10 / CONTROL_DT):].mean())}
+        if recovery and after:
+            curve = _padded_mean(after)
+            axes[2].plot(np.arange(len(curve)) * CONTROL_DT, curve, color=colour, label=family)
+    axes[0].set(xlabel="time since start [s]", ylabel="mean |lateral offset| [m]",
+                title=f"closed loop, {primary}\n(a departed run holds its last value)")
+    axes[1].set(xlabel="time since start [s]", ylabel="mean |steering - expert| (1 s average)",
+                title="steering error\nclosed loop (solid) vs open-loop replay (dashed)")
+    if recovery:
+        axes[2].set(xlabel="time since perturbation start [s]", ylabel="mean |lateral offset| [m]",
+                    title=f"after a perturbation\n{recovery}")
+    for ax in axes:
+        ax.legend(fontsize=6)
+        ax.title.set_fontsize(9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return summary
+
+
+def on_policy_figure(rows: list[PolicyRow], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r.offline["rmse"] for r in rows], 0.4, label="offline RMSE (expert's states)")
+    ax.bar(x + 0.2, [r.closed["on_policy_rmse"] or 0.0 for r in rows], 0.4, label="on-policy RMSE (own states)")
+    ax.set_xticks(x, [r.name for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("steering RMSE vs expert")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def pick_contrast(rows: list[PolicyRow], primary: str):
+    """(scenario index, failing row, succeeding row): on one track of the primary suite, the
+    failing policy with the lowest offline RMSE and the succeeding policy with the lowest."""
+    best = None
+    n = len(rows[0].results[primary][0]["scenarios"])
+    for i in range(n):
+        fails = [r for r in rows if not r.results[primary][0]["scenarios"][i]["metrics"]["success"]]
+        passes = [r for r in rows if r.results[primary][0]["scenarios"][i]["metrics"]["success"]]
+        if fails and passes:
+            fail = min(fails, key=lambda r: r.offline["rmse"])
+            ok = min(passes, key=lambda r: r.offline["rmse"])
+            if best is None or fail.offline["rmse"] < best[1].offline["rmse"]:
+                best = (i, fail, ok)
+    return best
+
+
+def contrast_figure(plan, primary: str, index: int, fail: PolicyRow, ok: PolicyRow, path: Path) -> None:
+    scenario = plan.suites[primary].scenarios[index]
+    track = load_track(scenario.track, length=scenario.track_length)
+    fig, (top, side) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 1.5]})
+    s = np.linspace(0, track.length, 600)
+    for offset in (-track.lane_width / 2, track.lane_width / 2):
+        top.plot(*track.lateral_points(s, offset), "k-", lw=0.6)
+    for row, colour, verdict in ((fail, "tab:red", "departs"), (ok, "tab:green", "succeeds")):
+        results, out = row.results[primary]
+        traj = dict(np.load(out / "trajectories" / f"{scenario.name}.npz"))
+        label = f"{row.name} ({verdict}, offline RMSE {row.offline['rmse']:.4f})"
+        top.plot(traj["x"], traj["y"], color=colour, lw=1.2, label=label)
+        side.plot(traj["time"], traj["lateral_offset"], color=colour, lw=1.0, label=label)
+    for sign in (-1, 1):
+        side.axhline(sign * 1.0, color="r", lw=0.6, ls=":")
+    top.set_aspect("equal")
+    top.legend(fontsize=7, loc="best")
+    side.set(xlabel="time [s]", ylabel="lateral offset [m] (+ left)")
+    fig.suptitle(scenario.name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def contrast_video(plan, primary: str, index: int, fail: PolicyRow, ok: PolicyRow, path: Path) -> None:
+    """Re-drive both policies on the scenario (deterministic, so the same runs as in the
+    results) and write their videos side by side, the failing one on the left."""
+    import cv2
+
+    from steerloop.agents import load_policy
+    from steerloop.evaluation.runner import close_env_pool
+    from steerloop.evaluation.video import VideoWriter
+
+    scenario = plan.suites[primary].scenarios[index]
+    parts = []
+    for row in (fail, ok):
+        part = path.with_name(f"{path.stem}-{row.name}.mp4")
+        run_scenario(load_policy(plan.checkpoint(row.name)), scenario, resolution=plan.config.resolution,
+                     video=str(part))
+        parts.append(part)
+    close_env_pool()
+    readers = [cv2.VideoCapture(str(p)) for p in parts]
+    last = [None, None]
+    with VideoWriter(path) as writer:
+        while True:
+            frames = []
+            for k, reader in enumerate(readers):
+                ok_read, frame = reader.read()
+                if ok_read:
+                    last[k] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                frames.append(ok_read)
+            if not any(frames):
+                break
+            writer.append(np.concatenate(last, axis=1))
+    for reader, part in zip(readers, parts):
+        reader.release()
+        part.unlink()
+
+
+# ----------------------------------------------------------------------------- findings
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str, dagger=()) -> list[str]:
+    out = []
+    zeros = rows[0].zeros["rmse"]
+    n_routes = rows[0].results[primary][0]["aggregate"]["scenarios"]
+    good_offline = [r for r in rows if r.offline["rmse"] < zeros / 2]
+    drivers = [r for r in rows if (r.closed["success_rate"] or 0) >= 0.8]
+    gap = [r for r in good_offline if (r.closed["success_rate"] or 0) < 0.5]
+    out.append(f"**The gap.** {len(good_offline)} of {len(rows)} policies predict the held-out steering with an "
+               f"RMSE below half the all-zeros baseline ({zeros / 2:.4f}). "
+               + (f"{len(gap)} of them fail more than half of the {n_routes} `{primary}` routes: "
+                  + ", ".join(f"{r.name} (RMSE {r.offline['rmse']:.4f}, success {r.closed['success_rate']:.2f})"
+                              for r in gap) + "."
+                  if gap else "None of them fails more than half of the routes: this population does not show the "
+                  "gap at that threshold.")
+               + (f" {len(drivers)} policies complete at least 80% of the routes with no departure "
+                  f"(best: {closed_loop_order(rows)[0].name})." if drivers else
+                  " No policy completes 80% of the routes without a departure."))
+    success_corr = {off: corr[(off, "success_rate")]["pearson"][0] for off in OFFLINE_METRICS
+                    if (off, "success_rate") in corr}
+    valid = {k: v for k, v in success_corr.items() if not math.isnan(v)}
+    if valid:
+        best = max(valid, key=lambda k: abs(valid[k]))
+        r_rmse = valid.get("rmse", math.nan)
+        text = (f"**Which offline metric predicts driving (Codevilla et al.).** Across {len(rows)} policies, "
+                f"the offline metric most correlated with success rate is `{best}` (Pearson r = {valid[best]:+.2f}); "
+                f"RMSE gives r = {r_rmse:+.2f}. ")
+        others = [abs(valid[k]) for k in ("mae", "qce", "tre") if k in valid]
+        if not math.isnan(r_rmse) and others and max(others) > abs(r_rmse):
+            text += ("As in Codevilla et al. (MSE r = 0.39, MAE/QCE/TRE r > 0.6), a metric other than the squared "
+                     "error correlates better than RMSE" + (", and above 0.6." if max(others) > CODEVILLA_OTHER_R
+                                                            else ", though not above 0.6: reproduced only in part."))
+        else:
+            text += ("This does not reproduce Codevilla et al.'s finding that MAE, QCE or TRE correlate better than "
+                     "the squared error.")
+        out.append(text + " With a population this small the intervals in the correlation table are wide.")
+    else:
+        out.append("**Which offline metric predicts driving.** Success rate is the same for every policy, so no "
+                   "correlation with it can be computed: the suite does not separate these policies.")
+    twins = [(a, b) for a in rows for b in rows
+             if abs(a.offline["rmse"] - b.offline["rmse"]) <= SIMILAR_RMSE * max(a.offline["rmse"], b.offline["rmse"])
+             and (a.closed["success_rate"] or 0) - (b.closed["success_rate"] or 0) >= 0.5]
+    if twins:
+        a, b = max(twins, key=lambda p: (p[0].closed["success_rate"] or 0) - (p[1].closed["success_rate"] or 0))
+        out.append(f"**Equal offline error, different driving.** {a.name} and {b.name} have offline RMSE "
+                   f"{a.offline['rmse']:.4f} and {b.offline['rmse']:.4f} (within {SIMILAR_RMSE:.0%}) but succeed on "
+                   f"{a.closed['success_rate']:.2f} and {b.closed['success_rate']:.2f} of the routes, as Codevilla et "
+                   "al. observed.")
+    best_offline = min(rows, key=lambda r: r.offline["rmse"])
+    better = [r for r in rows if (r.closed["success_rate"] or 0) > (best_offline.closed["success_rate"] or 0)]
+    out.append(f"**Best offline is not best on the road (comma.ai).** The policy with the lowest offline RMSE, "
+               f"{best_offline.name} ({best_offline.offline['rmse']:.4f}), has success "
+               f"{best_offline.closed['success_rate']:.2f}; {len(better)} of {len(rows)} policies drive with a "
+               "strictly higher success rate. "
+               + ("The published finding reproduces." if better else
+                  "None drives better: the published finding does not reproduce in this population."))
+    recurrent = [r for r in rows if r.arch in RECURRENT]
+    single = [r for r in rows if r.arch not in RECURRENT]
+    if recurrent and single:
+        s_rec, s_single = _mean(r.closed["success_rate"] for r in recurrent), _mean(r.closed["success_rate"]
+                                                                                  for r in single)
+        o_rec, o_single = _mean(r.offline["rmse"] for r in recurrent), _mean(r.offline["rmse"] for r in single)
+        verdict = "helps" if s_rec > s_single else "hurts" if s_rec < s_single else "makes no difference"
+        out.append(f"**History in closed loop.** Recurrent policies (with history) average success {s_rec:.2f} and "
+                   f"offline RMSE {o_rec:.4f}; single-frame policies {s_single:.2f} and {o_single:.4f}. History "
+                   f"{verdict} in closed loop here"
+                   + (", although it predicts better offline (the copycat pattern)." if o_rec < o_single and
+                      s_rec < s_single else "."))
+    regimes = {}
+    for r in rows:
+        regimes.setdefault(r.regime, []).append(r)
+    if len(regimes) > 1:
+        parts = [f"{name}: success {_mean(x.closed['success_rate'] for x in members):.2f}, recovery "
+                 f"{_fmt(_mean(x.closed['recovery_rate'] for x in members), 2)}, on-policy RMSE "
+                 f"{_mean(x.closed['on_policy_rmse'] for x in members):.4f} (n={len(members)})"
+                 for name, members in sorted(regimes.items())]
+        out.append("**Data regimes (DART noise, side cameras, DAgger).** " + "; ".join(parts) + ".")
+    for policy, init, matched in dagger:
+        control = max(matched, key=lambda m: m.closed["success_rate"] or 0.0) if matched else None
+        beats = (policy.closed["success_rate"] or 0) > (init.closed["success_rate"] or 0) and (
+            control is None or (policy.closed["success_rate"] or 0) > (control.closed["success_rate"] or 0))
+        out.append(f"**DAgger (Ross et al.).** {policy.name} ({policy.frames} expert-labelled frames) succeeds on "
+                   f"{policy.closed['success_rate']:.2f} of the routes, against {init.closed['success_rate']:.2f} for "
+                   f"{init.name}, the behaviour-cloning policy it started from"
+                   + (f", and {control.closed['success_rate']:.2f} for {control.name}, behaviour cloning on "
+                      f"{control.frames} expert frames" if control else ", with no frame-matched behaviour-cloning "
+                      "control in the study")
+                   + (". DAgger wins." if beats else
+                      ". Its starting policy already succeeds everywhere, so this pair cannot show a difference."
+                      if (init.closed["success_rate"] or 0) >= 1.0 else
+                      ". DAgger does not win here: the published finding does not reproduce in this setup."))
+    ratios = [r.closed["on_policy_rmse"] / r.offline["rmse"] for r in rows if r.closed["on_policy_rmse"]]
+    if ratios:
+        grew = [f for f, c in compounding.items() if c["offset_last_10s"] > c["offset_first_10s"]]
+        out.append(f"**Compounding error.** On their own states the policies' steering error is "
+                   f"{min(ratios):.1f}x to {max(ratios):.1f}x their offline error (median {np.median(ratios):.1f}x). "
+                   + (f"Mean |offset| grows from the first to the last 10 s of the routes for: {', '.join(grew)}."
+                      if grew else "Mean |offset| does not grow over the routes for any family."))
+    return out
+
+
+def dagger_comparisons(rows: list[PolicyRow], plan) -> list[tuple[PolicyRow, PolicyRow, list[PolicyRow]]]:
+    """(DAgger policy, the behaviour-cloning policy it started from, behaviour-cloning
+    policies of the same architecture with at least as many expert-labelled frames)."""
+    by_name = {r.name: r for r in rows}
+    out = []
+    for r in rows:
+        stage = plan.policies[r.name]
+        if stage.kind != "dagger":
+            continue
+        init = by_name[stage.params["init"]]
+        matched = [b for b in rows if plan.policies[b.name].kind == "train" and b.arch == r.arch
+                   and b.frames >= MATCHED_FRAMES * r.frames and b is not init]
+        out.append((r, init, matched))
+    return out
+
+
+def dagger_table(comparisons) -> str:
+    lines = ["| DAgger policy | compared with | expert-labelled frames | success | mean abs offset [m] | recovery | "
+             "on-policy RMSE |", "|---|---|---|---|---|---|---|"]
+    for dagger, init, matched in comparisons:
+        for row, role in ((dagger, "DAgger"), (init, "BC it started from"), *((m, "BC, as many frames") for m in matched)):
+            lines.append(f"| {dagger.name} | {row.name} ({role}) | {row.frames} | {_fmt(row.closed['success_rate'], 2)} "
+                         f"| {_fmt(row.closed['mean_abs_offset_m'])} | {_fmt(row.closed['recovery_rate'], 2)} | "
+                         f"{_fmt(row.closed['on_policy_rmse'], 4)} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- report
+def write_report(plan) -> Path:
+    """Write ``OUT/report.md`` and its figures; returns the report path."""
+    rows = collect(plan)
+    primary = list(plan.suites)[0]
+    figures = plan.out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    corr = correlations(rows)
+    _scatter(rows, "success_rate", f"success rate ({primary})", figures / "rmse_vs_success.png")
+    has_autonomy = any(r.closed["autonomy_pct"] is not None for r in rows)
+    if has_autonomy:
+        _scatter(rows, "autonomy_pct", "autonomy %", figures / "rmse_vs_autonomy.png")
+    compounding = compounding_figure(rows, plan, figures / "compounding.png")
+    on_policy_figure(rows, figures / "on_policy_vs_offline.png")
+    contrast = pick_contrast(rows, primary)
+    dagger = dagger_comparisons(rows, plan)
+    order = closed_loop_order(rows)
+    best_offline = min(rows, key=lambda r: r.offline["rmse"])
+
+    md = [f"# Offline vs closed loop: study `{plan.config.name}`", "",
+          f"{len(rows)} policies; offline metrics on the held-out dataset `{plan.config.offline_data}` "
+          f"({rows[0].offline['frames']} frames); closed loop on "
+          + ", ".join(f"`{name}` ({len(s.scenarios)} scenarios)" for name, s in plan.suites.items())
+          + f". Success, mean |offset|, departures/km and on-policy RMSE are from `{primary}`.", "",
+          "## Findings", "", *[f"- {line}" for line in findings(rows, corr, compounding, primary, dagger)], "",
+          "## Policies: offline beside closed loop", "", policy_table(rows), "",
+          "Offline metrics on held-out logs, with the all-zeros predictor:", "", offline_table(rows), "",
+          "## Correlation across the population (Codevilla et al. style)", "",
+          f"Pearson r and Spearman ρ with 95% bootstrap intervals over policies ({BOOTSTRAP_SAMPLES} resamples). "
+          "Lower is better for every offline metric; for success, autonomy and recovery a useful offline metric "
+          "correlates negatively.", "",
+          correlation_table(corr) if corr else "Correlations need at least 3 policies with the metric.", "",
+          "## Where the best offline policy ranks", "",
+          f"Lowest offline RMSE: **{best_offline.name}** ({best_offline.offline['rmse']:.4f}), closed-loop rank "
+          f"**{order.index(best_offline) + 1} of {len(rows)}**.", "",
+          "| closed-loop rank | policy | success | offline RMSE | offline rank |", "|---|---|---|---|---|"]
+    offline_rank = sorted(rows, key=lambda r: r.offline["rmse"])
+    for i, r in enumerate(order, 1):
+        md.append(f"| {i} | {r.name} | {_fmt(r.closed['success_rate'], 2)} | {r.offline['rmse']:.4f} | "
+                  f"{offline_rank.index(r) + 1} |")
+    md += ["", "![offline RMSE vs success](figures/rmse_vs_success.png)"]
+    if has_autonomy:
+        md += ["![offline RMSE vs autonomy](figures/rmse_vs_autonomy.png)"]
+    if dagger:
+        md += ["", "## DAgger against behaviour cloning", "",
+               "Closed loop on the primary suite; expert-labelled frames count every dataset the policy was trained "
+               "on (for DAgger: the initial data and every iteration's).", "", dagger_table(dagger)]
+    md += ["", "## Compounding error", "",
+           "Mean |lateral offset| against time since the start, steering error in closed loop beside the open-loop "
+           "replay of the held-out logs, and |offset| after a scripted perturbation, per policy family.", "",
+           "![compounding error](figures/compounding.png)", "",
+           "## On-policy vs offline RMSE", "",
+           "How much worse each policy predicts the expert on the states it visits itself.", "",
+           "![on-policy vs offline RMSE](figures/on_policy_vs_offline.png)", ""]
+    md += ["## A failing and a succeeding policy on the same track", ""]
+    if contrast:
+        index, fail, ok = contrast
+        scenario = plan.suites[primary].scenarios[index].name
+        contrast_figure(plan, primary, index, fail, ok, figures / "contrast.png")
+        video = plan.out / "videos" / f"{scenario}-{fail.name}-vs-{ok.name}.mp4"
+        video.parent.mkdir(parents=True, exist_ok=True)
+        contrast_video(plan, primary, index, fail, ok, video)
+        md += [f"On `{scenario}`, **{fail.name}** departs and **{ok.name}** succeeds.", "",
+               "![failing vs succeeding](figures/contrast.png)", "",
+               f"Video (failing on the left): [{video.relative_to(plan.out)}]({video.relative_to(plan.out)})", ""]
+    else:
+        md += ["No track of the primary suite has both a failing and a succeeding policy.", ""]
+    md += ["## Reproduce", "", f"`steerloop study --config {plan.config.path} --out {plan.out}` (cached: re-running "
+           "does nothing; changing a policy re-runs only its stages).", ""]
+    path = plan.out / "report.md"
+    path.write_text("\n".join(md))
+    summary = {"policies": [{"name": r.name, "family": r.family, "regime": r.regime, "frames": r.frames,
+                             "val_rmse": r.val_rmse, "offline": r.offline, "zeros": r.zeros, "closed_loop": r.closed}
+                            for r in rows],
+               "correlations": [{"offline": k[0], "closed_loop": k[1], **v} for k, v in corr.items()],
+               "best_offline": best_offline.name, "best_offline_closed_loop_rank": order.index(best_offline) + 1}
+    (plan.out / "report.json").write_text(json.dumps(json_safe(summary), indent=1, sort_keys=True))
+    return path

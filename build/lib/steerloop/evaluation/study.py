@@ -1,0 +1,396 @@
+"""The gap study (``steerloop study`` / ``steerloop demo``): record, train, evaluate, report.
+
+A study file (TOML) names the datasets to record, the policies to train on them (plain
+behaviour cloning or DAgger from another policy of the study) and the closed-loop
+suites to run. The study runs as a chain of stages::
+
+    record dataset -> train policy (or DAgger) -> offline metrics -> closed loop per suite -> report
+
+Every stage is cached by content: its key hashes its own settings and the keys of the
+stages it depends on, its output lives in a directory named after the key, and a marker
+in ``OUT/stages/`` says it finished. Re-running a finished study does nothing; changing
+one policy re-runs only that policy's stages and the report; an interrupted study
+resumes (recording, training and evaluation also resume inside a stage).
+
+Study file (every key optional unless marked)::
+
+    [study]
+    name = "default"
+    resolution = [66, 200]        # camera (H, W) for recording and evaluation
+    suites = ["test", "recovery", "interventions"]   # built-in names or suite JSON paths
+    offline_data = "val"          # dataset (recorded on the val split) for offline metrics
+    threads = 2                   # torch threads when training
+
+    [datasets.clean]              # any RecordConfig field except out / workers
+    episodes = 20
+    [datasets.dart]
+    episodes = 20
+    noise = 0.1
+
+    [policies.pilotnet-clean]     # any TrainConfig field except out / init; data names datasets
+    model = "pilotnet"
+    data = ["clean"]
+    augment = []
+    [policies.pilotnet-dagger]    # DAgger from another policy of the study
+    dagger = { init = "pilotnet-clean", iterations = 2, episodes_per_iter = 6 }
+
+Paths in the file are relative to it. ``family`` (a label for grouping in the report)
+may be set on any policy; it defaults to the architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steerloop.evaluation.suites import BUILTIN_SUITES, Suite, SuiteError, load_suite
+from steerloop.training.dagger import DaggerConfig
+from steerloop.training.record import RecordConfig
+from steerloop.training.train import TrainConfig
+
+STUDY_SCHEMA_VERSION = "1.0.0"
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "studies"
+PRESETS = ("default", "demo")
+KEY_LENGTH = 10  # hex digits of the content hash in stage directory names
+
+
+class StudyError(ValueError):
+    """A study file is malformed, or a stage cannot run; the message names the file and the field."""
+
+
+@dataclass
+class PolicySpec:
+    """One policy of the population: a behaviour-cloning run, or DAgger from another policy."""
+
+    name: str
+    """Name in the study file (``[policies.NAME]``)."""
+    family: str
+    """Group label in the report (defaults to the architecture, ``dagger`` policies to ``dagger``)."""
+    train: dict = field(default_factory=dict)
+    """TrainConfig fields (behaviour cloning); ``data`` holds dataset names."""
+    dagger: dict | None = None
+    """DaggerConfig fields plus ``init`` (a policy name); None for behaviour cloning."""
+
+
+@dataclass
+class StudyConfig:
+    """A whole study, parsed and checked (see the module docstring for the file format)."""
+
+    name: str
+    """Study name (used in the report title)."""
+    path: str
+    """The study file it was read from."""
+    resolution: tuple[int, int] = (66, 200)
+    """Camera image (H, W) [px] for recording and closed-loop evaluation."""
+    suites: tuple[str, ...] = ("test", "recovery", "interventions")
+    """Closed-loop suites: built-in names or suite JSON paths; the first is the primary suite."""
+    offline_data: str = "val"
+    """Name of the held-out dataset used for offline metrics (record it on the val split)."""
+    threads: int = 2
+    """torch threads for training (recorded in every checkpoint)."""
+    datasets: dict[str, dict] = field(default_factory=dict)
+    """RecordConfig fields per dataset name."""
+    policies: dict[str, PolicySpec] = field(default_factory=dict)
+    """The population, in file order."""
+
+    def __post_init__(self):
+        where = self.path
+        if not self.policies:
+            raise StudyError(f"{where}: no [policies.NAME] tables; a study needs at least one policy")
+        if self.offline_data not in self.datasets:
+            raise StudyError(f"{where}: study.offline_data names {self.offline_data!r}, which is not a "
+                             f"[datasets.NAME] table (have {sorted(self.datasets)})")
+        if not self.suites:
+            raise StudyError(f"{where}: study.suites is empty; name at least one suite, e.g. [\"test\"]")
+        for name, spec in self.policies.items():
+            if spec.dagger is None:
+                for dataset in spec.train["data"]:
+                    if dataset not in self.datasets:
+                        raise StudyError(f"{where}: policies.{name}.data names {dataset!r}, which is not a "
+                                         f"[datasets.NAME] table (have {sorted(self.datasets)})")
+                continue
+            init = spec.dagger["init"]
+            if init not in self.policies or list(self.policies).index(init) >= list(self.policies).index(name):
+                raise StudyError(f"{where}: policies.{name}.dagger.init must name a policy defined above it, "
+                                 f"got {init!r}")
+
+
+def _hash(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise StudyError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def resolve_study_path(name_or_path: str) -> Path:
+    """A preset name (``default``, ``demo``) or a study file path."""
+    if name_or_path in PRESETS:
+        return PRESETS_DIR / f"{name_or_path}.toml"
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise StudyError(f"study file {path} does not exist; give a TOML study file or a preset {PRESETS}")
+    return path
+
+
+def load_study(name_or_path: str) -> StudyConfig:
+    """Parse and check a study file (or preset); every error names the file and the field."""
+    path = resolve_study_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise StudyError(f"{path}: not valid TOML ({error})") from None
+    _check_keys(raw, {"study", "datasets", "policies"}, f"{path}")
+    head = raw.get("study", {})
+    _check_keys(head, {"name", "resolution", "suites", "offline_data", "threads"}, f"{path}: [study]")
+    suites = []
+    for suite in head.get("suites", StudyConfig.suites):
+        if suite in BUILTIN_SUITES:
+            suites.append(suite)
+        elif (path.parent / suite).is_file():
+            suites.append(str((path.parent / suite).resolve()))
+        else:
+            raise StudyError(f"{path}: study.suites: {suite!r} is neither a built-in suite {BUILTIN_SUITES} "
+                             f"nor a suite file next to the study file")
+    resolution = tuple(int(v) for v in head.get("resolution", (66, 200)))
+    record_fields = _fields(RecordConfig) - {"out", "workers", "resolution", "learner", "beta", "mixture", "extra",
+                                             "backend", "address"}
+    datasets = {}
+    for name, table in raw.get("datasets", {}).items():
+        where = f"{path}: [datasets.{name}]"
+        _check_keys(table, record_fields, where)
+        table = dict(table)
+        if table.get("track"):
+            table["track"] = str((path.parent / table["track"]).resolve())
+        try:
+            RecordConfig(out="unused", resolution=resolution, **table)
+        except (ValueError, TypeError) as error:
+            raise StudyError(f"{where}: {error}") from None
+        datasets[name] = table
+    train_fields = _fields(TrainConfig) - {"out", "init", "threads"}
+    dagger_fields = _fields(DaggerConfig) - {"out", "data", "workers", "backend", "address"}
+    policies = {}
+    for name, table in raw.get("policies", {}).items():
+        where = f"{path}: [policies.{name}]"
+        table = dict(table)
+        family = table.pop("family", None)
+        if "dagger" in table:
+            _check_keys(table, {"dagger"}, where)
+            dagger = dict(table["dagger"])
+            _check_keys(dagger, dagger_fields, f"{where} dagger")
+            try:
+                DaggerConfig(**{**dagger, "init": "unused", "data": ["unused"]})
+            except (ValueError, TypeError) as error:
+                raise StudyError(f"{where} dagger: {error}") from None
+            policies[name] = PolicySpec(name, family or "dagger", dagger=dagger)
+            continue
+        _check_keys(table, train_fields, where)
+        table["data"] = list(table.get("data", []))
+        try:
+            TrainConfig(out="unused", **table)
+        except (ValueError, TypeError) as error:
+            raise StudyError(f"{where}: {error}") from None
+        policies[name] = PolicySpec(name, family or table.get("model", TrainConfig.model), train=table)
+    return StudyConfig(name=head.get("name", path.stem), path=str(path), resolution=resolution,
+                       suites=tuple(suites), offline_data=head.get("offline_data", "val"),
+                       threads=int(head.get("threads", 2)), datasets=datasets, policies=policies)
+
+
+# ----------------------------------------------------------------------------- stages
+@dataclass
+class Stage:
+    """One cached unit of work."""
+
+    kind: str
+    """record, train, dagger, offline or closed_loop."""
+    name: str
+    """Dataset or policy name (plus the suite for closed_loop)."""
+    key: str
+    """Content hash of the stage's settings and of every stage it depends on."""
+    out: Path
+    """Where the stage writes (a directory, or a file for offline)."""
+    params: dict = field(default_factory=dict)
+    """What the stage needs to run."""
+
+    @property
+    def marker(self) -> str:
+        return f"{self.kind}-{self.name}-{self.key}.json"
+
+
+@dataclass
+class StudyPlan:
+    """Every stage of a study, in an order that respects dependencies."""
+
+    config: StudyConfig
+    out: Path
+    datasets: dict[str, Stage]
+    policies: dict[str, Stage]
+    offline: dict[str, Stage]
+    closed_loop: dict[tuple[str, str], Stage]
+    suites: dict[str, Suite]
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [*self.datasets.values(), *self.policies.values(), *self.offline.values(),
+                *self.closed_loop.values()]
+
+    def checkpoint(self, policy: str) -> str:
+        stage = self.policies[policy]
+        if stage.kind == "dagger":
+            last = stage.params["config"]["iterations"] - 1
+            return str(stage.out / f"iter_{last:02d}" / "model" / "best")
+        return str(stage.out / "best")
+
+    def dataset_dirs(self, policy: str) -> list[str]:
+        """The expert-labelled datasets a policy was trained on (DAgger: initial + every iteration)."""
+        stage = self.policies[policy]
+        if stage.kind == "dagger":
+            iterations = stage.params["config"]["iterations"]
+            return [*self.dataset_dirs(stage.params["init"]),
+                    *(str(stage.out / f"iter_{i:02d}" / "data") for i in range(iterations))]
+        return [str(self.datasets[d].out) for d in stage.params["config"]["data"]]
+
+
+def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
+    """Stage keys and output paths; nothing runs."""
+    out = Path(out)
+    datasets = {}
+    for name, table in cfg.datasets.items():
+        record_cfg = RecordConfig(out="unused", resolution=cfg.resolution, **table)
+        key = _hash({"record": record_cfg.dataset_config()})
+        datasets[name] = Stage("record", name, key, out / "datasets" / f"{name}-{key}", {"config": table})
+    policies = {}
+    for name, spec in cfg.policies.items():
+        if spec.dagger is None:
+            train_cfg = {**spec.train, "threads": cfg.threads}
+            key = _hash({"train": train_cfg, "data": [datasets[d].key for d in spec.train["data"]]})
+            policies[name] = Stage("train", name, key, out / "policies" / f"{name}-{key}", {"config": train_cfg})
+        else:
+            dagger = {k: v for k, v in spec.dagger.items() if k != "init"}
+            dagger = dataclasses.asdict(DaggerConfig(**dagger, init="unused", data=["unused"]))
+            for unused in ("init", "data", "out", "workers", "backend", "address"):
+                dagger.pop(unused)
+            init = spec.dagger["init"]
+            key = _hash({"dagger": dagger, "init": policies[init].key, "resolution": list(cfg.resolution)})
+            policies[name] = Stage("dagger", name, key, out / "policies" / f"{name}-{key}",
+                                   {"config": dagger, "init": init})
+    held_out = datasets[cfg.offline_data]
+    offline = {}
+    for name, stage in policies.items():
+        key = _hash({"policy": stage.key, "data": held_out.key})
+        offline[name] = Stage("offline", name, key, out / "offline" / f"{name}-{key}", {})
+    try:
+        suites = {path: load_suite(path) for path in cfg.suites}
+    except SuiteError as error:
+        raise StudyError(f"{cfg.path}: study.suites: {error}") from None
+    closed_loop = {}
+    for name, stage in policies.items():
+        for path, suite in suites.items():
+            key = _hash({"policy": stage.key, "suite": suite.to_dict(), "resolution": list(cfg.resolution)})
+            closed_loop[(name, suite.name)] = Stage("closed_loop", f"{name}@{suite.name}", key,
+                                                    out / "closed_loop" / f"{name}-{key}" / suite.name,
+                                                    {"suite": path, "policy": name})
+    return StudyPlan(cfg, out, datasets, policies, offline, closed_loop,
+                     {suite.name: suite for suite in suites.values()})
+
+
+def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _run_stage(plan: StudyPlan, stage: Stage, *, workers: int, progress: bool, backend: str = "local",
+               address: str | None = None) -> dict:
+    """Run one stage (resuming whatever part of it already exists); returns its summary.
+    ``backend``/``address`` choose where recording and evaluation tasks run (local worker
+    processes or a Ray cluster); they never change a stage's content, so not its key."""
+    where = {"workers": workers, "backend": backend, "address": address}
+    from steerloop.evaluation.offline import evaluate_offline
+    from steerloop.evaluation.runner import evaluate
+    from steerloop.training.dagger import run_dagger
+    from steerloop.training.record import record
+    from steerloop.training.train import train
+
+    cfg = plan.config
+    if stage.kind == "record":
+        summary = record(RecordConfig(out=str(stage.out), resolution=cfg.resolution, **where,
+                                      extra={"study": cfg.name, "dataset": stage.name}, **stage.params["config"]),
+                         progress=progress)
+        return {key: value for key, value in summary.items() if key != "out"}
+    if stage.kind == "train":
+        config = dict(stage.params["config"])
+        config["data"] = [str(plan.datasets[d].out) for d in config["data"]]
+        summary = train(TrainConfig(out=str(stage.out), **config), progress_bar=progress)
+        return {key: summary[key] for key in ("val_rmse", "zeros_rmse", "epochs_run", "seconds", "params")
+                if key in summary}
+    if stage.kind == "dagger":
+        init = stage.params["init"]
+        rows = run_dagger(DaggerConfig(init=plan.checkpoint(init), data=plan.dataset_dirs(init), out=str(stage.out),
+                                       **where, **stage.params["config"]), progress=progress)
+        return {"iterations": len(rows), "frames": [row["frames"] for row in rows]}
+    if stage.kind == "offline":
+        held_out = str(plan.datasets[cfg.offline_data].out)
+        result = evaluate_offline(plan.checkpoint(stage.name), held_out, out=str(stage.out / "offline.json"),
+                                  series=str(stage.out / "replay.npz"))
+        return {"rmse": result["model"]["rmse"], "zeros_rmse": result["zeros"]["rmse"]}
+    if stage.kind == "closed_loop":
+        suite = load_suite(stage.params["suite"])
+        results = evaluate(plan.checkpoint(stage.params["policy"]), suite, stage.out, **where,
+                           resolution=cfg.resolution, progress=progress, plots=False)
+        return {"success_rate": results["aggregate"]["success_rate"]}
+    raise AssertionError(f"unknown stage kind {stage.kind!r}")
+
+
+def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: bool = True,
+              backend: str = "local", address: str | None = None, log=print) -> dict:
+    """Run (or resume) every stage not yet finished, then write the report; returns the
+    study summary (also ``OUT/study.json``)."""
+    from steerloop.evaluation import report as report_module
+    from steerloop.evaluation.report import write_report
+
+    plan = plan_study(cfg, out)
+    markers = plan.out / "stages"
+    markers.mkdir(parents=True, exist_ok=True)
+    stages = plan.stages
+    todo = [s for s in stages if not (markers / s.marker).exists()]
+    log(f"study {cfg.name}: {len(cfg.policies)} policies, {len(stages)} stages, "
+        f"{len(stages) - len(todo)} cached, {len(todo)} to run")
+    started = time.perf_counter()
+    for n, stage in enumerate(todo, 1):
+        elapsed = time.perf_counter() - started
+        eta = f", ETA {elapsed / (n - 1) * (len(todo) - n + 1) / 60:.1f} min" if n > 1 else ""
+        log(f"[{n}/{len(todo)}] {stage.kind} {stage.name} -> {stage.out} ({elapsed / 60:.1f} min elapsed{eta})")
+        began = time.perf_counter()
+        summary = _run_stage(plan, stage, workers=workers, progress=progress, backend=backend, address=address)
+        _write_json(markers / stage.marker, {"kind": stage.kind, "name": stage.name, "key": stage.key,
+                                             "out": str(stage.out), "seconds": time.perf_counter() - began,
+                                             "summary": summary})
+    report_code = hashlib.sha256(Path(report_module.__file__).read_bytes()).hexdigest()
+    report_key = _hash([s.key for s in stages] + [STUDY_SCHEMA_VERSION, report_code])
+    study = {"schema_version": STUDY_SCHEMA_VERSION, "name": cfg.name, "config_file": cfg.path,
+             "report_key": report_key,
+             "stages": [{"kind": s.kind, "name": s.name, "key": s.key, "out": str(s.out)} for s in stages]}
+    study_file = plan.out / "study.json"
+    previous = json.loads(study_file.read_text()) if study_file.exists() else {}
+    if todo or previous.get("report_key") != report_key or not (plan.out / "report.md").exists():
+        log("writing the report")
+        write_report(plan)
+        _write_json(study_file, study)
+    else:
+        log(f"nothing to do: every stage is cached and {plan.out / 'report.md'} is up to date")
+    return study

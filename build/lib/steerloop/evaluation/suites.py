@@ -1,0 +1,229 @@
+"""Scenario suites: fixed, reproducible sets of closed-loop scenarios.
+
+A scenario is a track, a visual condition, a speed, a perturbation schedule and whether
+NVIDIA-style interventions are on, plus a reset seed derived from the suite's name and
+the scenario's position, so a suite means the same thing on every machine and run.
+
+Built in: ``smoke`` (3 short tracks, for tests), ``test`` (20 held-out procedural tracks),
+``recovery`` (the test tracks with standard perturbations on straights and in curves),
+``shift`` (the test tracks under held-out visual conditions) and ``interventions`` (the
+test tracks in intervention mode, for autonomy %). Users' suites are JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from steerloop.sim.env import load_track
+from steerloop.sim.scene import CONDITIONS
+from steerloop.sim.track import TRACKS_DIR, Track, TrackSpecError, split_seed
+from steerloop.sim.wrappers import Perturbation
+
+TEST_TRACKS = 20  # held-out procedural tracks in the `test` family of suites
+VAL_TRACKS = 10  # validation tracks (model selection, DAgger iterations)
+SMOKE_TRACK_LENGTH = 150.0  # [m]
+DEFAULT_SPEED = 10.0  # [m/s]
+CONTROL_DT = 0.05  # [s] at the default 20 Hz control rate
+CURVE_CURVATURE = 1.0 / 150.0  # [1/m] |curvature| above which a point counts as "in a curve"
+FIRST_PERTURBATION_STEP = 60  # [steps] leave the start alone for 3 s
+PERTURBATION_SPACING = 160  # [steps] between perturbation starts (25 acting + 100 recovery + margin)
+HELD_OUT_CONDITIONS = ("dusk", "worn", "desert")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One closed-loop run: everything needed to reproduce it."""
+
+    name: str
+    track: int | dict
+    condition: str = "default"
+    speed: float = DEFAULT_SPEED
+    perturbations: tuple[Perturbation, ...] = ()
+    interventions: bool = False
+    seed: int = 0
+    track_length: float = 400.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["perturbations"] = [p.to_dict() for p in self.perturbations]
+        return d
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    scenarios: tuple[Scenario, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "scenarios": [s.to_dict() for s in self.scenarios]}
+
+    @property
+    def has_perturbations(self) -> bool:
+        return any(s.perturbations for s in self.scenarios)
+
+    @property
+    def has_interventions(self) -> bool:
+        return any(s.interventions for s in self.scenarios)
+
+
+def scenario_seed(suite: str, index: int) -> int:
+    """The fixed reset seed of scenario ``index`` of suite ``suite``."""
+    return int(np.random.default_rng([zlib.crc32(suite.encode()), index]).integers(2**31))
+
+
+def standard_perturbations(track: Track, speed: float, index: int) -> tuple[Perturbation, ...]:
+    """A lateral push, a heading kick and a steering pulse (signs alternating with ``index``),
+    at fixed times chosen alternately where the road is straight and where it curves.
+
+    Each perturbation gets PERTURBATION_SPACING steps (acting + 5 s recovery window +
+    margin); a route too short for all three gets as many as fit, in that order.
+    """
+    steps_total = int((track.length - 20.0) / (speed * CONTROL_DT))
+    kinds = [Perturbation.push, Perturbation.kick, Perturbation.pulse]
+
+    def in_curve(step: int) -> bool:
+        return abs(float(track.curvature_at(step * speed * CONTROL_DT))) > CURVE_CURVATURE
+
+    chosen, cursor = [], FIRST_PERTURBATION_STEP
+    for k, make in enumerate(kinds):
+        if steps_total - PERTURBATION_SPACING < cursor:
+            break  # not even this one fits
+        # Search for a straight/curve only while the remaining perturbations still fit after it.
+        latest = max(steps_total - PERTURBATION_SPACING * (len(kinds) - k), cursor)
+        want_curve = (k + index) % 2 == 1
+        start = next((t for t in range(cursor, latest + 1, 5) if in_curve(t) == want_curve), cursor)
+        base = make(start)
+        sign = 1.0 if (k + index) % 2 == 0 else -1.0
+        chosen.append(Perturbation(base.kind, start, sign * base.magnitude, base.duration))
+        cursor = start + PERTURBATION_SPACING
+    return tuple(chosen)
+
+
+def _test_scenarios(suite: str, condition_for, perturb: bool = False, interventions: bool = False) -> Suite:
+    scenarios = []
+    for i in range(TEST_TRACKS):
+        seed = split_seed("test", i)
+        perturbations = ()
+        if perturb:
+            perturbations = standard_perturbations(load_track(seed), DEFAULT_SPEED, i)
+        scenarios.append(Scenario(name=f"{suite}-{i:02d}-proc-{seed}", track=seed, condition=condition_for(i),
+                                  perturbations=perturbations, interventions=interventions,
+                                  seed=scenario_seed(suite, i)))
+    return Suite(suite, tuple(scenarios))
+
+
+def builtin_suite(name: str) -> Suite:
+    if name == "smoke":
+        scenarios = [Scenario(name=f"smoke-{i}-proc-{split_seed('test', i)}", track=split_seed("test", i),
+                              track_length=SMOKE_TRACK_LENGTH, seed=scenario_seed("smoke", i)) for i in range(2)]
+        spec = json.loads((TRACKS_DIR / "s-bend.json").read_text())
+        scenarios.append(Scenario(name="smoke-2-s-bend", track=spec, seed=scenario_seed("smoke", 2)))
+        return Suite("smoke", tuple(scenarios))
+    if name == "test":
+        return _test_scenarios("test", lambda i: "default")
+    if name == "val":
+        return Suite("val", tuple(Scenario(name=f"val-{i:02d}-proc-{split_seed('val', i)}", track=split_seed("val", i),
+                                           seed=scenario_seed("val", i)) for i in range(VAL_TRACKS)))
+    if name == "recovery":
+        return _test_scenarios("recovery", lambda i: "default", perturb=True)
+    if name == "shift":
+        return _test_scenarios("shift", lambda i: HELD_OUT_CONDITIONS[i % len(HELD_OUT_CONDITIONS)])
+    if name == "interventions":
+        return _test_scenarios("interventions", lambda i: "default", interventions=True)
+    raise ValueError(f"unknown suite {name!r}; built-in suites: {BUILTIN_SUITES}, or give a suite JSON file")
+
+
+BUILTIN_SUITES = ("smoke", "val", "test", "recovery", "shift", "interventions")
+
+
+class SuiteError(ValueError):
+    """A user's suite file is malformed; the message names the file and the field."""
+
+
+def _parse_perturbation(item, where: str) -> Perturbation:
+    if not isinstance(item, dict):
+        raise SuiteError(f"{where}: must be an object like "
+                         '{"kind": "lateral_push", "start_step": 60, "magnitude": 0.5, "duration": 25}')
+    missing = [k for k in ("kind", "start_step", "magnitude", "duration") if k not in item]
+    if missing:
+        raise SuiteError(f"{where}: missing {missing}")
+    try:
+        return Perturbation(str(item["kind"]), int(item["start_step"]), float(item["magnitude"]),
+                            int(item["duration"]))
+    except (TypeError, ValueError) as error:
+        raise SuiteError(f"{where}: {error}") from None
+
+
+def load_suite_file(path: str | Path) -> Suite:
+    """A suite from a JSON file; track paths are relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"suite file {path} does not exist; give a built-in suite name {BUILTIN_SUITES} "
+                         "or the path of a suite JSON file")
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SuiteError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(spec, dict):
+        raise SuiteError(f"{path}: the suite must be a JSON object")
+    name = spec.get("name", path.stem)
+    tracks = spec.get("tracks")
+    if not isinstance(tracks, list) or not tracks:
+        raise SuiteError(f"{path}: 'tracks' must be a non-empty list of track seeds or spec paths")
+    conditions = spec.get("conditions", ["default"])
+    if not isinstance(conditions, list) or not conditions:
+        raise SuiteError(f"{path}: 'conditions' must be a non-empty list")
+    for i, condition in enumerate(conditions):
+        if condition not in CONDITIONS:
+            raise SuiteError(f"{path}: conditions[{i}] {condition!r} is unknown; choose from {sorted(CONDITIONS)}")
+    speed = spec.get("speed", DEFAULT_SPEED)
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed <= 40:
+        raise SuiteError(f"{path}: 'speed' must be a number in (0, 40] m/s, got {speed!r}")
+    interventions = spec.get("interventions", False)
+    if not isinstance(interventions, bool):
+        raise SuiteError(f"{path}: 'interventions' must be true or false, got {interventions!r}")
+    perturbations = spec.get("perturbations", "none")
+    track_length = spec.get("track_length", Scenario.track_length)
+    if isinstance(track_length, bool) or not isinstance(track_length, (int, float)) or not 50 <= track_length <= 5000:
+        raise SuiteError(f"{path}: 'track_length' (of procedural tracks) must be a number in [50, 5000] m, "
+                         f"got {track_length!r}")
+    scenarios, index = [], 0
+    for t, entry in enumerate(tracks):
+        where = f"{path}: tracks[{t}]"
+        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+            raise SuiteError(f"{where}: must be a procedural track seed (integer) or a spec path (string)")
+        try:
+            track = load_track(entry if isinstance(entry, int) else str(path.parent / entry), length=track_length)
+        except (TrackSpecError, FileNotFoundError, ValueError) as error:
+            raise SuiteError(f"{where}: {error}") from None
+        track_value = entry if isinstance(entry, int) else track.to_spec()
+        if perturbations == "none":
+            schedule = ()
+        elif perturbations == "standard":
+            schedule = standard_perturbations(track, float(speed), t)
+        elif isinstance(perturbations, list):
+            schedule = tuple(_parse_perturbation(item, f"{path}: perturbations[{k}]")
+                             for k, item in enumerate(perturbations))
+        else:
+            raise SuiteError(f"{path}: 'perturbations' must be \"none\", \"standard\" or a list of perturbations")
+        for condition in conditions:
+            scenarios.append(Scenario(name=f"{name}-{index:02d}-{track.name}-{condition}", track=track_value,
+                                      condition=condition, speed=float(speed), perturbations=schedule,
+                                      interventions=interventions, seed=scenario_seed(name, index),
+                                      track_length=float(track_length)))
+            index += 1
+    return Suite(name, tuple(scenarios))
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """A built-in suite by name, or a user's suite JSON file."""
+    if name_or_path in BUILTIN_SUITES:
+        return builtin_suite(name_or_path)
+    if name_or_path.endswith(".json") or Path(name_or_path).exists():
+        return load_suite_file(name_or_path)
+    raise SuiteError(f"unknown suite {name_or_path!r}; built-in suites: {BUILTIN_SUITES}, or give a suite JSON file")

@@ -1,0 +1,102 @@
+"""Car-mounted cameras: fixed to the body, so they pitch and roll with it.
+
+Frames are uint8 RGB arrays of shape (H, W, 3) rendered by PyBullet's CPU
+``ER_TINY_RENDERER`` (headless, deterministic). The default matches NVIDIA PilotNet's
+66x200 input. Side cameras (``left``, ``right``) sit ``SIDE_CAMERA_OFFSET`` metres to
+either side of the centre camera, as in PilotNet's recording rig.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pybullet as p
+
+SIDE_CAMERA_OFFSET = 0.7  # [m] lateral offset of the left/right cameras from the centre camera
+NEAR_PLANE = 0.3  # [m]
+FAR_PLANE = 9000.0  # [m] beyond the sky box (sim.scene.WORLD_HALF_SIZE) in every direction
+CAMERA_NAMES = ("center", "left", "right")
+
+
+@dataclass(frozen=True)
+class CameraSpec:
+    """Intrinsics and mounting of one camera, relative to the car's base frame."""
+
+    name: str = "center"
+    """One of CAMERA_NAMES; decides the lateral mount position."""
+    height: int = 66
+    """Image height [px]."""
+    width: int = 200
+    """Image width [px]."""
+    fov_deg: float = 45.0
+    """Vertical field of view [deg]."""
+    pitch_deg: float = 8.0
+    """Downward pitch of the optical axis [deg]."""
+    mount_height: float = 1.4
+    """Height of the camera above the ground [m] (the car's base sits at wheel-axle height)."""
+    mount_forward: float = 0.6
+    """Position ahead of the wheelbase midpoint [m]."""
+
+    def __post_init__(self):
+        assert self.name in CAMERA_NAMES, f"camera name must be one of {CAMERA_NAMES}, got {self.name!r}"
+        assert self.height >= 8 and self.width >= 8, (
+            f"camera resolution must be at least 8x8 pixels, got {self.height}x{self.width}"
+        )
+        assert 5.0 <= self.fov_deg <= 150.0, f"fov_deg must be within [5, 150] degrees, got {self.fov_deg}"
+        assert -45.0 <= self.pitch_deg <= 80.0, f"pitch_deg must be within [-45, 80], got {self.pitch_deg}"
+
+    @property
+    def lateral(self) -> float:
+        return {"center": 0.0, "left": SIDE_CAMERA_OFFSET, "right": -SIDE_CAMERA_OFFSET}[self.name]
+
+
+@dataclass(frozen=True)
+class Lighting:
+    """Arguments of the tiny renderer's single directional light."""
+
+    direction: tuple[float, float, float] = (0.4, 0.3, 1.0)
+    color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    ambient: float = 0.6
+    diffuse: float = 0.5
+    specular: float = 0.0
+
+
+def render(client, width: int, height: int, view: list, projection: list, lighting: Lighting) -> np.ndarray:
+    """One frame from the tiny renderer as a (H, W, 3) uint8 RGB array."""
+    _, _, rgba, _, _ = client.getCameraImage(
+        width, height, view, projection, renderer=p.ER_TINY_RENDERER,
+        flags=p.ER_NO_SEGMENTATION_MASK, shadow=0,
+        lightDirection=list(lighting.direction), lightColor=list(lighting.color),
+        lightAmbientCoeff=lighting.ambient, lightDiffuseCoeff=lighting.diffuse,
+        lightSpecularCoeff=lighting.specular)
+    return np.ascontiguousarray(np.reshape(rgba, (height, width, 4))[:, :, :3])
+
+
+def body_camera_matrices(client, spec: CameraSpec, base_position, base_orientation,
+                         axle_height: float) -> tuple[list, list]:
+    """View and projection matrices of a camera rigidly mounted on the car body.
+
+    ``axle_height`` [m] is the height of the base frame above the ground at rest.
+    """
+    rotation = np.asarray(client.getMatrixFromQuaternion(base_orientation)).reshape(3, 3)
+    mount = np.array([spec.mount_forward, spec.lateral, spec.mount_height - axle_height])
+    pitch = math.radians(spec.pitch_deg)
+    forward = rotation @ np.array([math.cos(pitch), 0.0, -math.sin(pitch)])
+    up = rotation @ np.array([math.sin(pitch), 0.0, math.cos(pitch)])
+    eye = np.asarray(base_position) + rotation @ mount
+    view = client.computeViewMatrix(eye.tolist(), (eye + forward).tolist(), up.tolist())
+    projection = client.computeProjectionMatrixFOV(spec.fov_deg, spec.width / spec.height, NEAR_PLANE, FAR_PLANE)
+    return view, projection
+
+
+def chase_camera_matrices(client, base_position, yaw: float, width: int, height: int) -> tuple[list, list]:
+    """A third-person view from behind and above the car (for ``render_mode="rgb_array"``)."""
+    back, up_height = 9.0, 4.0  # [m]
+    x, y, _ = base_position
+    eye = [x - back * math.cos(yaw), y - back * math.sin(yaw), up_height]
+    target = [x + 6.0 * math.cos(yaw), y + 6.0 * math.sin(yaw), 0.5]
+    view = client.computeViewMatrix(eye, target, [0, 0, 1])
+    projection = client.computeProjectionMatrixFOV(50.0, width / height, NEAR_PLANE, FAR_PLANE)
+    return view, projection

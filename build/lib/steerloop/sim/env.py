@@ -1,0 +1,484 @@
+"""LaneKeep: keep a car centred in its lane from camera frames, in closed loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pybullet as p
+from gymnasium import spaces
+from pybullet_utils import bullet_client
+
+from steerloop.sim import controllers
+from steerloop.sim.camera import CAMERA_NAMES, CameraSpec, body_camera_matrices, chase_camera_matrices, render
+from steerloop.sim.scene import CONDITIONS, World, draw_appearance
+from steerloop.sim.track import Track, generate_track, split_seed
+from steerloop.sim.vehicle import Vehicle, VehicleParams
+
+GRAVITY = 9.81  # [m/s^2]
+END_MARGIN = 10.0  # [m] the route ends this far before the end of the drawn road
+MAX_SPEED_OBS = 60.0  # [m/s] upper bound of the speed observation
+PRIVILEGED_BOUND = 1e3  # bound of the privileged feature observation
+RENDER_SIZE = (240, 320)  # (H, W) [px] of the chase-camera view
+REWARD_WEIGHTS = {  # reward = progress [m] minus these named penalties per control step
+    "offset": 0.5,  # [1/m] x offset^2
+    "heading": 2.0,  # [1/rad^2] x heading_error^2
+    "steering_rate": 0.5,  # per unit |delta steering command|
+    "departure": 5.0,  # once per lane departure event
+    "off_road": 50.0,  # once, when the episode terminates off the road
+}
+
+
+@dataclass
+class LaneKeepConfig:
+    """Everything that defines a LaneKeep environment. Every field is a ``gym.make`` keyword."""
+
+    track: int | str | dict | None = None
+    """The route: a procedural-track seed, a path to a JSON track spec, or a spec dict.
+    None draws a procedural track of ``split`` with ``np_random`` at every reset."""
+    split: str = "train"
+    """Track split used when ``track`` is None: train, val or test (disjoint seed ranges)."""
+    track_length: float = 400.0
+    """Length of procedural routes [m]."""
+    lane_width: float = 3.7
+    """Lane width of procedural routes [m] (spec files give their own)."""
+    condition: str | tuple[str, ...] = "default"
+    """Visual condition name, or several to draw one per reset with ``np_random``."""
+    speed: float = 10.0
+    """Cruise-control target speed [m/s]."""
+    resolution: tuple[int, int] = (66, 200)
+    """Camera image size (H, W) [px]."""
+    cameras: tuple[str, ...] = ("center",)
+    """Cameras rendered each step; the first is ``observation["image"]``, all are in ``info["frames"]``."""
+    fov_deg: float = 45.0
+    """Vertical field of view of the cameras [deg]."""
+    camera_pitch_deg: float = 8.0
+    """Downward pitch of the cameras [deg]."""
+    camera_height: float = 1.4
+    """Mounting height of the cameras above the ground [m]."""
+    physics_hz: int = 240
+    """Physics steps per second."""
+    control_hz: int = 20
+    """Control (action) steps per second; must divide ``physics_hz``."""
+    steer_latency_steps: int = 1
+    """Delay between a steering command and the actuator [control steps]."""
+    max_wheel_angle: float = 0.5
+    """Road-wheel angle at steering command 1 [rad]."""
+    max_steer_rate: float = 1.0
+    """Road-wheel angle rate limit [rad/s]."""
+    departure_threshold: float = 1.0
+    """|lateral offset| beyond which the car has departed its lane [m]."""
+    offroad_threshold: float = 2.5
+    """|lateral offset| that ends the episode (the car has left the lane for good) [m]."""
+    expert: str = controllers.DEFAULT_EXPERT
+    """Control law behind ``info["expert_steering"]``: stanley or pure_pursuit."""
+    privileged: bool = False
+    """Add ``observation["privileged"]``, the lane features the expert drivers read."""
+    longitudinal: bool = False
+    """If true the action is (steering, throttle) and the cruise controller is off."""
+
+    def __post_init__(self):
+        self.resolution = tuple(int(v) for v in self.resolution)
+        self.cameras = tuple(self.cameras.split(",")) if isinstance(self.cameras, str) else tuple(self.cameras)
+        if isinstance(self.condition, list):
+            self.condition = tuple(self.condition)
+        conditions = self.condition if isinstance(self.condition, tuple) else (self.condition,)
+        for name in conditions:
+            if name not in CONDITIONS:
+                raise ValueError(f"condition {name!r} is unknown; choose from {sorted(CONDITIONS)}")
+        if not self.cameras or any(c not in CAMERA_NAMES for c in self.cameras):
+            raise ValueError(f"cameras must be a non-empty subset of {CAMERA_NAMES}, got {self.cameras}")
+        if len(self.resolution) != 2 or min(self.resolution) < 8:
+            raise ValueError(f"resolution must be (H, W) with both >= 8 px, got {self.resolution}")
+        if self.physics_hz <= 0 or self.control_hz <= 0 or self.physics_hz % self.control_hz:
+            raise ValueError(
+                f"control_hz ({self.control_hz}) must be positive and divide physics_hz ({self.physics_hz}), "
+                "e.g. physics_hz=240, control_hz=20")
+        if not 0.0 < self.speed <= 40.0:
+            raise ValueError(f"speed must be in (0, 40] m/s, got {self.speed}")
+        if not 0.0 < self.departure_threshold < self.offroad_threshold:
+            raise ValueError(
+                f"need 0 < departure_threshold ({self.departure_threshold}) < offroad_threshold "
+                f"({self.offroad_threshold})")
+        if self.expert not in controllers.CONTROLLERS:
+            raise ValueError(f"expert must be one of {sorted(controllers.CONTROLLERS)}, got {self.expert!r}")
+        if self.split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {self.split!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def vehicle(self) -> VehicleParams:
+        return VehicleParams(max_wheel_angle=self.max_wheel_angle, max_steer_rate=self.max_steer_rate,
+                             steer_latency_steps=self.steer_latency_steps)
+
+
+def _direct_client() -> bullet_client.BulletClient:
+    """A headless PyBullet client. PyBullet prints ``argv[0]=`` on C-level stdout when it
+    connects; that line is swallowed so commands printing JSON keep a clean stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            return bullet_client.BulletClient(connection_mode=p.DIRECT)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def load_track(track: int | str | dict | Track, *, length: float = 400.0, lane_width: float = 3.7) -> Track:
+    """A Track from a seed, a JSON spec path, a spec dict, or a Track."""
+    if isinstance(track, Track):
+        return track
+    if isinstance(track, (int, np.integer)):
+        return generate_track(int(track), length=length, lane_width=lane_width)
+    if isinstance(track, dict):
+        return Track.from_spec(track)
+    if isinstance(track, (str, Path)):
+        text = str(track)
+        if text.lstrip("-").isdigit():
+            return generate_track(int(text), length=length, lane_width=lane_width)
+        return Track.from_json(text)
+    raise TypeError(f"track must be a seed, a JSON spec path, a spec dict or a Track, got {type(track).__name__}")
+
+
+class LaneKeepEnv(gym.Env):
+    """
+    ## Description
+    A full-size car (PyBullet rigid body, steerable front wheels, 2.7 m wheelbase) drives
+    along a two-lane road at a speed held by cruise control. The policy sees the
+    car-mounted camera and its speed and steers; it must stay centred in the right-hand
+    lane until the end of the route.
+
+    ## Action Space
+    ``Box(-1, 1, (1,), float32)``: normalised steering, + = left. The actuator maps it to a
+    road-wheel angle (``max_wheel_angle`` at 1) with ``steer_latency_steps`` of delay and a
+    rate limit. With ``longitudinal=True`` the action is ``(steering, throttle)``.
+    Out-of-range actions are clipped (``info["action_clipped"]``); NaN or inf raise ValueError.
+
+    ## Observation Space
+    ``Dict(image=Box(0, 255, (H, W, 3), uint8), speed=Box(-5, 60, (1,), float32))`` and,
+    with ``privileged=True``, ``privileged=Box((FEATURE_SIZE,), float32)``: the lane features
+    of :class:`sim.controllers.LaneFeatures` that the expert drivers use.
+
+    ## Rewards
+    Progress along the centre line [m] minus the named penalties in ``REWARD_WEIGHTS``;
+    the terms of each step are in ``info["reward_terms"]``.
+
+    ## Episode End
+    Terminated when |lateral offset| > ``offroad_threshold`` (``info["off_road"]``) or when
+    the car reaches the end of the route (``info["success"]``). Truncated by gymnasium's
+    TimeLimit (``max_episode_steps``, 3000 steps = 150 s by default).
+
+    ## Info
+    Privileged truth: ``lateral_offset`` [m, + left], ``heading_error`` [rad], ``progress``
+    [m], ``curvature`` [1/m], ``speed`` [m/s], ``wheel_angle`` [rad], ``departure`` (this
+    step is beyond ``departure_threshold``), ``departures`` (events so far),
+    ``expert_steering`` (the expert's command for the current state), pose ``x``, ``y``,
+    ``yaw``, ``time`` [s], ``steering`` and ``throttle`` executed, and ``frames`` (all cameras).
+
+    ## Arguments
+    Every field of :class:`LaneKeepConfig` as a keyword, plus ``render_mode`` (``rgb_array``:
+    a chase-camera view). ``reset(options=...)`` accepts ``track`` (seed, spec path, spec dict
+    or Track), ``condition``, ``start_offset`` [m], ``start_heading`` [rad] and ``start_s`` [m].
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(self, render_mode: str | None = None, config: LaneKeepConfig | None = None, **overrides):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        known = {f.name for f in fields(LaneKeepConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown LaneKeep option(s) {unknown}; valid options: {sorted(known)}")
+        self.config = LaneKeepConfig(**{**(asdict(config) if config else {}), **overrides})
+        self.render_mode = render_mode
+        cfg = self.config
+        height, width = cfg.resolution
+        self.dt = 1.0 / cfg.control_hz
+        self.substeps = cfg.physics_hz // cfg.control_hz
+        self.vehicle_params = cfg.vehicle
+        self.camera_specs = [CameraSpec(name=name, height=height, width=width, fov_deg=cfg.fov_deg,
+                                        pitch_deg=cfg.camera_pitch_deg, mount_height=cfg.camera_height)
+                             for name in cfg.cameras]
+        self.expert_law = controllers.CONTROLLERS[cfg.expert]
+        # The centre-line points ahead cost a little per step; only compute them when read.
+        self.needs_lookahead = cfg.privileged or cfg.expert == "pure_pursuit"
+
+        obs_spaces = {
+            "image": spaces.Box(0, 255, (height, width, 3), np.uint8),
+            "speed": spaces.Box(-5.0, MAX_SPEED_OBS, (1,), np.float32),
+        }
+        if cfg.privileged:
+            obs_spaces["privileged"] = spaces.Box(-PRIVILEGED_BOUND, PRIVILEGED_BOUND,
+                                                  (controllers.FEATURE_SIZE,), np.float32)
+        self.observation_space = spaces.Dict(obs_spaces)
+        n_actions = 2 if cfg.longitudinal else 1
+        self.action_space = spaces.Box(-1.0, 1.0, (n_actions,), np.float32)
+
+        self.client = _direct_client()
+        self.track: Track | None = None
+        self.vehicle: Vehicle | None = None
+        self.appearance = None
+        self.world: World | None = None
+        self.route_length = 0.0
+        self.condition = ""
+        self.s = 0.0
+        self.steps = 0
+        self.time = 0.0
+        self.departures = 0
+        self.in_departure = False
+        self.last_command = 0.0
+        self.lane = None
+        self.features: controllers.LaneFeatures | None = None
+        self.frames: dict[str, np.ndarray] = {}
+        self.trail: list[tuple[float, float]] = []
+
+    # ------------------------------------------------------------------ world
+    def _build_world(self, track: Track, condition: str) -> None:
+        """Show ``track`` under ``condition`` and load a fresh car.
+
+        The physics world (ground plane, sky) is created once per environment and road
+        meshes once per distinct track (PyBullet never frees mesh memory); the car is
+        removed and loaded again every reset so no physics state survives an episode.
+        """
+        c = self.client
+        if self.world is None:
+            c.resetSimulation()
+            c.setGravity(0, 0, -GRAVITY)
+            c.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.config.physics_hz, numSubSteps=0,
+                                        deterministicOverlappingPairs=1)
+            self.world = World(c)
+        if self.vehicle is not None:
+            c.removeBody(self.vehicle.body_id)
+        self.world.show(track, json.dumps(track.to_spec(), sort_keys=True), condition)
+        self.world.paint(self.appearance)
+        self.vehicle = Vehicle(c, self.vehicle_params, self.dt)
+        self.track = track
+        self.route_length = max(track.length - END_MARGIN, 1.0)
+
+    def _draw_track(self, options: dict) -> Track:
+        cfg = self.config
+        choice = options.get("track", cfg.track)
+        if choice is None:
+            index = int(self.np_random.integers(0, 100_000))
+            choice = split_seed(cfg.split, index)
+        return load_track(choice, length=cfg.track_length, lane_width=cfg.lane_width)
+
+    def place_car(self, s: float, offset: float = 0.0, heading: float = 0.0, speed: float | None = None) -> None:
+        """Put the car at progress ``s`` [m], ``offset`` [m] left of centre, ``heading`` [rad]
+        relative to the road, rolling at ``speed`` (default: the target speed). Used by
+        ``reset`` and by the intervention wrapper."""
+        assert self.track is not None, "call reset() before place_car()"
+        s = float(np.clip(s, 0.0, self.track.length))
+        x, y = self.track.lateral_points(s, offset)
+        _, _, road_heading = self.track.pose(s)
+        self.vehicle.reset(float(x), float(y), float(road_heading) + heading,
+                           self.config.speed if speed is None else speed)
+        self.s = s
+        self._update_state()
+
+    def kick_heading(self, delta: float) -> None:
+        """Rotate the car (and its velocity) by ``delta`` [rad] about the vertical, in place."""
+        c, body = self.client, self.vehicle.body_id
+        position, orientation = c.getBasePositionAndOrientation(body)
+        linear, angular = c.getBaseVelocity(body)
+        roll, pitch, yaw = c.getEulerFromQuaternion(orientation)
+        cos, sin = math.cos(delta), math.sin(delta)
+        c.resetBasePositionAndOrientation(body, position, c.getQuaternionFromEuler([roll, pitch, yaw + delta]))
+        c.resetBaseVelocity(body, [cos * linear[0] - sin * linear[1], sin * linear[0] + cos * linear[1], linear[2]],
+                            angular)
+        self.vehicle.refresh()
+        self._update_state()
+
+    def shift_lateral(self, delta: float) -> None:
+        """Translate the car ``delta`` [m] sideways (+ = left of the road) keeping its velocity.
+
+        Used by the lateral-push perturbation; the camera frames are refreshed by the next step.
+        """
+        c, body = self.client, self.vehicle.body_id
+        position, orientation = c.getBasePositionAndOrientation(body)
+        heading = self.lane.road_heading
+        moved = [position[0] - delta * math.sin(heading), position[1] + delta * math.cos(heading), position[2]]
+        c.resetBasePositionAndOrientation(body, moved, orientation)
+        self.vehicle.refresh()
+        self._update_state(render_cameras=False)
+
+    def current_observation(self) -> dict:
+        """The observation of the current state (after the car was moved by a wrapper)."""
+        return self._observation()
+
+    # ------------------------------------------------------------------ API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = dict(options or {})
+        known = {"track", "condition", "start_offset", "start_heading", "start_s"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; valid options: {sorted(known)}")
+        track = self._draw_track(options)
+        condition = options.get("condition", self.config.condition)
+        if isinstance(condition, (tuple, list)):
+            condition = str(condition[int(self.np_random.integers(len(condition)))])
+        self.condition = condition
+        self.appearance = draw_appearance(condition, self.np_random)
+        self._build_world(track, condition)
+
+        self.steps = 0
+        self.time = 0.0
+        self.departures = 0
+        self.in_departure = False
+        self.last_command = 0.0
+        self.trail = []
+        self.place_car(float(options.get("start_s", 0.0)), float(options.get("start_offset", 0.0)),
+                       float(options.get("start_heading", 0.0)))
+        self.in_departure = abs(self.lane.offset) > self.config.departure_threshold
+        return self._observation(), self._info(steering=0.0, throttle=0.0, clipped=False, terms={})
+
+    def step(self, action):
+        assert self.track is not None, "call reset() before step()"
+        action = np.asarray(action, dtype=np.float64).reshape(-1)
+        if action.shape != self.action_space.shape:
+            raise ValueError(f"action must have shape {self.action_space.shape}, got {action.shape}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError(f"action must be finite, got {action.tolist()} (check the policy's output for NaN/inf)")
+        clipped = bool(np.any(np.abs(action) > 1.0))
+        action = np.clip(action, -1.0, 1.0)
+        steering = float(action[0])
+
+        vehicle = self.vehicle
+        vehicle.apply(steering, None if self.config.longitudinal else self.config.speed)
+        if self.config.longitudinal:
+            vehicle.set_throttle(float(action[1]))
+        vehicle.step_physics(self.substeps)
+        self.steps += 1
+        self.time = self.steps * self.dt
+        previous_s = self.s
+        self._update_state()
+
+        lane = self.lane
+        departure_now = abs(lane.offset) > self.config.departure_threshold
+        new_departure = departure_now and not self.in_departure
+        self.in_departure = departure_now
+        self.departures += int(new_departure)
+        off_road = abs(lane.offset) > self.config.offroad_threshold
+        success = (not off_road) and self.s >= self.route_length
+
+        w = REWARD_WEIGHTS
+        terms = {
+            "progress": self.s - previous_s,
+            "offset": -w["offset"] * lane.offset ** 2,
+            "heading": -w["heading"] * lane.heading_error ** 2,
+            "steering_rate": -w["steering_rate"] * abs(steering - self.last_command),
+            "departure": -w["departure"] * float(new_departure),
+            "off_road": -w["off_road"] * float(off_road),
+        }
+        self.last_command = steering
+        info = self._info(steering=steering, throttle=vehicle.throttle, clipped=clipped, terms=terms)
+        info["off_road"] = off_road
+        info["success"] = success
+        return self._observation(), float(sum(terms.values())), bool(off_road or success), False, info
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        height, width = RENDER_SIZE
+        position, _ = self.vehicle.base_state()
+        view, projection = chase_camera_matrices(self.client, position, self.vehicle.pose()[2], width, height)
+        return render(self.client, width, height, view, projection, self.appearance.lighting)
+
+    def top_down(self, size: int = 320) -> np.ndarray:
+        """A (size, size, 3) uint8 map of the route, the car and its trail (for videos and plots)."""
+        from steerloop.sim.topdown import draw_top_down
+
+        return draw_top_down(self.track, self.vehicle.pose(), self.trail, self.vehicle_params, size=size)
+
+    def close(self):
+        if getattr(self, "client", None) is not None:
+            self.client.disconnect()
+            self.client = None
+
+    # ------------------------------------------------------------------ internals
+    def _update_state(self, render_cameras: bool = True) -> None:
+        """Project the car onto the track, compute the expert's lane features, render."""
+        track, params = self.track, self.vehicle_params
+        x, y, yaw = self.vehicle.pose()
+        self.lane = track.lane_state(x, y, yaw, s_hint=self.s)
+        self.s = self.lane.s
+        half = params.wheelbase / 2
+        c, s_ = math.cos(yaw), math.sin(yaw)
+        front = track.lane_state(x + half * c, y + half * s_, yaw, s_hint=self.s + half)
+        lookahead = None
+        if self.needs_lookahead:
+            rear = track.lane_state(x - half * c, y - half * s_, yaw, s_hint=max(self.s - half, 0.0))
+            px, py, _ = track.pose(rear.s + controllers.LOOKAHEAD_DISTANCES)
+            dx, dy = px - (x - half * c), py - (y - half * s_)
+            lookahead = np.stack([c * dx + s_ * dy, -s_ * dx + c * dy], axis=1)
+        self.features = controllers.LaneFeatures(
+            offset=self.lane.offset, heading_error=self.lane.heading_error, front_offset=front.offset,
+            front_heading_error=front.heading_error, front_curvature=front.curvature,
+            speed=self.vehicle.forward_speed(), wheel_angle=self.vehicle.wheel_angle, lookahead=lookahead)
+        self.trail.append((x, y))
+        if render_cameras:
+            self._render_cameras()
+
+    def _render_cameras(self) -> None:
+        position, orientation = self.vehicle.base_state()
+        lighting = self.appearance.lighting
+        self.frames = {}
+        for spec in self.camera_specs:
+            view, projection = body_camera_matrices(self.client, spec, position, orientation,
+                                                    self.vehicle_params.wheel_radius)
+            self.frames[spec.name] = render(self.client, spec.width, spec.height, view, projection, lighting)
+
+    def expert_command(self, target_offset: float = 0.0) -> float:
+        """The expert's normalised steering for the current state (towards ``target_offset``)."""
+        params = self.vehicle_params
+        return self.expert_law(self.features, params.wheelbase, params.max_wheel_angle, target_offset)
+
+    def _observation(self) -> dict:
+        obs = {
+            "image": self.frames[self.camera_specs[0].name],
+            "speed": np.array([min(max(self.features.speed, -5.0), MAX_SPEED_OBS)], dtype=np.float32),
+        }
+        if self.config.privileged:
+            obs["privileged"] = np.clip(self.features.to_array(), -PRIVILEGED_BOUND, PRIVILEGED_BOUND)
+        return obs
+
+    def _info(self, *, steering: float, throttle: float, clipped: bool, terms: dict) -> dict[str, Any]:
+        x, y, yaw = self.vehicle.pose()
+        lane = self.lane
+        return {
+            "lateral_offset": lane.offset,
+            "heading_error": lane.heading_error,
+            "progress": self.s,
+            "route_length": self.route_length,
+            "curvature": lane.curvature,
+            "speed": self.features.speed,
+            "wheel_angle": self.vehicle.wheel_angle,
+            "departure": abs(lane.offset) > self.config.departure_threshold,
+            "departures": self.departures,
+            "expert_steering": self.expert_command(),
+            "steering": steering,
+            "throttle": throttle,
+            "action_clipped": clipped,
+            "x": x, "y": y, "yaw": yaw,
+            "time": self.time,
+            "track": self.track.name,
+            "condition": self.condition,
+            "frames": self.frames,
+            "reward_terms": terms,
+            "off_road": False,
+            "success": False,
+        }
+

@@ -1,0 +1,126 @@
+"""DAgger (Ross, Gordon and Bagnell 2011): let the learner drive, ask the expert, retrain.
+
+Each iteration i records ``episodes_per_iter`` episodes on training-suite tracks with the
+mixture policy (expert with probability beta_i, else the current learner), logging the
+expert's label at every visited state in the normal driving-log format; then trains on
+the initial data plus every iteration's data (from scratch or fine-tuned), and scores the
+new checkpoint with ``evaluate_fn`` (closed loop on validation tracks, supplied by the
+command line so this package does not depend on ``evaluation``). Finished iterations are
+recorded in ``OUT/dagger.json``; an interrupted run resumes at the first unfinished one
+(recording and training resume themselves inside an iteration).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from steerloop.agents.checkpoint import load_checkpoint
+from steerloop.agents.mixture import MIXTURE_MODES
+from steerloop.sim.parallel import check_backend
+from steerloop.training.record import RecordConfig, record
+from steerloop.training.train import TrainConfig, train
+
+RETRAIN_MODES = ("scratch", "finetune")
+
+
+@dataclass
+class DaggerConfig:
+    """A DAgger run. Every field is a ``steerloop dagger`` flag."""
+
+    init: str = ""
+    """Behaviour-cloning checkpoint the first iteration's learner starts from."""
+    data: list[str] = field(default_factory=list)
+    """The expert datasets that checkpoint was trained on (kept in every aggregate)."""
+    out: str = "runs/dagger"
+    """Run directory: iter_XX/data, iter_XX/model, dagger.json."""
+    iterations: int = 4
+    """Number of DAgger iterations."""
+    episodes_per_iter: int = 10
+    """Episodes recorded per iteration."""
+    beta_schedule: tuple[float, ...] = (0.5, 0.25, 0.0)
+    """beta per iteration (probability that the expert drives); the last value repeats."""
+    mixture: str = "step"
+    """Flip the expert/learner coin every step or once per episode."""
+    retrain: str = "scratch"
+    """Retrain each iteration from scratch (seeded) or fine-tune the previous learner."""
+    epochs: int = 4
+    """Training epochs per iteration."""
+    workers: int = 1
+    """Recording worker processes (episodes recorded at once)."""
+    backend: str = "local"
+    """Where recording runs: local or ray (same data; not part of the run's identity)."""
+    address: str | None = None
+    """With backend ray: the cluster ("auto" or "HOST:PORT"); None starts a local Ray instance."""
+    seed: int = 0
+    """Seeds recording (per iteration) and training."""
+    track_length: float = 400.0
+    """Length of the procedural training routes [m]."""
+
+    def __post_init__(self):
+        self.beta_schedule = tuple(float(b) for b in self.beta_schedule)
+        if not self.init:
+            raise ValueError("give the behaviour-cloning checkpoint to start from with --init")
+        if not self.data:
+            raise ValueError("give the expert dataset(s) the initial checkpoint was trained on with --data")
+        if self.iterations < 1 or self.episodes_per_iter < 1:
+            raise ValueError(f"--iterations ({self.iterations}) and --episodes-per-iter "
+                             f"({self.episodes_per_iter}) must be >= 1")
+        if not self.beta_schedule or any(not 0.0 <= b <= 1.0 for b in self.beta_schedule):
+            raise ValueError(f"--beta-schedule must be values within [0, 1], got {self.beta_schedule}")
+        if self.mixture not in MIXTURE_MODES:
+            raise ValueError(f"--mixture must be one of {MIXTURE_MODES}, got {self.mixture!r}")
+        if self.retrain not in RETRAIN_MODES:
+            raise ValueError(f"--retrain must be one of {RETRAIN_MODES}, got {self.retrain!r}")
+        check_backend(self.backend, self.address)
+
+    def beta(self, iteration: int) -> float:
+        return self.beta_schedule[min(iteration, len(self.beta_schedule) - 1)]
+
+
+def run_dagger(cfg: DaggerConfig, evaluate_fn: Callable[[str, int], dict] | None = None,
+               progress: bool = True) -> list[dict]:
+    """Run (or resume) DAgger; returns one row per iteration (also saved in dagger.json)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table_path = out / "dagger.json"
+    run_config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+                  if k not in ("backend", "address")}  # where it runs does not change the results
+    state = {"config": run_config, "iterations": []}
+    if table_path.exists():
+        state = json.loads(table_path.read_text())
+        if state["config"] != run_config:
+            raise ValueError(f"{out} holds a DAgger run with a different configuration ({table_path}); "
+                             "use another --out")
+    _, init_config, init_meta = load_checkpoint(cfg.init)
+    training = init_meta.get("training", {})
+    resolution = tuple(json.loads((Path(cfg.data[0]) / "manifest.json").read_text())["resolution"])
+    learner = cfg.init if not state["iterations"] else state["iterations"][-1]["checkpoint"]
+    datasets = list(cfg.data) + [row["data"] for row in state["iterations"]]
+    for i in range(len(state["iterations"]), cfg.iterations):
+        data_dir = out / f"iter_{i:02d}" / "data"
+        recorded = record(RecordConfig(out=str(data_dir), episodes=cfg.episodes_per_iter, suite="train",
+                                       seed=cfg.seed * 1000 + i + 1, track_length=cfg.track_length,
+                                       resolution=resolution,
+                                       workers=cfg.workers, backend=cfg.backend, address=cfg.address,
+                                       learner=learner, beta=cfg.beta(i), mixture=cfg.mixture,
+                                       extra={"dagger_iteration": i, "learner": learner}), progress=progress)
+        datasets.append(str(data_dir))
+        model_dir = out / f"iter_{i:02d}" / "model"
+        train(TrainConfig(data=list(datasets), out=str(model_dir), model=init_config.arch,
+                          seq_len=training.get("seq_len", 0), epochs=cfg.epochs, seed=cfg.seed,
+                          crop_top=init_config.preprocess.crop_top, input_size=tuple(init_config.preprocess.resize),
+                          hidden=init_config.hidden, augment=tuple(training.get("augment", ("shift", "jitter"))),
+                          init=learner if cfg.retrain == "finetune" else None), progress_bar=progress)
+        learner = str(model_dir / "best")
+        row = {"iteration": i, "beta": cfg.beta(i), "data": str(data_dir), "frames": recorded["frames"],
+               "aggregate_datasets": len(datasets), "checkpoint": learner,
+               "closed_loop": evaluate_fn(learner, i) if evaluate_fn else {}}
+        state["iterations"].append(row)
+        tmp = table_path.with_name(table_path.name + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.replace(tmp, table_path)
+    return state["iterations"]

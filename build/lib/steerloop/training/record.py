@@ -1,0 +1,238 @@
+"""Record expert driving into a durable driving log (``steerloop record``).
+
+The episode -> (track, condition, seeds) assignment is a pure function of the command's
+arguments (:func:`episode_jobs`), so a dataset's content is identical whatever the number
+of worker processes. Workers simulate; only the parent process writes files, so the
+manifest has a single writer. Completed episodes survive any interruption and a re-run
+of the same command records only the missing ones.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from steerloop.agents.experts import NOISE_KINDS, ExpertPolicy, NoisyExpert
+from steerloop.agents.mixture import MixturePolicy
+from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT
+from steerloop.sim.env import LaneKeepEnv, load_track
+from steerloop.sim.log import DrivingLogWriter, EpisodeBuffer
+from steerloop.sim.parallel import check_backend, connect_ray, run_tasks
+from steerloop.sim.scene import CONDITIONS
+from steerloop.sim.track import SPLIT_SEED_RANGES, split_seed
+
+SUITES = tuple(SPLIT_SEED_RANGES)  # train, val, test
+MAX_EPISODE_STEPS = 3000  # [control steps] safety cap per episode (150 s at 20 Hz)
+
+
+@dataclass
+class RecordConfig:
+    """What to record. Everything here (except ``out``, ``workers``, ``backend``, ``address`` and ``extra``)
+    defines the dataset."""
+
+    out: str = "data/expert"
+    """Dataset directory (created, or resumed when it holds the same recording)."""
+    episodes: int = 20
+    """Number of episodes."""
+    suite: str = "train"
+    """Track split the episodes' procedural tracks come from: train, val or test."""
+    seed: int = 0
+    """Master seed; episode i uses seeds derived from (seed, i)."""
+    track: str | None = None
+    """A JSON track spec path: record every episode on this track instead of the suite's."""
+    track_length: float = 400.0
+    """Length of procedural routes [m]."""
+    noise: float = 0.0
+    """DART noise scale (normalised steering) added to the executed command; 0 = clean expert."""
+    noise_kind: str = "gaussian"
+    """gaussian (i.i.d. per step) or ou (Ornstein-Uhlenbeck, temporally correlated)."""
+    cameras: tuple[str, ...] = ("center",)
+    """Cameras whose frames are stored each step."""
+    conditions: tuple[str, ...] = ("default",)
+    """Visual conditions, assigned to episodes in turn."""
+    resolution: tuple[int, int] = (66, 200)
+    """Camera image size (H, W) [px]."""
+    speed: float = 10.0
+    """Cruise speed [m/s]."""
+    expert: str = DEFAULT_EXPERT
+    """Control law of the expert: stanley or pure_pursuit."""
+    learner: str | None = None
+    """DAgger: a checkpoint that drives when the expert does not (the expert still labels every step)."""
+    beta: float = 1.0
+    """DAgger: probability that the expert drives (with a learner); 1 reproduces plain expert recording."""
+    mixture: str = "step"
+    """DAgger: flip the expert/learner coin every step or once per episode."""
+    workers: int = 1
+    """Episodes recorded at once, each worker with its own simulator (does not change the content)."""
+    backend: str = "local"
+    """Where episodes run: local (worker processes here) or ray (Ray tasks; same content)."""
+    address: str | None = None
+    """With backend ray: the cluster to use ("auto" or "HOST:PORT"); None starts a local Ray instance."""
+    extra: dict = field(default_factory=dict)
+    """Extra metadata stored in the manifest (e.g. who/what produced the data)."""
+
+    def __post_init__(self):
+        self.cameras = tuple(self.cameras)
+        self.conditions = tuple(self.conditions)
+        self.resolution = tuple(int(v) for v in self.resolution)
+        if self.episodes < 1:
+            raise ValueError(f"--episodes must be >= 1, got {self.episodes}")
+        if self.suite not in SUITES:
+            raise ValueError(f"--suite must be one of {SUITES}, got {self.suite!r}")
+        if self.noise < 0:
+            raise ValueError(f"--noise must be >= 0 (normalised steering units), got {self.noise}")
+        if self.noise_kind not in NOISE_KINDS:
+            raise ValueError(f"--noise-kind must be one of {NOISE_KINDS}, got {self.noise_kind!r}")
+        unknown = [c for c in self.conditions if c not in CONDITIONS]
+        if unknown or not self.conditions:
+            raise ValueError(f"--conditions: unknown {unknown}; choose from {sorted(CONDITIONS)}")
+        if self.expert not in CONTROLLERS:
+            raise ValueError(f"--expert must be one of {sorted(CONTROLLERS)}, got {self.expert!r}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        check_backend(self.backend, self.address)
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"--beta must be within [0, 1], got {self.beta}")
+        if self.learner is not None and self.noise > 0:
+            raise ValueError("use either a learner (DAgger) or DART noise, not both")
+
+    def dataset_config(self) -> dict:
+        """The fields that define the dataset's content (compared on resume)."""
+        config = asdict(self)
+        for key in ("out", "workers", "backend", "address", "extra"):
+            config.pop(key)
+        config["cameras"], config["conditions"] = list(self.cameras), list(self.conditions)
+        config["resolution"] = list(self.resolution)
+        if self.track is not None:
+            config["track"] = load_track(self.track).to_spec()
+        return config
+
+
+@dataclass(frozen=True)
+class EpisodeJob:
+    """Everything one worker needs to record episode ``index`` deterministically."""
+
+    index: int
+    track: int | dict
+    condition: str
+    reset_seed: int
+    noise_seed: int
+
+
+def episode_jobs(cfg: RecordConfig) -> list[EpisodeJob]:
+    """The fixed episode -> (track, condition, seeds) assignment of a recording command."""
+    spec = load_track(cfg.track).to_spec() if cfg.track is not None else None
+    jobs = []
+    for index in range(cfg.episodes):
+        rng = np.random.default_rng([cfg.seed, index])
+        track_index = int(rng.integers(0, SPLIT_SEED_RANGES[cfg.suite][1] - SPLIT_SEED_RANGES[cfg.suite][0]))
+        track = spec if spec is not None else split_seed(cfg.suite, track_index)
+        jobs.append(EpisodeJob(index=index, track=track, condition=cfg.conditions[index % len(cfg.conditions)],
+                               reset_seed=int(rng.integers(2**31)), noise_seed=int(rng.integers(2**31))))
+    return jobs
+
+
+_WORKER_ENV: dict = {}
+
+
+def _worker_env(cfg: RecordConfig) -> LaneKeepEnv:
+    """One simulator per process, reused across that process's episodes."""
+    key = (cfg.resolution, cfg.cameras, cfg.speed, cfg.expert, cfg.track_length)
+    if key not in _WORKER_ENV:
+        _WORKER_ENV.clear()
+        _WORKER_ENV[key] = LaneKeepEnv(resolution=cfg.resolution, cameras=cfg.cameras, speed=cfg.speed,
+                                       expert=cfg.expert, privileged=True, track_length=cfg.track_length)
+    return _WORKER_ENV[key]
+
+
+def record_episode(cfg: RecordConfig, job: EpisodeJob) -> tuple[EpisodeJob, EpisodeBuffer, dict]:
+    """Drive the (noisy) expert for one episode and keep every step in memory.
+
+    Step t stores the frames and state the policy acted on, the executed command, the
+    clean expert label for that state, and the throttle the cruise control applied.
+    """
+    env = _worker_env(cfg)
+    expert = ExpertPolicy(cfg.expert, env.vehicle_params)
+    if cfg.learner is not None:
+        policy = MixturePolicy(expert, _worker_learner(cfg.learner), cfg.beta, cfg.mixture, seed=job.noise_seed)
+    elif cfg.noise > 0:
+        policy = NoisyExpert(expert, cfg.noise, cfg.noise_kind, seed=job.noise_seed, dt=env.dt)
+    else:
+        policy = expert
+    obs, info = env.reset(seed=job.reset_seed, options={"track": job.track, "condition": job.condition})
+    buffer = EpisodeBuffer(cfg.cameras)
+    start = np.ones(1, bool)
+    terminated = False
+    steps = 0
+    policy_state = None
+    while not terminated and steps < MAX_EPISODE_STEPS:
+        action, policy_state = policy.predict(obs, state=policy_state, episode_start=start)
+        start = np.zeros(1, bool)
+        frames = {name: info["frames"][name] for name in cfg.cameras}
+        state = {key: info[key] for key in ("speed", "x", "y", "yaw", "lateral_offset", "heading_error", "progress",
+                                            "curvature", "time", "wheel_angle")}
+        label = info["expert_steering"]
+        obs, _, terminated, _, info = env.step(action)
+        buffer.append(frames, steering=float(action[0]), expert_steering=label, throttle=info["throttle"],
+                      perturbation_phase=info.get("perturbation_phase", 0), **state)
+        steps += 1
+    attrs = {"episode": job.index, "track": env.track.name, "track_spec": env.track.to_spec(),
+             "condition": job.condition, "seed": job.reset_seed, "noise_seed": job.noise_seed,
+             "success": bool(info["success"]), "off_road": bool(info["off_road"])}
+    return job, buffer, attrs
+
+
+_WORKER_LEARNER: dict = {}
+
+
+def _worker_learner(path: str):
+    """The DAgger learner of this process, loaded once."""
+    if path not in _WORKER_LEARNER:
+        from steerloop.agents import load_policy
+
+        _WORKER_LEARNER.clear()
+        _WORKER_LEARNER[path] = load_policy(path)
+    return _WORKER_LEARNER[path]
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def record(cfg: RecordConfig, progress: bool = True) -> dict:
+    """Record the missing episodes of ``cfg`` into ``cfg.out``; returns a summary."""
+    from tqdm import tqdm
+
+    if cfg.backend == "ray":
+        connect_ray(cfg.address, num_cpus=cfg.workers)  # an unreachable cluster fails before any file is made
+    writer = DrivingLogWriter(cfg.out, config=cfg.dataset_config(), cameras=cfg.cameras, resolution=cfg.resolution,
+                              suite=cfg.suite if cfg.track is None else None,
+                              seeds={"seed": cfg.seed}, extra={"expert": {"law": cfg.expert}, **cfg.extra})
+    done = writer.completed()
+    jobs = [job for job in episode_jobs(cfg) if job.index not in done]
+    bar = tqdm(total=cfg.episodes, initial=cfg.episodes - len(jobs), unit="ep", desc=f"record {cfg.out}",
+               disable=not progress, dynamic_ncols=True)
+    frames = 0
+    started = time.perf_counter()
+
+    def finish(result) -> None:
+        nonlocal frames
+        job, buffer, attrs = result
+        writer.write_episode(job.index, buffer, attrs)
+        frames += len(buffer)
+        bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - started):.0f}")
+        bar.update(1)
+
+    try:
+        run_tasks(record_episode, [(cfg, job) for job in jobs], finish, workers=cfg.workers, backend=cfg.backend,
+                  address=cfg.address, initializer=_init_worker)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    return {"out": os.fspath(cfg.out), "episodes_recorded": len(jobs), "episodes_total": cfg.episodes,
+            "frames": frames, "seconds": elapsed, "frames_per_s": frames / elapsed if elapsed > 0 else 0.0}

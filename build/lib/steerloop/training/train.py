@@ -1,0 +1,327 @@
+"""Behaviour cloning from driving logs (``steerloop train``), in one pass:
+config -> seeding -> data -> model -> loop -> checkpoint.
+
+Determinism and resumption: everything random in epoch ``e`` (window order, augmentation,
+dropout) is drawn from generators seeded with ``(seed, e)``, and the full trainer state
+(weights, AdamW moments, step, best score) is saved at the end of every epoch. A resumed
+run therefore ends with exactly the weights of an uninterrupted one (same seed, same
+thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from steerloop.agents.checkpoint import load_checkpoint, save_checkpoint
+from steerloop.agents.models import ARCHS, ModelConfig, build_model, count_parameters
+from steerloop.agents.preprocess import PreprocessConfig
+from steerloop.sim.camera import CameraSpec
+from steerloop.training.data import AUGMENTATIONS, BatchMaker, load_episodes, manifest_id, split_episodes, windows
+
+STATE_DIR = "trainer_state"  # inside the output directory: resumable optimiser state
+
+
+@dataclass
+class TrainConfig:
+    """Behaviour-cloning run. Every field is a ``steerloop train`` flag."""
+
+    data: list[str] = field(default_factory=list)
+    """Driving-log directories to train on (episodes of all of them are pooled)."""
+    out: str = "runs/model"
+    """Output directory: ``best/`` and ``last/`` checkpoints, ``trainer_state/``, ``tb/``."""
+    model: str = "cnn-lstm"
+    """Architecture: pilotnet, cnn-lstm or conv3d-lstm."""
+    seq_len: int = 0
+    """Window length T in steps; 0 picks 1 for pilotnet and 16 for recurrent models."""
+    epochs: int = 4
+    """Maximum number of epochs (early stopping may end sooner)."""
+    batch_frames: int = 128
+    """Frames per optimiser step; the batch holds batch_frames // seq_len windows."""
+    camera: str = "center"
+    """center, or all (use the left/right cameras with corrective labels too)."""
+    augment: tuple[str, ...] = ("shift", "jitter")
+    """Augmentations: side (needs --camera all), shift (viewpoint shift + rotation), jitter (photometric)."""
+    val_fraction: float = 0.2
+    """Fraction of episodes held out for validation (split by episode, never by frame)."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    warmup_steps: int = 50
+    """Linear learning-rate warmup steps, then cosine decay to lr/20."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping."""
+    patience: int = 3
+    """Stop after this many epochs without a better validation loss."""
+    seed: int = 0
+    """Seeds the split, the initial weights and every epoch's randomness."""
+    threads: int = 2
+    """torch intra-op threads (recorded: results are bit-identical only for the same count)."""
+    hidden: int = 64
+    """LSTM hidden size (recurrent models)."""
+    crop_top: int = 20
+    """Rows removed from the top of the camera frame (sky) before resizing."""
+    input_size: tuple[int, int] = (66, 200)
+    """Network input (h, w) after cropping and resizing."""
+    init: str | None = None
+    """Start from this checkpoint's weights (fine-tuning); its architecture must match."""
+
+    def __post_init__(self):
+        self.augment = tuple(a for a in self.augment if a)
+        self.input_size = tuple(int(v) for v in self.input_size)
+        if not self.data:
+            raise ValueError("give at least one dataset with --data DIR")
+        if self.model not in ARCHS:
+            raise ValueError(f"--model must be one of {ARCHS}, got {self.model!r}")
+        if self.seq_len == 0:
+            self.seq_len = 1 if self.model == "pilotnet" else 16
+        if self.seq_len < 1 or self.batch_frames < self.seq_len:
+            raise ValueError(f"need 1 <= --seq-len ({self.seq_len}) <= --batch-frames ({self.batch_frames})")
+        if self.camera not in ("center", "all"):
+            raise ValueError(f"--camera must be center or all, got {self.camera!r}")
+        unknown = [a for a in self.augment if a not in AUGMENTATIONS]
+        if unknown:
+            raise ValueError(f"--augment: unknown {unknown}; choose from {AUGMENTATIONS}")
+        if "side" in self.augment and self.camera != "all":
+            raise ValueError("--augment side needs the side cameras: add --camera all")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        return ("center", "left", "right") if self.camera == "all" else ("center",)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(arch=self.model, hidden=self.hidden,
+                           preprocess=PreprocessConfig(crop_top=self.crop_top, resize=self.input_size))
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay from lr to lr/20."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min((step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), 1.0)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate_windows(model, make_batch, val_windows: np.ndarray, batch_windows: int) -> dict:
+    """Validation loss and steering RMSE on un-augmented windows, beside the all-zeros RMSE."""
+    model.eval()
+    sq_err, sq_zero, n, loss_sum, batches = 0.0, 0.0, 0, 0.0, 0
+    for i in range(0, len(val_windows), batch_windows):
+        batch = make_batch(val_windows[i:i + batch_windows])
+        loss, metrics = model(batch)  # no mask: steering_mse is the mean over every frame of the batch
+        sq_err += metrics["steering_mse"] * batch["steering"].numel()
+        sq_zero += float((batch["steering"] ** 2).sum())
+        n += batch["steering"].numel()
+        loss_sum += float(loss)
+        batches += 1
+    model.train()
+    return {"val_loss": loss_sum / max(batches, 1), "val_rmse": math.sqrt(sq_err / max(n, 1)),
+            "zeros_rmse": math.sqrt(sq_zero / max(n, 1))}
+
+
+def prefetch(batches, depth: int = 2):
+    """Yield from the generator ``batches`` while a background thread builds the next ones.
+
+    OpenCV and torch release the GIL, so cutting, augmenting and preprocessing the next
+    batch overlaps with the current optimiser step. One producer consumes the generator in
+    order, so batches (and the random draws inside them) are exactly those of a serial loop.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in batches:
+                if stop.is_set():
+                    return
+                items.put(item)
+            items.put(done)
+        except BaseException as error:  # handed to the consumer, raised there
+            items.put(error)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+def _save_state(out: Path, model, optimizer, progress: dict) -> None:
+    """Weights + AdamW moments as safetensors, counters as JSON (never pickle)."""
+    tmp = out / f"{STATE_DIR}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, param in enumerate(params):
+        for key, value in optimizer.state.get(param, {}).items():
+            tensors[f"optim.{i}.{key}"] = value.contiguous() if torch.is_tensor(value) else torch.tensor(value)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "progress.json").write_text(json.dumps(progress, indent=1, sort_keys=True))
+    final = out / STATE_DIR
+    if final.exists():
+        old = out / f"{STATE_DIR}.old"
+        final.rename(old)
+        tmp.rename(final)
+        for child in old.iterdir():
+            child.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(final)
+
+
+def _load_state(out: Path, model, optimizer) -> dict:
+    tensors = load_file(str(out / STATE_DIR / "state.safetensors"))
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, param in enumerate(params):
+        keys = [k for k in tensors if k.startswith(f"optim.{i}.")]
+        if keys:
+            optimizer.state[param] = {k.split(".", 2)[2]: tensors[k] for k in keys}
+    return json.loads((out / STATE_DIR / "progress.json").read_text())
+
+
+def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
+    """Train one model; returns the best checkpoint's validation metrics."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    run_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    config_file = out / "train_config.json"
+    if config_file.exists():
+        previous = json.loads(config_file.read_text())
+        if previous != run_config:
+            raise ValueError(f"{out} holds a run with a different configuration ({config_file}); "
+                             "use another --out, or delete it to start over")
+
+    # Data: episodes in memory, split by episode.
+    episodes, reference = load_episodes(cfg.data, cfg.cameras)
+    train_eps, val_eps = split_episodes(len(episodes), cfg.val_fraction, cfg.seed)
+    T = cfg.seq_len
+    train_windows = windows(episodes, train_eps, T, stride=max(T // 2, 1))
+    val_windows = windows(episodes, val_eps, T, stride=T)
+    if len(train_windows) == 0 or len(val_windows) == 0:
+        raise ValueError(f"episodes are shorter than --seq-len {T}; record longer episodes or lower it")
+    sim_config = reference["config"]
+    height, width = reference["resolution"]
+    camera_spec = CameraSpec(height=height, width=width, fov_deg=sim_config.get("fov_deg", 45.0),
+                             pitch_deg=sim_config.get("camera_pitch_deg", 8.0),
+                             mount_height=sim_config.get("camera_height", 1.4))
+    model_config = cfg.model_config()
+    out.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(json.dumps(run_config, indent=1, sort_keys=True))  # the data checked out: claim --out
+    make_batch = BatchMaker(episodes, T, model_config.preprocess, camera_spec, cfg.cameras, cfg.augment)
+
+    # Model and optimiser.
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_config)
+    if cfg.init is not None:
+        init_model, init_config, _ = load_checkpoint(cfg.init)
+        if init_config.to_dict() != model_config.to_dict():
+            raise ValueError(f"--init {cfg.init} is a {init_config.arch} with a different configuration than "
+                             f"the {cfg.model} being trained; fine-tune only from the same architecture and inputs")
+        model.load_state_dict(init_model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch_windows = max(cfg.batch_frames // T, 1)
+    steps_per_epoch = math.ceil(len(train_windows) / batch_windows)
+    total_steps = steps_per_epoch * cfg.epochs
+    progress = {"epoch": 0, "step": 0, "best_val_loss": float("inf"), "best_epoch": -1, "history": []}
+    if (out / STATE_DIR / "progress.json").exists():
+        progress = _load_state(out, model, optimizer)
+    data_id = manifest_id(cfg.data)
+    meta = {"training": run_config, "data_manifest_id": data_id, "git_revision": git_revision(),
+            "seed": cfg.seed, "threads": cfg.threads, "train_episodes": len(train_eps), "val_episodes": len(val_eps)}
+
+    writer = SummaryWriter(str(out / "tb"))
+    model.train()
+    epochs_without_improvement = progress["epoch"] - 1 - progress["best_epoch"] if progress["best_epoch"] >= 0 else 0
+    started = time.perf_counter()
+    try:
+        for epoch in range(progress["epoch"], cfg.epochs):
+            if epochs_without_improvement >= cfg.patience:
+                break
+            rng = np.random.default_rng([cfg.seed, epoch])
+            torch.manual_seed(cfg.seed * 100_003 + epoch)
+            order = train_windows[rng.permutation(len(train_windows))]
+            batches = prefetch(make_batch(order[i * batch_windows:(i + 1) * batch_windows], rng)
+                               for i in range(steps_per_epoch))
+            bar = tqdm(batches, total=steps_per_epoch, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
+                       unit="step", disable=not progress_bar, dynamic_ncols=True)
+            for batch in bar:
+                lr = lr_at(progress["step"], total_steps, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss, metrics = model(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                optimizer.step()
+                progress["step"] += 1
+                if progress["step"] % 10 == 0:
+                    writer.add_scalar("train/loss", metrics["loss"], progress["step"])
+                    writer.add_scalar("train/lr", lr, progress["step"])
+                    writer.add_scalar("train/grad_norm", grad_norm, progress["step"])
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.1e}")
+            bar.close()
+            scores = evaluate_windows(model, make_batch, val_windows, batch_windows)
+            for key, value in scores.items():
+                writer.add_scalar(f"val/{key}", value, epoch + 1)
+            improved = scores["val_loss"] < progress["best_val_loss"]
+            progress["history"].append({"epoch": epoch + 1, **scores})
+            progress["epoch"] = epoch + 1
+            checkpoint_meta = {**meta, "epoch": epoch + 1, "metrics": scores}
+            save_checkpoint(out / "last", model, model_config, checkpoint_meta)
+            if improved:
+                progress["best_val_loss"] = scores["val_loss"]
+                progress["best_epoch"] = epoch
+                save_checkpoint(out / "best", model, model_config, checkpoint_meta)
+                epochs_without_improvement = 0
+            else:
+                epochs_without_improvement += 1
+            _save_state(out, model, optimizer, progress)
+            if progress_bar:
+                print(f"epoch {epoch + 1}: val_loss {scores['val_loss']:.5f}  val_rmse {scores['val_rmse']:.4f}  "
+                      f"(all-zeros {scores['zeros_rmse']:.4f})" + ("  *best" if improved else ""))
+    finally:
+        writer.close()
+    _, _, best_meta = load_checkpoint(out / "best")
+    return {"out": str(out), "params": count_parameters(model), "seconds": time.perf_counter() - started,
+            "epochs_run": progress["epoch"], **best_meta["metrics"]}
