@@ -97,7 +97,7 @@ def test_preprocess_config_validation_and_round_trip():
     with pytest.raises(ValueError, match="resize"):
         PreprocessConfig(resize=(4, 200))
     assert PreprocessConfig.from_dict(json.loads(json.dumps(SMALL.to_dict()))) == SMALL
-    with pytest.raises(ValueError, match=r"unknown preprocess config keys \['crop_left'\]"):
+    with pytest.raises(ValueError, match=r"preprocess config: unknown key 'crop_left'"):
         PreprocessConfig.from_dict({**SMALL.to_dict(), "crop_left": 3})
 
 
@@ -107,7 +107,7 @@ def test_preprocess_config_validation_and_round_trip():
 def test_model_config_round_trip_and_rejections():
     cfg = small_config("conv3d-lstm", frame_stack=3)
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ValueError, match=r"unknown model config keys \['hiden'\]"):
+    with pytest.raises(ValueError, match=r"unknown key 'hiden' \(did you mean 'hidden'\?\)"):
         ModelConfig.from_dict({**cfg.to_dict(), "hiden": 3})
     with pytest.raises(ValueError, match=r"unknown arch 'transformer'.*pilotnet"):
         ModelConfig.from_dict({**cfg.to_dict(), "arch": "transformer"})
