@@ -12,8 +12,11 @@ def test_bench_scale_measures_every_backend_with_identical_results(ray_local):
     for key in ("local_w1_steps_per_s", "local_w2_steps_per_s", "ray_w2_steps_per_s"):
         assert result[key] > 0, key
     assert result["identical_metrics"] is True
-    overhead = 1 - result["ray_w2_steps_per_s"] / result["local_w2_steps_per_s"]
-    assert result["ray_overhead_vs_local_w2"] == pytest.approx(overhead, abs=0.002)
+    ray, local = result["ray_w2_steps_per_s"], result["local_w2_steps_per_s"]
+    # The rates are printed to 0.1 steps/s: on a loaded machine (a few steps/s) that rounding
+    # alone moves the ratio recomputed from them by up to 0.05/local + 0.05*ray/local**2.
+    rounding = 0.05 / local + 0.05 * ray / local**2 + 0.0005
+    assert result["ray_overhead_vs_local_w2"] == pytest.approx(1 - ray / local, abs=rounding)
     assert ray_local.is_initialized()  # an instance it did not start is left running
 
 

@@ -14,12 +14,14 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from steerloop.errors import SteerloopError
 from steerloop.agents.models import ModelConfig, SteeringModel, build_model
 from steerloop.agents.policy import LearnedPolicy
 
@@ -34,7 +36,7 @@ LAYOUT = (f"steerloop checkpoints are directories with {WEIGHTS_FILE} and {CONFI
 MAX_LISTED = 5  # tensor names quoted in a mismatch message
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SteerloopError):
     """A path is not a loadable steerloop checkpoint (the message says why and how to fix it)."""
 
 
@@ -129,8 +131,13 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
     """(model in eval mode, ModelConfig, the other config.json fields) from a checkpoint directory."""
     path = Path(path)
     meta = _read_meta(path)
+    model_meta = meta["model"]
+    missing = sorted({f.name for f in fields(ModelConfig)} - set(model_meta)) if isinstance(model_meta, dict) else []
+    if missing:
+        raise CheckpointError(f"{path / CONFIG_FILE}: the model config lacks {missing}; save_checkpoint writes every "
+                              f"field, so the file was edited or truncated: restore it or re-save the checkpoint")
     try:
-        config = ModelConfig.from_dict(meta["model"])
+        config = ModelConfig.from_dict(model_meta)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: invalid model config: {e}") from None
     model = build_model(config)
@@ -154,6 +161,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
         raise CheckpointError(f"the weights in {path / WEIGHTS_FILE} do not match the model described by "
                               f"{path / CONFIG_FILE} (arch={config.arch!r}): {'; '.join(problems)}. The config "
                               f"was edited or the files come from different models; re-save with save_checkpoint")
+    non_finite = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if non_finite:
+        raise CheckpointError(f"{path / WEIGHTS_FILE}: tensor(s) {_first(non_finite)} hold NaN or inf values (training "
+                              f"diverged, or the file is damaged): use an earlier checkpoint or retrain")
     model.load_state_dict(tensors, strict=True)
     model.to(device).eval()
     return model, config, {k: v for k, v in meta.items() if k != "model"}

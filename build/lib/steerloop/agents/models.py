@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steerloop.agents.preprocess import PreprocessConfig
+from steerloop.errors import SteerloopError, check_keys, suggest
 
 ARCHS = ("pilotnet", "cnn-lstm", "conv3d-lstm")
 
@@ -94,12 +95,10 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         if not isinstance(d, dict):
             raise ValueError(f"model config must be a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known keys are {sorted(known)}")
+        check_keys(d, [f.name for f in fields(cls)], "model config")
         if "arch" in d and d["arch"] not in ARCHS:
-            raise ValueError(f"unknown arch {d['arch']!r}; choose one of {ARCHS}")
+            raise SteerloopError(f"model config: unknown arch {d['arch']!r}{suggest(str(d['arch']), ARCHS)}; "
+                                 f"choose one of {ARCHS}")
         d = dict(d)
         if "preprocess" in d:
             d["preprocess"] = PreprocessConfig.from_dict(d["preprocess"])

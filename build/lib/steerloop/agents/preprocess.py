@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, fields
 import cv2
 import numpy as np
 
+from steerloop.errors import check_keys
+
 COLOUR_SPACES = ("yuv", "rgb")
 MIN_ROWS = 8  # [px] rows that must remain after cropping
 MIN_SIZE = 8  # [px] smallest network input height/width
@@ -61,10 +63,7 @@ class PreprocessConfig:
     def from_dict(cls, d: dict) -> PreprocessConfig:
         if not isinstance(d, dict):
             raise ValueError(f"preprocess config must be a dict, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown preprocess config keys {unknown}; known keys are "
-                             f"{sorted(f.name for f in fields(cls))}")
+        check_keys(d, [f.name for f in fields(cls)], "preprocess config")
         d = dict(d)
         if "resize" in d and isinstance(d["resize"], list):
             d["resize"] = tuple(d["resize"])

@@ -10,12 +10,80 @@ from pathlib import Path
 import numpy as np
 
 
+MIN_RESOLUTION, MAX_RESOLUTION = 8, 1024  # [px] per side of a camera image
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # user errors (bad flags, files, names) / Ctrl-C or SIGTERM
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``steerloop evaluate: argument --workers: ...`` (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _resolution(text: str) -> tuple[int, int]:
     try:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"resolution must look like 66x200 (HxW), got {text!r}") from None
+    if not (MIN_RESOLUTION <= height <= MAX_RESOLUTION and MIN_RESOLUTION <= width <= MAX_RESOLUTION):
+        raise argparse.ArgumentTypeError(f"resolution {height}x{width} is out of range: each side must be "
+                                         f"{MIN_RESOLUTION}..{MAX_RESOLUTION} px (e.g. 66x200)")
     return height, width
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0)
+
+
+def _out_dir(text: str) -> str:
+    """An output directory: not empty, not an existing file, not under a file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a directory, got an empty string")
+    path = Path(text)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == path else f"is under {parent}, which is a file"
+            raise argparse.ArgumentTypeError(f"{text} {where}; give a directory path")
+    return text
+
+
+def _out_file(text: str) -> str:
+    """An output file: not empty, not a directory, not under a file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a file, got an empty string")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name such as {path / 'offline.json'}")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is under {parent}, which is a file; give a path in a directory")
+    return text
+
+
+def _video_file(text: str) -> str:
+    """A video file to write (MP4): not a directory, not empty."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name an .mp4 file, got an empty string")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name such as {Path(text) / 'drive.mp4'}")
+    if Path(text).suffix.lower() != ".mp4":
+        raise argparse.ArgumentTypeError(f"{text}: videos are written as MP4; give a name ending in .mp4")
+    return text
 
 
 def _print_summary(metrics: dict) -> None:
@@ -53,7 +121,9 @@ def cmd_drive(args) -> int:
     summary = {"policy": args.policy, "track": episode.info["track"], "condition": episode.info["condition"],
                **episode.metrics, "off_road": episode.off_road, "truncated": episode.truncated}
     if args.json:
-        print(json.dumps(summary, sort_keys=True))
+        from steerloop.evaluation.runner import json_safe
+
+        print(json.dumps(json_safe(summary), sort_keys=True, allow_nan=False))  # NaN -> null: strict JSON
     else:
         print(f"{args.policy} on {summary['track']} ({summary['condition']})")
         _print_summary(episode.metrics)
@@ -270,9 +340,6 @@ def cmd_study(args) -> int:
     from steerloop.evaluation.study import StudyError, load_study, run_study
     from steerloop.sim.log import LogError
 
-    if args.workers < 1:
-        print(f"steerloop study: --workers must be >= 1, got {args.workers}", file=sys.stderr)
-        return 2
     try:
         cfg = load_study(args.config)
         run_study(cfg, args.out, workers=args.workers, progress=not args.quiet, backend=args.backend,
@@ -301,7 +368,7 @@ def cmd_regress(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="steerloop", description=__doc__)
+    parser = _Parser(prog="steerloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     drive = sub.add_parser("drive", help="drive one episode and print its drift summary")
@@ -311,13 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     drive.add_argument("--speed", type=float, default=10.0, help="cruise speed [m/s]")
     drive.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
     drive.add_argument("--seed", type=int, default=0, help="reset seed (appearance draws)")
-    drive.add_argument("--video", default=None, help="write an MP4 of the camera beside the top-down view")
+    drive.add_argument("--video", type=_video_file, default=None, help="write an MP4 of the camera beside the top-down view")
     drive.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     drive.set_defaults(func=cmd_drive)
 
     rec = sub.add_parser("record", help="record expert driving into a driving log (resumable)")
-    rec.add_argument("--out", required=True, help="dataset directory")
-    rec.add_argument("--episodes", type=int, default=20, help="number of episodes (default 20)")
+    rec.add_argument("--out", type=_out_dir, required=True, help="dataset directory")
+    rec.add_argument("--episodes", type=_positive, default=20, help="number of episodes (default 20)")
     rec.add_argument("--suite", default="train", help="track split: train, val or test (default train)")
     rec.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
     rec.add_argument("--track", default=None, help="record on this JSON track spec instead of the suite's tracks")
@@ -329,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
     rec.add_argument("--speed", type=float, default=10.0, help="cruise speed [m/s]")
     rec.add_argument("--expert", default="stanley", help="expert law: stanley or pure_pursuit")
-    rec.add_argument("--workers", type=int, default=1, help="worker processes (content does not depend on it)")
+    rec.add_argument("--workers", type=_positive, default=1, help="worker processes (content does not depend on it)")
     rec.add_argument("--learner", default=None, help="DAgger: checkpoint that drives when the expert does not")
     rec.add_argument("--beta", type=float, default=1.0, help="DAgger: probability that the expert drives")
     rec.add_argument("--mixture", default="step", help="DAgger: flip the expert/learner coin per step or episode")
@@ -340,43 +407,43 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="behaviour cloning from driving logs (resumable)")
     tr.add_argument("--data", action="append", required=True, help="dataset directory (repeat for several)")
     tr.add_argument("--model", default="cnn-lstm", help="pilotnet, cnn-lstm or conv3d-lstm")
-    tr.add_argument("--out", required=True, help="output directory (checkpoints best/ and last/)")
-    tr.add_argument("--seq-len", type=int, default=0, help="window length T (default 1 for pilotnet, 16 otherwise)")
-    tr.add_argument("--epochs", type=int, default=4, help="maximum epochs (default 4)")
-    tr.add_argument("--batch-frames", type=int, default=128, help="frames per optimiser step (default 128)")
+    tr.add_argument("--out", type=_out_dir, required=True, help="output directory (checkpoints best/ and last/)")
+    tr.add_argument("--seq-len", type=_non_negative, default=0, help="window length T (default 1 for pilotnet, 16 otherwise)")
+    tr.add_argument("--epochs", type=_positive, default=4, help="maximum epochs (default 4)")
+    tr.add_argument("--batch-frames", type=_positive, default=128, help="frames per optimiser step (default 128)")
     tr.add_argument("--camera", default="center", help="center, or all (side cameras with corrective labels)")
     tr.add_argument("--augment", default="shift,jitter", help="comma-separated: side, shift, jitter ('' for none)")
     tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     tr.add_argument("--seed", type=int, default=0, help="seed (split, init, augmentation)")
-    tr.add_argument("--threads", type=int, default=2, help="torch threads (recorded in the checkpoint)")
+    tr.add_argument("--threads", type=_positive, default=2, help="torch threads (recorded in the checkpoint)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
 
     rl = sub.add_parser("train-rl", help="PPO (stable-baselines3) in closed loop on training tracks (resumable)")
     rl.add_argument("--algo", default="ppo", help="ppo (the only one)")
-    rl.add_argument("--out", required=True, help="run directory (model.zip, checkpoints/)")
-    rl.add_argument("--timesteps", type=int, default=100_000, help="environment steps in total (default 100000)")
-    rl.add_argument("--envs", type=int, default=1, help="parallel environments (SubprocVecEnv; default 1)")
+    rl.add_argument("--out", type=_out_dir, required=True, help="run directory (model.zip, checkpoints/)")
+    rl.add_argument("--timesteps", type=_positive, default=100_000, help="environment steps in total (default 100000)")
+    rl.add_argument("--envs", type=_positive, default=1, help="parallel environments (SubprocVecEnv; default 1)")
     rl.add_argument("--init", default=None, help="behaviour-cloning checkpoint distilled into the policy first")
     rl.add_argument("--recurrent", action="store_true", help="RecurrentPPO (LSTM) from sb3-contrib")
     rl.add_argument("--seed", type=int, default=0, help="seed (PPO, environments, distillation)")
     rl.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
     rl.add_argument("--track-length", type=float, default=200.0, help="procedural route length [m] (default 200)")
-    rl.add_argument("--tracks", type=int, default=100, help="routes come from the first N training tracks")
+    rl.add_argument("--tracks", type=_positive, default=100, help="routes come from the first N training tracks")
     rl.add_argument("--conditions", default="default", help="comma-separated visual conditions")
-    rl.add_argument("--n-steps", type=int, default=512, help="steps per environment between PPO updates")
-    rl.add_argument("--save-every", type=int, default=10_000, help="steps between resumable checkpoints")
-    rl.add_argument("--threads", type=int, default=1, help="torch threads of the learner")
+    rl.add_argument("--n-steps", type=_positive, default=512, help="steps per environment between PPO updates")
+    rl.add_argument("--save-every", type=_positive, default=10_000, help="steps between resumable checkpoints")
+    rl.add_argument("--threads", type=_positive, default=1, help="torch threads of the learner")
     rl.add_argument("--quiet", action="store_true", help="no progress bar")
     rl.set_defaults(func=cmd_train_rl)
 
     ev = sub.add_parser("evaluate", help="closed-loop evaluation of a policy over a scenario suite (resumable)")
     ev.add_argument("--policy", required=True, help="checkpoint directory, expert, expert:LAW or zeros")
     ev.add_argument("--suite", default="test", help="smoke, test, recovery, shift, interventions or a suite JSON")
-    ev.add_argument("--out", required=True, help="results directory")
-    ev.add_argument("--workers", type=int, default=1, help="worker processes (results do not depend on it)")
-    ev.add_argument("--video", type=int, default=0, help="write videos of the first N scenarios")
-    ev.add_argument("--batch", type=int, default=4,  # evaluation.runner.DEFAULT_BATCH (not imported: pybullet)
+    ev.add_argument("--out", type=_out_dir, required=True, help="results directory")
+    ev.add_argument("--workers", type=_positive, default=1, help="worker processes (results do not depend on it)")
+    ev.add_argument("--video", type=_non_negative, default=0, help="write videos of the first N scenarios")
+    ev.add_argument("--batch", type=_positive, default=4,  # evaluation.runner.DEFAULT_BATCH (not imported: pybullet)
                     help="at most this many scenarios stepped in lockstep with batched inference (default 4)")
     ev.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -386,21 +453,21 @@ def build_parser() -> argparse.ArgumentParser:
     off = sub.add_parser("offline", help="offline metrics on held-out logs, beside the all-zeros predictor")
     off.add_argument("--policy", required=True, help="checkpoint directory or zeros")
     off.add_argument("--data", required=True, help="held-out dataset directory")
-    off.add_argument("--out", default=None, help="write the metrics as JSON here")
+    off.add_argument("--out", type=_out_file, default=None, help="write the metrics as JSON here")
     off.set_defaults(func=cmd_offline)
 
     dg = sub.add_parser("dagger", help="DAgger: learner drives, expert labels, retrain on the aggregate (resumable)")
     dg.add_argument("--init", required=True, help="behaviour-cloning checkpoint to start from")
     dg.add_argument("--data", action="append", required=True, help="the expert dataset(s) it was trained on")
-    dg.add_argument("--out", required=True, help="run directory")
-    dg.add_argument("--iterations", type=int, default=4, help="DAgger iterations (default 4)")
-    dg.add_argument("--episodes-per-iter", type=int, default=10, help="episodes recorded per iteration")
+    dg.add_argument("--out", type=_out_dir, required=True, help="run directory")
+    dg.add_argument("--iterations", type=_positive, default=4, help="DAgger iterations (default 4)")
+    dg.add_argument("--episodes-per-iter", type=_positive, default=10, help="episodes recorded per iteration")
     dg.add_argument("--beta-schedule", default="0.5,0.25,0", help="beta per iteration; the last repeats")
     dg.add_argument("--mixture", default="step", help="flip the expert/learner coin per step or per episode")
     dg.add_argument("--retrain", default="scratch", help="scratch or finetune")
-    dg.add_argument("--epochs", type=int, default=4, help="training epochs per iteration")
+    dg.add_argument("--epochs", type=_positive, default=4, help="training epochs per iteration")
     dg.add_argument("--suite", default="val", help="closed-loop suite scored after each iteration (default val)")
-    dg.add_argument("--workers", type=int, default=1, help="worker processes for recording and evaluation")
+    dg.add_argument("--workers", type=_positive, default=1, help="worker processes for recording and evaluation")
     dg.add_argument("--seed", type=int, default=0, help="seed")
     dg.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_backend_args(dg)
@@ -414,9 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--suite", default=None, help="suite name or JSON (default: the baseline results' suite, "
                     "else test)")
     rg.add_argument("--tolerance", default=None, help="per-metric tolerances, a .json or .toml file")
-    rg.add_argument("--out", default=None, help="results directory root (default: the steerloop cache, "
+    rg.add_argument("--out", type=_out_dir, default=None, help="results directory root (default: the steerloop cache, "
                     "$STEERLOOP_CACHE or ~/.cache/steerloop); regress.json is written here")
-    rg.add_argument("--workers", type=int, default=1, help="worker processes (results do not depend on it)")
+    rg.add_argument("--workers", type=_positive, default=1, help="worker processes (results do not depend on it)")
     rg.add_argument("--statistical", action="store_true", help="paired bootstrap over scenarios: fail only on "
                     "a significant degradation beyond tolerance (noisy policies)")
     rg.add_argument("--resolution", type=_resolution, default=None, help="camera HxW (default: the baseline "
@@ -432,38 +499,60 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="throughput benchmarks, measured side by side")
     bench.add_argument("target", choices=["env", "record", "train", "eval", "scale"],
                        help="what to benchmark (scale: evaluation on 1 and 2 local workers and on Ray)")
-    bench.add_argument("--episodes", type=int, default=0, help="record/eval/scale: episodes or scenarios per repeat "
+    bench.add_argument("--episodes", type=_non_negative, default=0, help="record/eval/scale: episodes or scenarios per repeat "
                        "(record 8, eval 20, scale 16)")
-    bench.add_argument("--batch", type=int, default=None, help="eval: scenarios per lockstep group (default: as "
+    bench.add_argument("--batch", type=_positive, default=None, help="eval: scenarios per lockstep group (default: as "
                        "steerloop evaluate)")
     bench.add_argument("--data", default=None, help="train: dataset to read (default: a small fresh recording)")
-    bench.add_argument("--steps", type=int, default=300, help="steps per repeat")
-    bench.add_argument("--repeats", type=int, default=3, help="repeats (the median is reported)")
+    bench.add_argument("--steps", type=_positive, default=300, help="steps per repeat")
+    bench.add_argument("--repeats", type=_positive, default=3, help="repeats (the median is reported)")
     bench.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW")
     bench.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     bench.set_defaults(func=cmd_bench)
 
     st = sub.add_parser("study", help="the offline-vs-closed-loop gap study: record, train, evaluate, report (cached)")
     st.add_argument("--config", required=True, help="study TOML file, or a preset: default, demo")
-    st.add_argument("--out", required=True, help="study directory (stages cached by content, report.md)")
-    st.add_argument("--workers", type=int, default=2, help="worker processes for recording and evaluation")
+    st.add_argument("--out", type=_out_dir, required=True, help="study directory (stages cached by content, report.md)")
+    st.add_argument("--workers", type=_positive, default=2, help="worker processes for recording and evaluation")
     st.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_backend_args(st)
     st.set_defaults(func=cmd_study)
 
     demo = sub.add_parser("demo", help="a small preset of the gap study (about 15 minutes on 2 CPU cores)")
-    demo.add_argument("--out", default="steerloop-demo", help="study directory (default: steerloop-demo)")
-    demo.add_argument("--workers", type=int, default=2, help="worker processes for recording and evaluation")
+    demo.add_argument("--out", type=_out_dir, default="steerloop-demo", help="study directory (default: steerloop-demo)")
+    demo.add_argument("--workers", type=_positive, default=2, help="worker processes for recording and evaluation")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_backend_args(demo)
     demo.set_defaults(func=cmd_study, config="demo")
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """A user-facing error as one line (an OSError names its file and what to check)."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror} (check the path, its permissions and free disk space)"
+    if isinstance(error, RecursionError):
+        return "an input file is nested too deeply to be a steerloop file"
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done, 1 a check failed (validate, regress), 2 a user
+    error (one line on stderr naming the input and the fix), 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(argv)
     np.set_printoptions(precision=4)
-    return args.func(args)
+    from steerloop.errors import SteerloopError
+
+    try:
+        return args.func(args)
+    except (SteerloopError, ValueError, OSError, RecursionError) as error:
+        print(f"steerloop {args.command}: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"steerloop {args.command}: interrupted; completed work is kept: re-run the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

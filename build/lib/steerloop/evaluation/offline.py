@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from steerloop.sim.log import DrivingLog
+from steerloop.sim.log import DrivingLog, LogError
 
 WINDOW = 16  # [steps] window of the cumulative speed-weighted error
 TRE_FRACTION = 0.1  # thresholded relative error: |a - a_hat| > 0.1 |a|
@@ -78,6 +78,9 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
 
     policy = load_policy(policy_name)
     log = DrivingLog(data)
+    if not log.episodes:
+        log.close()
+        raise LogError(f"{data} holds no episodes: record some with `steerloop record --out {data}` first")
     if dt is None:
         dt = 1.0 / float(log.manifest.get("config", {}).get("control_hz", 20))
     predictions, labels, speeds, times, per_episode = [], [], [], [], []

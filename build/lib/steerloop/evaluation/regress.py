@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steerloop.errors import SteerloopError
 from steerloop.evaluation.metrics import bootstrap_ci
 from steerloop.evaluation.runner import DEFAULT_BATCH, RESULTS_SCHEMA_VERSION, ResultsError, evaluate
 from steerloop.evaluation.suites import Scenario, Suite, SuiteError, load_suite
@@ -45,7 +46,7 @@ NEWLY_FAILING = "newly_failing_scenarios"  # tolerance-file key for per-scenario
 _FLOAT_SLACK = 1e-9  # relative; keeps "exactly at the tolerance" from failing on rounding
 
 
-class ToleranceError(ValueError):
+class ToleranceError(SteerloopError):
     """A tolerance file or mapping is malformed; the message names the file and the field."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from gymnasium.wrappers import TimeLimit
 
+from steerloop.errors import SteerloopError
 from steerloop.evaluation.metrics import autonomy_percent, bootstrap_ci, recovery_metrics
 from steerloop.evaluation.rollout import rollout_batch
 from steerloop.evaluation.suites import Scenario, Suite
@@ -209,7 +210,7 @@ def aggregate(scenario_metrics: list[dict], suite: Suite) -> dict:
     return out
 
 
-class ResultsError(ValueError):
+class ResultsError(SteerloopError):
     """The output directory holds a different run, or results cannot be compared."""
 
 

@@ -49,6 +49,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steerloop.errors import SteerloopError
 from steerloop.evaluation.suites import BUILTIN_SUITES, Suite, SuiteError, load_suite
 from steerloop.training.dagger import DaggerConfig
 from steerloop.training.record import RecordConfig
@@ -60,7 +61,7 @@ PRESETS = ("default", "demo")
 KEY_LENGTH = 10  # hex digits of the content hash in stage directory names
 
 
-class StudyError(ValueError):
+class StudyError(SteerloopError):
     """A study file is malformed, or a stage cannot run; the message names the file and the field."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from steerloop.errors import SteerloopError, check_keys, read_json
 from steerloop.sim.env import load_track
 from steerloop.sim.scene import CONDITIONS
 from steerloop.sim.track import TRACKS_DIR, Track, TrackSpecError, split_seed
@@ -139,9 +140,12 @@ def builtin_suite(name: str) -> Suite:
 
 
 BUILTIN_SUITES = ("smoke", "val", "test", "recovery", "shift", "interventions")
+SUITE_KEYS = ("name", "tracks", "conditions", "speed", "interventions", "perturbations", "track_length", "comment",
+              "description")  # the keys of a suite JSON file
+PERTURBATION_KEYS = ("kind", "start_step", "magnitude", "duration")
 
 
-class SuiteError(ValueError):
+class SuiteError(SteerloopError):
     """A user's suite file is malformed; the message names the file and the field."""
 
 
@@ -149,7 +153,8 @@ def _parse_perturbation(item, where: str) -> Perturbation:
     if not isinstance(item, dict):
         raise SuiteError(f"{where}: must be an object like "
                          '{"kind": "lateral_push", "start_step": 60, "magnitude": 0.5, "duration": 25}')
-    missing = [k for k in ("kind", "start_step", "magnitude", "duration") if k not in item]
+    check_keys(item, PERTURBATION_KEYS, where, SuiteError)
+    missing = [k for k in PERTURBATION_KEYS if k not in item]
     if missing:
         raise SuiteError(f"{where}: missing {missing}")
     try:
@@ -165,12 +170,10 @@ def load_suite_file(path: str | Path) -> Suite:
     if not path.is_file():
         raise SuiteError(f"suite file {path} does not exist; give a built-in suite name {BUILTIN_SUITES} "
                          "or the path of a suite JSON file")
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise SuiteError(f"{path}: not valid JSON ({error})") from None
+    spec = read_json(path, "suite", SuiteError)
     if not isinstance(spec, dict):
         raise SuiteError(f"{path}: the suite must be a JSON object")
+    check_keys(spec, SUITE_KEYS, f"suite {path}", SuiteError)
     name = spec.get("name", path.stem)
     tracks = spec.get("tracks")
     if not isinstance(tracks, list) or not tracks:

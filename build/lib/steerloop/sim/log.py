@@ -105,6 +105,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from steerloop.errors import SteerloopError
+
 try:  # advisory locks; unavailable on Windows, where a directory has one writer.
     import fcntl
 except ImportError:  # pragma: no cover - platform dependent
@@ -193,7 +195,7 @@ SERIES = SCALAR_FIELDS
 """Alias of :data:`SCALAR_FIELDS` kept for existing callers."""
 
 
-class LogError(Exception):
+class LogError(SteerloopError):
     """Problem with a driving-log directory or one of its episode files."""
 
 

@@ -21,6 +21,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from typing import Callable, Iterable
 
+from steerloop.errors import SteerloopError
+
 BACKENDS = ("local", "ray")
 RAY_INSTALL_HINT = 'pip install "steerloop[ray]"'
 
@@ -30,7 +32,7 @@ TASKS_PER_WORKER = 50
 CONNECT_TIMEOUT_S = 5.0  # a HOST:PORT that does not accept a TCP connection within this is refused
 
 
-class BackendError(ValueError):
+class BackendError(SteerloopError):
     """A backend cannot be used: unknown name, Ray not installed, or no cluster at the address."""
 
 

@@ -66,6 +66,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from steerloop.errors import MAX_NESTING, SteerloopError, check_keys, nesting_depth, suggest
+
 __all__ = [
     "TRAIN",
     "VAL",
@@ -107,6 +109,9 @@ DEFAULT_LANE_STATE_WINDOW = 25.0  # [m] lane_state with a hint searches at most 
 CLEARANCE_LANE_WIDTHS = 2.0  # [-] default clearance = this * lane_width (two lanes + shoulders)
 SEGMENT_KINDS = ("straight", "arc", "clothoid")
 TRACKS_DIR = Path(__file__).resolve().parent / "tracks"  # shipped example specs
+SPEC_KEYS = ("name", "lane_width", "start", "transition_length", "segments", "comment", "description")
+START_KEYS = ("x", "y", "heading_deg")
+SEGMENT_KEYS = {"straight": ("length",), "arc": ("radius", "angle"), "clothoid": ("length", "k_start", "k_end")}
 
 _CLOTHOID_MAX_SUBSTEP = 1.0  # [m] longest quadrature sub-step on a clothoid
 _CLOTHOID_MAX_SUBSTEP_TURN = 0.1  # [rad] largest heading change over one quadrature sub-step
@@ -158,7 +163,7 @@ def split_seed(split: str, index: int) -> int:
     return lo + index
 
 
-class TrackSpecError(ValueError):
+class TrackSpecError(SteerloopError):
     """Invalid track specification.
 
     The message names the offending field, e.g.
@@ -752,6 +757,7 @@ class Track:
             raise TrackSpecError(
                 f"spec: must be a JSON object with a 'segments' list, got {type(spec).__name__}{where}"
             )
+        check_keys(spec, SPEC_KEYS, f"track spec{where}", TrackSpecError)
         name = spec.get("name", "track")
         if not isinstance(name, str):
             raise TrackSpecError(f"name: must be a string, got {name!r}{where}")
@@ -769,6 +775,7 @@ class Track:
             _spec_number(start, "y", "start.y", where, default=0.0),
             math.radians(_spec_number(start, "heading_deg", "start.heading_deg", where, default=0.0)),
         )
+        check_keys(start, START_KEYS, f"start{where}", TrackSpecError)
 
         if transition_length is None:
             transition_length = _spec_number(
@@ -825,7 +832,10 @@ class Track:
                 f"{', '.join(shipped) or 'none'}"
             )
         try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            if nesting_depth(text) > MAX_NESTING:
+                raise TrackSpecError(f"{path}: nested more than {MAX_NESTING} levels deep; not a track spec")
+            spec = json.loads(text)
         except json.JSONDecodeError as exc:
             raise TrackSpecError(
                 f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
@@ -881,9 +891,10 @@ def _parse_segment(item: Any, i: int, where: str) -> Segment:
     kind = item["type"]
     if kind not in SEGMENT_KINDS:
         raise TrackSpecError(
-            f"{field}.type: unknown segment type {kind!r}; valid types are "
+            f"{field}.type: unknown segment type {kind!r}{suggest(kind, SEGMENT_KINDS)}; valid types are "
             f"{', '.join(repr(k) for k in SEGMENT_KINDS)}{where}"
         )
+    check_keys(item, ("type", *SEGMENT_KEYS[kind]), f"{field} ({kind}){where}", TrackSpecError)
     if kind == "straight":
         length = _spec_number(item, "length", f"{field}.length", where)
         if length <= 0.0:
