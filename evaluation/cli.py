@@ -1,55 +1,30 @@
-"""The ``steerloop`` command line: one entry point composing sim, agents, training and evaluation."""
+"""The ``steerloop`` command line: one entry point composing sim, agents, training and evaluation.
+
+Every option is a field of a config dataclass (the library's ``RecordConfig``,
+``TrainConfig``, ``RLConfig``, ``DaggerConfig``, or one of the ``*Args`` classes below for
+commands that are a single function call); :mod:`steerloop.evaluation.flags` turns the
+fields into flags, so a field added to a config is a flag with no other edit.
+
+Exit codes: 0 done; 1 a check failed (``validate``, ``regress``); 2 a user error (one line
+on stderr naming the input and the fix); 130 interrupted (Ctrl-C), with completed work kept.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from steerloop.evaluation.flags import add_flags, config_from_args
 
-MIN_RESOLUTION, MAX_RESOLUTION = 8, 1024  # [px] per side of a camera image
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # user errors (bad flags, files, names) / Ctrl-C or SIGTERM
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error: ``steerloop evaluate: argument --workers: ...`` (exit 2)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # user errors (bad flags, files, names) / Ctrl-C
 
 
-def _resolution(text: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"resolution must look like 66x200 (HxW), got {text!r}") from None
-    if not (MIN_RESOLUTION <= height <= MAX_RESOLUTION and MIN_RESOLUTION <= width <= MAX_RESOLUTION):
-        raise argparse.ArgumentTypeError(f"resolution {height}x{width} is out of range: each side must be "
-                                         f"{MIN_RESOLUTION}..{MAX_RESOLUTION} px (e.g. 66x200)")
-    return height, width
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-_positive = _int_at_least(1)
-_non_negative = _int_at_least(0)
-
-
+# ------------------------------------------------------------------------------- flag checks
 def _out_dir(text: str) -> str:
     """An output directory: not empty, not an existing file, not under a file."""
     if not text.strip():
@@ -86,6 +61,151 @@ def _video_file(text: str) -> str:
     return text
 
 
+OUT_DIR = {"type": _out_dir}
+REQUIRED_OUT_DIR = {"type": _out_dir, "required": True}
+AT_LEAST_ONE = {"min": 1}
+BACKENDS = {"choices": ("local", "ray")}
+
+
+# ------------------------------------------------------------------- configs of single calls
+@dataclass
+class Progress:
+    quiet: bool = False
+    """No progress bars."""
+
+
+@dataclass
+class Backend:
+    backend: str = field(default="local", metadata={"cli": BACKENDS})
+    """Run episodes/scenarios in local worker processes or as Ray tasks (same results)."""
+    address: str | None = None
+    """With --backend ray: the Ray cluster, 'auto' or HOST:PORT (default: start a local Ray instance with
+    --workers CPUs)."""
+
+
+@dataclass
+class DriveArgs:
+    policy: str = "expert"
+    """The driver: expert, expert:pure_pursuit, zeros, a checkpoint directory or an SB3 .zip."""
+    track: str = "200000"
+    """Procedural track seed or a JSON track spec path."""
+    condition: str = "default"
+    """Visual condition (default, dusk, worn, desert)."""
+    speed: float = 10.0
+    """Cruise speed [m/s]."""
+    resolution: tuple[int, int] = (66, 200)
+    """Camera image size HxW [px]."""
+    seed: int = 0
+    """Reset seed (appearance draws)."""
+    video: str | None = field(default=None, metadata={"cli": {"type": _video_file}})
+    """Write an MP4 of the camera beside the top-down view to this file."""
+    json: bool = False
+    """Print one JSON object instead of a table."""
+
+
+@dataclass
+class EvaluateArgs(Backend, Progress):
+    policy: str = field(default="", metadata={"cli": {"required": True}})
+    """The policy: a checkpoint directory, an SB3 .zip, expert, expert:LAW or zeros."""
+    suite: str = "test"
+    """smoke, val, test, recovery, shift, interventions or a suite JSON file."""
+    out: str = field(default="", metadata={"cli": REQUIRED_OUT_DIR})
+    """Results directory (resumable: finished scenarios are kept)."""
+    workers: int = field(default=1, metadata={"cli": AT_LEAST_ONE})
+    """Worker processes (results do not depend on it)."""
+    video: int = field(default=0, metadata={"cli": {"min": 0}})
+    """Write videos of the first N scenarios."""
+    batch: int = field(default=4, metadata={"cli": AT_LEAST_ONE})  # = evaluation.runner.DEFAULT_BATCH
+    """At most this many scenarios stepped in lockstep with batched inference."""
+    resolution: tuple[int, int] = (66, 200)
+    """Camera image size HxW [px]."""
+
+
+@dataclass
+class OfflineArgs:
+    policy: str = field(default="", metadata={"cli": {"required": True}})
+    """The policy: a checkpoint directory, an SB3 .zip or zeros."""
+    data: str = field(default="", metadata={"cli": {"required": True}})
+    """Held-out driving-log directory."""
+    out: str | None = field(default=None, metadata={"cli": {"type": _out_file}})
+    """Write the metrics as JSON to this file."""
+
+
+@dataclass
+class DaggerArgs(Progress):
+    suite: str = "val"
+    """Closed-loop suite scored after each iteration."""
+
+
+@dataclass
+class RegressArgs(Progress):
+    policy: str = field(default="", metadata={"cli": {"required": True}})
+    """Candidate: a policy (checkpoint directory, .zip, expert, zeros) or a results directory / results.json."""
+    baseline: str = field(default="", metadata={"cli": {"required": True}})
+    """Baseline: a policy or a results directory / results.json."""
+    suite: str | None = None
+    """Suite name or JSON (default: the baseline results' suite, else test)."""
+    tolerance: str | None = None
+    """Per-metric tolerances, a .json or .toml file."""
+    out: str | None = field(default=None, metadata={"cli": OUT_DIR})
+    """Results directory root (default: the steerloop cache, $STEERLOOP_CACHE or ~/.cache/steerloop); regress.json
+    is written here."""
+    workers: int = field(default=1, metadata={"cli": AT_LEAST_ONE})
+    """Worker processes (results do not depend on it)."""
+    statistical: bool = False
+    """Paired bootstrap over scenarios: fail only on a significant degradation beyond tolerance (noisy policies)."""
+    resolution: tuple[int, int] | None = None
+    """Camera image size HxW (default: the baseline results' resolution, else 66x200)."""
+    plots: bool = False
+    """Also write per-scenario plots of evaluated policies."""
+
+
+@dataclass
+class ValidateArgs:
+    path: str = field(default="", metadata={"cli": {"positional": True}})
+    """Driving-log directory."""
+
+
+@dataclass
+class BenchArgs:
+    target: str = field(default="env", metadata={"cli": {"positional": True,
+                                                         "choices": ("env", "record", "train", "eval", "scale")}})
+    """What to benchmark (scale: evaluation on 1 and 2 local workers and on Ray)."""
+    episodes: int = field(default=0, metadata={"cli": {"min": 0}})
+    """record/eval/scale: episodes or scenarios per repeat (0: record 8, eval 20, scale 16)."""
+    batch: int | None = field(default=None, metadata={"cli": AT_LEAST_ONE})
+    """eval: scenarios per lockstep group (default: as steerloop evaluate)."""
+    data: str | None = None
+    """train: dataset to read (default: a small fresh recording)."""
+    steps: int = field(default=300, metadata={"cli": AT_LEAST_ONE})
+    """Steps per repeat."""
+    repeats: int = field(default=3, metadata={"cli": AT_LEAST_ONE})
+    """Repeats (the median is reported)."""
+    resolution: tuple[int, int] = (66, 200)
+    """Camera image size HxW [px]."""
+    json: bool = False
+    """Print one JSON object with every figure."""
+
+
+@dataclass
+class StudyArgs(Backend, Progress):
+    config: str = field(default="", metadata={"cli": {"required": True}})
+    """Study TOML file, or a preset: default, demo."""
+    out: str = field(default="", metadata={"cli": REQUIRED_OUT_DIR})
+    """Study directory (stages cached by content, report.md)."""
+    workers: int = field(default=2, metadata={"cli": AT_LEAST_ONE})
+    """Worker processes for recording and evaluation."""
+
+
+@dataclass
+class DemoArgs(Backend, Progress):
+    out: str = field(default="steerloop-demo", metadata={"cli": OUT_DIR})
+    """Study directory."""
+    workers: int = field(default=2, metadata={"cli": AT_LEAST_ONE})
+    """Worker processes for recording and evaluation."""
+
+
+# ---------------------------------------------------------------------------------- commands
 def _print_summary(metrics: dict) -> None:
     keys = ("success", "steps", "distance_m", "mean_abs_offset_m", "max_abs_offset_m", "rms_heading_error_rad",
             "departures", "departures_per_km", "time_outside_lane_s", "route_completion", "on_policy_rmse",
@@ -100,20 +220,16 @@ def _print_summary(metrics: dict) -> None:
 def cmd_drive(args) -> int:
     import gymnasium as gym
 
-    import steerloop.sim  # noqa: F401  (registers the env)
+    from steerloop import ENV_ID
     from steerloop.agents import load_policy
     from steerloop.evaluation.rollout import rollout
+    from steerloop.evaluation.runner import json_safe
     from steerloop.sim.env import load_track
-    from steerloop.sim.track import TrackSpecError
 
-    try:
-        policy = load_policy(args.policy)
-        track = load_track(args.track)
-    except (ValueError, TrackSpecError, FileNotFoundError) as error:
-        print(f"steerloop drive: {error}", file=sys.stderr)
-        return 2
-    env = gym.make("steerloop/LaneKeep-v0", track=track, condition=args.condition, speed=args.speed,
-                   resolution=args.resolution, privileged=getattr(policy, "requires_privileged", False))
+    policy = load_policy(args.policy)
+    track = load_track(args.track)
+    env = gym.make(ENV_ID, track=track, condition=args.condition, speed=args.speed, resolution=args.resolution,
+                   privileged=getattr(policy, "requires_privileged", False))
     try:
         episode = rollout(env, policy, seed=args.seed, video=args.video)
     finally:
@@ -121,8 +237,6 @@ def cmd_drive(args) -> int:
     summary = {"policy": args.policy, "track": episode.info["track"], "condition": episode.info["condition"],
                **episode.metrics, "off_road": episode.off_road, "truncated": episode.truncated}
     if args.json:
-        from steerloop.evaluation.runner import json_safe
-
         print(json.dumps(json_safe(summary), sort_keys=True, allow_nan=False))  # NaN -> null: strict JSON
     else:
         print(f"{args.policy} on {summary['track']} ({summary['condition']})")
@@ -132,38 +246,12 @@ def cmd_drive(args) -> int:
     return 0
 
 
-def _add_backend_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default="local", choices=["local", "ray"],
-                        help="run episodes/scenarios in local worker processes or as Ray tasks (same results)")
-    parser.add_argument("--address", default=None,
-                        help="with --backend ray: the Ray cluster, 'auto' or HOST:PORT (default: start a local "
-                             "Ray instance with --workers CPUs)")
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def cmd_record(args) -> int:
-    from steerloop.sim.log import LogError
-    from steerloop.sim.track import TrackSpecError
     from steerloop.training.record import RecordConfig, record
 
-    try:
-        cfg = RecordConfig(out=args.out, episodes=args.episodes, suite=args.suite, seed=args.seed, track=args.track,
-                           track_length=args.track_length, noise=args.noise, noise_kind=args.noise_kind,
-                           cameras=_csv(args.cameras), conditions=_csv(args.conditions),
-                           resolution=args.resolution, speed=args.speed, expert=args.expert, workers=args.workers,
-                           backend=args.backend, address=args.address, learner=args.learner, beta=args.beta,
-                           mixture=args.mixture)
-        summary = record(cfg, progress=not args.quiet)
-    except (ValueError, TrackSpecError, FileNotFoundError, LogError) as error:
-        print(f"steerloop record: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"steerloop record: interrupted; completed episodes are kept in {args.out}. "
-              "Re-run the same command to record the rest.", file=sys.stderr)
-        return 130
+    summary = record(config_from_args(RecordConfig, args), progress=not args.quiet)
+    for name, problem in summary["episodes_rerecorded"].items():
+        print(f"re-recorded {name}: {problem}")
     print(f"recorded {summary['episodes_recorded']} episode(s), {summary['frames']} frames "
           f"({summary['frames_per_s']:.0f} frames/s); dataset {summary['out']} holds "
           f"{summary['episodes_total']} episode(s)")
@@ -171,22 +259,9 @@ def cmd_record(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from steerloop.agents.checkpoint import CheckpointError
-    from steerloop.sim.log import LogError
     from steerloop.training.train import TrainConfig, train
 
-    try:
-        cfg = TrainConfig(data=args.data, out=args.out, model=args.model, seq_len=args.seq_len, epochs=args.epochs,
-                          batch_frames=args.batch_frames, camera=args.camera, augment=_csv(args.augment),
-                          seed=args.seed, threads=args.threads, lr=args.lr)
-        result = train(cfg, progress_bar=not args.quiet)
-    except (ValueError, LogError, CheckpointError) as error:
-        print(f"steerloop train: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"steerloop train: interrupted; re-run the same command to resume from {args.out}/trainer_state",
-              file=sys.stderr)
-        return 130
+    result = train(config_from_args(TrainConfig, args), progress_bar=not args.quiet)
     print(f"best checkpoint: {result['out']}/best  val_rmse {result['val_rmse']:.4f}  "
           f"(all-zeros {result['zeros_rmse']:.4f}), {result['epochs_run']} epochs, {result['seconds']:.0f} s")
     return 0
@@ -195,19 +270,7 @@ def cmd_train(args) -> int:
 def cmd_train_rl(args) -> int:
     from steerloop.training.rl import RLConfig, train_rl
 
-    try:
-        cfg = RLConfig(out=args.out, algo=args.algo, timesteps=args.timesteps, envs=args.envs,
-                       recurrent=args.recurrent, init=args.init, seed=args.seed, resolution=args.resolution,
-                       track_length=args.track_length, tracks=args.tracks, conditions=_csv(args.conditions),
-                       n_steps=args.n_steps, save_every=args.save_every, threads=args.threads)
-        summary = train_rl(cfg, progress=not args.quiet)
-    except ValueError as error:
-        print(f"steerloop train-rl: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"steerloop train-rl: interrupted; re-run the same command to continue from the newest "
-              f"{args.out}/checkpoints/*.zip", file=sys.stderr)
-        return 130
+    summary = train_rl(config_from_args(RLConfig, args), progress=not args.quiet)
     height, width = summary["resolution"]
     print(f"{summary['algorithm']}: {summary['timesteps']} steps in {summary['seconds']:.0f} s; model "
           f"{summary['model']}\nevaluate it with: steerloop evaluate --policy {summary['model']} "
@@ -216,37 +279,22 @@ def cmd_train_rl(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from steerloop.agents.checkpoint import CheckpointError
-    from steerloop.evaluation.runner import ResultsError, evaluate, summary_table
-    from steerloop.evaluation.suites import SuiteError, load_suite
+    from steerloop.evaluation.runner import evaluate, summary_table
+    from steerloop.evaluation.suites import load_suite
 
-    try:
-        suite = load_suite(args.suite)
-        results = evaluate(args.policy, suite, args.out, workers=args.workers, videos=args.video,
-                           resolution=args.resolution, progress=not args.quiet, batch=args.batch,
-                           backend=args.backend, address=args.address)
-    except (ValueError, SuiteError, ResultsError, CheckpointError, FileNotFoundError) as error:
-        print(f"steerloop evaluate: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"steerloop evaluate: interrupted; finished scenarios are kept in {args.out}. "
-              "Re-run the same command to finish.", file=sys.stderr)
-        return 130
+    suite = load_suite(args.suite)
+    results = evaluate(args.policy, suite, args.out, workers=args.workers, videos=args.video,
+                       resolution=args.resolution, progress=not args.quiet, batch=args.batch,
+                       backend=args.backend, address=args.address)
     print(summary_table(results))
     print(f"results: {args.out}/results.json")
     return 0
 
 
 def cmd_offline(args) -> int:
-    from steerloop.agents.checkpoint import CheckpointError
     from steerloop.evaluation.offline import evaluate_offline, offline_table
-    from steerloop.sim.log import LogError
 
-    try:
-        result = evaluate_offline(args.policy, args.data, args.out)
-    except (ValueError, LogError, CheckpointError) as error:
-        print(f"steerloop offline: {error}", file=sys.stderr)
-        return 2
+    result = evaluate_offline(args.policy, args.data, args.out)
     print(offline_table(result))
     if args.out:
         print(f"written: {args.out}")
@@ -254,43 +302,30 @@ def cmd_offline(args) -> int:
 
 
 def cmd_dagger(args) -> int:
-    from steerloop.agents.checkpoint import CheckpointError
     from steerloop.evaluation.runner import evaluate
     from steerloop.evaluation.suites import load_suite
-    from steerloop.sim.log import LogError
+    from steerloop.sim.paths import path_under
     from steerloop.training.dagger import DaggerConfig, run_dagger
 
+    cfg = config_from_args(DaggerConfig, args)
     suite = load_suite(args.suite)
-    manifest = Path(args.data[0]) / "manifest.json"
+    manifest = Path(cfg.data[0]) / "manifest.json"
     resolution = tuple(json.loads(manifest.read_text())["resolution"]) if manifest.exists() else (66, 200)
 
     def closed_loop(checkpoint: str, iteration: int) -> dict:
-        results = evaluate(checkpoint, suite, f"{args.out}/iter_{iteration:02d}/eval-{suite.name}",
-                           workers=args.workers, progress=not args.quiet, plots=False, resolution=resolution,
-                           backend=args.backend, address=args.address)
+        results = evaluate(checkpoint, suite, path_under(cfg.out, f"iter_{iteration:02d}", f"eval-{suite.name}"),
+                           workers=cfg.workers, progress=not args.quiet, plots=False, resolution=resolution,
+                           backend=cfg.backend, address=cfg.address)
         agg = results["aggregate"]
         return {key: agg[key] for key in ("success_rate", "mean_abs_offset_m", "on_policy_rmse")}
 
-    try:
-        cfg = DaggerConfig(init=args.init, data=args.data, out=args.out, iterations=args.iterations,
-                           episodes_per_iter=args.episodes_per_iter,
-                           beta_schedule=tuple(float(b) for b in _csv(args.beta_schedule)), mixture=args.mixture,
-                           retrain=args.retrain, epochs=args.epochs, workers=args.workers, seed=args.seed,
-                           backend=args.backend, address=args.address)
-        rows = run_dagger(cfg, closed_loop, progress=not args.quiet)
-    except (ValueError, LogError, CheckpointError) as error:
-        print(f"steerloop dagger: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"steerloop dagger: interrupted; re-run the same command to resume ({args.out}/dagger.json)",
-              file=sys.stderr)
-        return 130
+    rows = run_dagger(cfg, closed_loop, progress=not args.quiet)
     print(f"{'iteration':>9} {'beta':>5} {'frames':>7} {'success':>8} {'mean|offset|':>12} {'on-policy RMSE':>14}")
     for row in rows:
         m = row["closed_loop"]
         print(f"{row['iteration']:>9} {row['beta']:>5.2f} {row['frames']:>7} {m['success_rate']:>8.2f} "
               f"{m['mean_abs_offset_m']:>12.3f} {m['on_policy_rmse']:>14.4f}")
-    print(f"table: {args.out}/dagger.json")
+    print(f"table: {cfg.out}/dagger.json")
     return 0
 
 
@@ -317,13 +352,9 @@ def cmd_bench(args) -> int:
     elif args.target == "train":
         result = bench_train(data=args.data, repeats=args.repeats)
     elif args.target == "scale":
-        from steerloop.sim.parallel import BackendError, check_backend
+        from steerloop.sim.parallel import check_backend
 
-        try:
-            check_backend("ray")
-        except BackendError as error:
-            print(f"steerloop bench scale: {error}", file=sys.stderr)
-            return 2
+        check_backend("ray")
         result = bench_scale(scenarios=args.episodes or 16, repeats=args.repeats)
     else:
         result = bench_eval(scenarios=args.episodes or 20, repeats=args.repeats, batch=args.batch)
@@ -335,21 +366,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from steerloop.agents.checkpoint import CheckpointError
-    from steerloop.evaluation.runner import ResultsError
-    from steerloop.evaluation.study import StudyError, load_study, run_study
-    from steerloop.sim.log import LogError
+    from steerloop.evaluation.study import load_study, run_study
 
-    try:
-        cfg = load_study(args.config)
-        run_study(cfg, args.out, workers=args.workers, progress=not args.quiet, backend=args.backend,
-                  address=args.address)
-    except (StudyError, ResultsError, LogError, CheckpointError, ValueError) as error:
-        print(f"steerloop study: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"steerloop study: interrupted; re-run the same command to resume ({args.out})", file=sys.stderr)
-        return 130
+    cfg = load_study(args.config)
+    run_study(cfg, args.out, workers=args.workers, progress=not args.quiet, backend=args.backend,
+              address=args.address)
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -357,173 +378,80 @@ def cmd_study(args) -> int:
 def cmd_regress(args) -> int:
     from steerloop.evaluation.regress import regress
 
-    try:
-        return regress(args.policy, args.baseline, suite=args.suite, tolerance=args.tolerance, out=args.out,
-                       workers=args.workers, statistical=args.statistical, resolution=args.resolution,
-                       progress=not args.quiet, plots=args.plots)
-    except KeyboardInterrupt:
-        print("steerloop regress: interrupted; finished scenarios are kept. Re-run the same command to finish.",
-              file=sys.stderr)
-        return 130
+    return regress(args.policy, args.baseline, suite=args.suite, tolerance=args.tolerance, out=args.out,
+                   workers=args.workers, statistical=args.statistical, resolution=args.resolution,
+                   progress=not args.quiet, plots=args.plots)
+
+
+# ------------------------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``steerloop evaluate: argument --workers: ...`` (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _library_configs():
+    """The library's config dataclasses (imported only when the parser is built)."""
+    from steerloop.training.dagger import DaggerConfig
+    from steerloop.training.record import RecordConfig
+    from steerloop.training.rl import RLConfig
+    from steerloop.training.train import TrainConfig
+
+    return RecordConfig, TrainConfig, RLConfig, DaggerConfig
+
+
+# (command, help, configs with their per-command details, handler, what an interrupted run keeps)
+def _commands():
+    record_cfg, train_cfg, rl_cfg, dagger_cfg = _library_configs()
+    backend = {"backend": BACKENDS}
+    return [
+        ("drive", "drive one episode and print its drift summary", [(DriveArgs, {})], cmd_drive, ""),
+        ("record", "record expert driving into a driving log (resumable)",
+         [(record_cfg, {"out": REQUIRED_OUT_DIR, "episodes": AT_LEAST_ONE, "workers": AT_LEAST_ONE, **backend}),
+          (Progress, {})], cmd_record, "completed episodes are kept; re-run the same command to record the rest"),
+        ("train", "behaviour cloning from driving logs (resumable)",
+         [(train_cfg, {"data": {"required": True}, "out": REQUIRED_OUT_DIR, "seq_len": {"min": 0},
+                       "epochs": AT_LEAST_ONE, "batch_frames": AT_LEAST_ONE, "threads": AT_LEAST_ONE}),
+          (Progress, {})], cmd_train, "re-run the same command to resume from OUT/trainer_state"),
+        ("train-rl", "PPO (stable-baselines3) in closed loop on training tracks (resumable)",
+         [(rl_cfg, {"out": REQUIRED_OUT_DIR, "algo": {"choices": ("ppo",)}, "timesteps": AT_LEAST_ONE,
+                    "envs": AT_LEAST_ONE, "tracks": AT_LEAST_ONE, "n_steps": AT_LEAST_ONE,
+                    "save_every": AT_LEAST_ONE, "threads": AT_LEAST_ONE}),
+          (Progress, {})], cmd_train_rl, "re-run the same command to continue from the newest OUT/checkpoints/*.zip"),
+        ("evaluate", "closed-loop evaluation of a policy over a scenario suite (resumable)",
+         [(EvaluateArgs, {})], cmd_evaluate, "finished scenarios are kept; re-run the same command to finish"),
+        ("offline", "offline metrics on held-out logs, beside the all-zeros predictor", [(OfflineArgs, {})],
+         cmd_offline, ""),
+        ("dagger", "DAgger: learner drives, expert labels, retrain on the aggregate (resumable)",
+         [(dagger_cfg, {"init": {"required": True}, "data": {"required": True}, "out": REQUIRED_OUT_DIR,
+                        "iterations": AT_LEAST_ONE, "episodes_per_iter": AT_LEAST_ONE, "epochs": AT_LEAST_ONE,
+                        "workers": AT_LEAST_ONE, **backend}),
+          (DaggerArgs, {})], cmd_dagger, "re-run the same command to resume (OUT/dagger.json)"),
+        ("regress", "regression gate: compare a candidate policy with a baseline; exit 0 no regression, "
+         "1 regression, 2 could not compare", [(RegressArgs, {})], cmd_regress,
+         "finished scenarios are kept; re-run the same command to finish"),
+        ("validate", "check a driving log; one line per problem, non-zero exit if any", [(ValidateArgs, {})],
+         cmd_validate, ""),
+        ("bench", "throughput benchmarks, measured side by side", [(BenchArgs, {})], cmd_bench, ""),
+        ("study", "the offline-vs-closed-loop gap study: record, train, evaluate, report (cached)",
+         [(StudyArgs, {})], cmd_study, "re-run the same command to resume"),
+        ("demo", "a small preset of the gap study (about 15 minutes on 2 CPU cores)", [(DemoArgs, {})], cmd_study,
+         "re-run the same command to resume"),
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="steerloop", description=__doc__)
+    parser = _Parser(prog="steerloop", description=__doc__.split("\n\n")[0],
+                     epilog="Exit codes: 0 done, 1 a check failed (validate, regress), 2 a user error, "
+                            "130 interrupted. Reference: docs/cli.md")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    drive = sub.add_parser("drive", help="drive one episode and print its drift summary")
-    drive.add_argument("--policy", default="expert", help="expert, expert:pure_pursuit or zeros (default: expert)")
-    drive.add_argument("--track", default="200000", help="procedural track seed or a JSON track spec path")
-    drive.add_argument("--condition", default="default", help="visual condition (default, dusk, worn, desert)")
-    drive.add_argument("--speed", type=float, default=10.0, help="cruise speed [m/s]")
-    drive.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
-    drive.add_argument("--seed", type=int, default=0, help="reset seed (appearance draws)")
-    drive.add_argument("--video", type=_video_file, default=None, help="write an MP4 of the camera beside the top-down view")
-    drive.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    drive.set_defaults(func=cmd_drive)
-
-    rec = sub.add_parser("record", help="record expert driving into a driving log (resumable)")
-    rec.add_argument("--out", type=_out_dir, required=True, help="dataset directory")
-    rec.add_argument("--episodes", type=_positive, default=20, help="number of episodes (default 20)")
-    rec.add_argument("--suite", default="train", help="track split: train, val or test (default train)")
-    rec.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
-    rec.add_argument("--track", default=None, help="record on this JSON track spec instead of the suite's tracks")
-    rec.add_argument("--track-length", type=float, default=400.0, help="procedural route length [m]")
-    rec.add_argument("--noise", type=float, default=0.0, help="DART steering noise scale (default 0)")
-    rec.add_argument("--noise-kind", default="gaussian", help="gaussian or ou")
-    rec.add_argument("--cameras", default="center", help="comma-separated: center,left,right")
-    rec.add_argument("--conditions", default="default", help="comma-separated visual conditions")
-    rec.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
-    rec.add_argument("--speed", type=float, default=10.0, help="cruise speed [m/s]")
-    rec.add_argument("--expert", default="stanley", help="expert law: stanley or pure_pursuit")
-    rec.add_argument("--workers", type=_positive, default=1, help="worker processes (content does not depend on it)")
-    rec.add_argument("--learner", default=None, help="DAgger: checkpoint that drives when the expert does not")
-    rec.add_argument("--beta", type=float, default=1.0, help="DAgger: probability that the expert drives")
-    rec.add_argument("--mixture", default="step", help="DAgger: flip the expert/learner coin per step or episode")
-    rec.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_backend_args(rec)
-    rec.set_defaults(func=cmd_record)
-
-    tr = sub.add_parser("train", help="behaviour cloning from driving logs (resumable)")
-    tr.add_argument("--data", action="append", required=True, help="dataset directory (repeat for several)")
-    tr.add_argument("--model", default="cnn-lstm", help="pilotnet, cnn-lstm or conv3d-lstm")
-    tr.add_argument("--out", type=_out_dir, required=True, help="output directory (checkpoints best/ and last/)")
-    tr.add_argument("--seq-len", type=_non_negative, default=0, help="window length T (default 1 for pilotnet, 16 otherwise)")
-    tr.add_argument("--epochs", type=_positive, default=4, help="maximum epochs (default 4)")
-    tr.add_argument("--batch-frames", type=_positive, default=128, help="frames per optimiser step (default 128)")
-    tr.add_argument("--camera", default="center", help="center, or all (side cameras with corrective labels)")
-    tr.add_argument("--augment", default="shift,jitter", help="comma-separated: side, shift, jitter ('' for none)")
-    tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    tr.add_argument("--seed", type=int, default=0, help="seed (split, init, augmentation)")
-    tr.add_argument("--threads", type=_positive, default=2, help="torch threads (recorded in the checkpoint)")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar")
-    tr.set_defaults(func=cmd_train)
-
-    rl = sub.add_parser("train-rl", help="PPO (stable-baselines3) in closed loop on training tracks (resumable)")
-    rl.add_argument("--algo", default="ppo", help="ppo (the only one)")
-    rl.add_argument("--out", type=_out_dir, required=True, help="run directory (model.zip, checkpoints/)")
-    rl.add_argument("--timesteps", type=_positive, default=100_000, help="environment steps in total (default 100000)")
-    rl.add_argument("--envs", type=_positive, default=1, help="parallel environments (SubprocVecEnv; default 1)")
-    rl.add_argument("--init", default=None, help="behaviour-cloning checkpoint distilled into the policy first")
-    rl.add_argument("--recurrent", action="store_true", help="RecurrentPPO (LSTM) from sb3-contrib")
-    rl.add_argument("--seed", type=int, default=0, help="seed (PPO, environments, distillation)")
-    rl.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
-    rl.add_argument("--track-length", type=float, default=200.0, help="procedural route length [m] (default 200)")
-    rl.add_argument("--tracks", type=_positive, default=100, help="routes come from the first N training tracks")
-    rl.add_argument("--conditions", default="default", help="comma-separated visual conditions")
-    rl.add_argument("--n-steps", type=_positive, default=512, help="steps per environment between PPO updates")
-    rl.add_argument("--save-every", type=_positive, default=10_000, help="steps between resumable checkpoints")
-    rl.add_argument("--threads", type=_positive, default=1, help="torch threads of the learner")
-    rl.add_argument("--quiet", action="store_true", help="no progress bar")
-    rl.set_defaults(func=cmd_train_rl)
-
-    ev = sub.add_parser("evaluate", help="closed-loop evaluation of a policy over a scenario suite (resumable)")
-    ev.add_argument("--policy", required=True, help="checkpoint directory, expert, expert:LAW or zeros")
-    ev.add_argument("--suite", default="test", help="smoke, test, recovery, shift, interventions or a suite JSON")
-    ev.add_argument("--out", type=_out_dir, required=True, help="results directory")
-    ev.add_argument("--workers", type=_positive, default=1, help="worker processes (results do not depend on it)")
-    ev.add_argument("--video", type=_non_negative, default=0, help="write videos of the first N scenarios")
-    ev.add_argument("--batch", type=_positive, default=4,  # evaluation.runner.DEFAULT_BATCH (not imported: pybullet)
-                    help="at most this many scenarios stepped in lockstep with batched inference (default 4)")
-    ev.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW (default 66x200)")
-    ev.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_backend_args(ev)
-    ev.set_defaults(func=cmd_evaluate)
-
-    off = sub.add_parser("offline", help="offline metrics on held-out logs, beside the all-zeros predictor")
-    off.add_argument("--policy", required=True, help="checkpoint directory or zeros")
-    off.add_argument("--data", required=True, help="held-out dataset directory")
-    off.add_argument("--out", type=_out_file, default=None, help="write the metrics as JSON here")
-    off.set_defaults(func=cmd_offline)
-
-    dg = sub.add_parser("dagger", help="DAgger: learner drives, expert labels, retrain on the aggregate (resumable)")
-    dg.add_argument("--init", required=True, help="behaviour-cloning checkpoint to start from")
-    dg.add_argument("--data", action="append", required=True, help="the expert dataset(s) it was trained on")
-    dg.add_argument("--out", type=_out_dir, required=True, help="run directory")
-    dg.add_argument("--iterations", type=_positive, default=4, help="DAgger iterations (default 4)")
-    dg.add_argument("--episodes-per-iter", type=_positive, default=10, help="episodes recorded per iteration")
-    dg.add_argument("--beta-schedule", default="0.5,0.25,0", help="beta per iteration; the last repeats")
-    dg.add_argument("--mixture", default="step", help="flip the expert/learner coin per step or per episode")
-    dg.add_argument("--retrain", default="scratch", help="scratch or finetune")
-    dg.add_argument("--epochs", type=_positive, default=4, help="training epochs per iteration")
-    dg.add_argument("--suite", default="val", help="closed-loop suite scored after each iteration (default val)")
-    dg.add_argument("--workers", type=_positive, default=1, help="worker processes for recording and evaluation")
-    dg.add_argument("--seed", type=int, default=0, help="seed")
-    dg.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_backend_args(dg)
-    dg.set_defaults(func=cmd_dagger)
-
-    rg = sub.add_parser("regress", help="regression gate: compare a candidate policy with a baseline; "
-                        "exit 0 no regression, 1 regression, 2 could not compare")
-    rg.add_argument("--policy", required=True, help="candidate: a policy (checkpoint directory, .zip, expert, "
-                    "zeros) or a results directory / results.json")
-    rg.add_argument("--baseline", required=True, help="baseline: a policy or a results directory / results.json")
-    rg.add_argument("--suite", default=None, help="suite name or JSON (default: the baseline results' suite, "
-                    "else test)")
-    rg.add_argument("--tolerance", default=None, help="per-metric tolerances, a .json or .toml file")
-    rg.add_argument("--out", type=_out_dir, default=None, help="results directory root (default: the steerloop cache, "
-                    "$STEERLOOP_CACHE or ~/.cache/steerloop); regress.json is written here")
-    rg.add_argument("--workers", type=_positive, default=1, help="worker processes (results do not depend on it)")
-    rg.add_argument("--statistical", action="store_true", help="paired bootstrap over scenarios: fail only on "
-                    "a significant degradation beyond tolerance (noisy policies)")
-    rg.add_argument("--resolution", type=_resolution, default=None, help="camera HxW (default: the baseline "
-                    "results' resolution, else 66x200)")
-    rg.add_argument("--plots", action="store_true", help="also write per-scenario plots of evaluated policies")
-    rg.add_argument("--quiet", action="store_true", help="no progress bar")
-    rg.set_defaults(func=cmd_regress)
-
-    val = sub.add_parser("validate", help="check a driving log; one line per problem, non-zero exit if any")
-    val.add_argument("path", help="dataset directory")
-    val.set_defaults(func=cmd_validate)
-
-    bench = sub.add_parser("bench", help="throughput benchmarks, measured side by side")
-    bench.add_argument("target", choices=["env", "record", "train", "eval", "scale"],
-                       help="what to benchmark (scale: evaluation on 1 and 2 local workers and on Ray)")
-    bench.add_argument("--episodes", type=_non_negative, default=0, help="record/eval/scale: episodes or scenarios per repeat "
-                       "(record 8, eval 20, scale 16)")
-    bench.add_argument("--batch", type=_positive, default=None, help="eval: scenarios per lockstep group (default: as "
-                       "steerloop evaluate)")
-    bench.add_argument("--data", default=None, help="train: dataset to read (default: a small fresh recording)")
-    bench.add_argument("--steps", type=_positive, default=300, help="steps per repeat")
-    bench.add_argument("--repeats", type=_positive, default=3, help="repeats (the median is reported)")
-    bench.add_argument("--resolution", type=_resolution, default=(66, 200), help="camera HxW")
-    bench.add_argument("--json", action="store_true", help="print one JSON object with every figure")
-    bench.set_defaults(func=cmd_bench)
-
-    st = sub.add_parser("study", help="the offline-vs-closed-loop gap study: record, train, evaluate, report (cached)")
-    st.add_argument("--config", required=True, help="study TOML file, or a preset: default, demo")
-    st.add_argument("--out", type=_out_dir, required=True, help="study directory (stages cached by content, report.md)")
-    st.add_argument("--workers", type=_positive, default=2, help="worker processes for recording and evaluation")
-    st.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_backend_args(st)
-    st.set_defaults(func=cmd_study)
-
-    demo = sub.add_parser("demo", help="a small preset of the gap study (about 15 minutes on 2 CPU cores)")
-    demo.add_argument("--out", type=_out_dir, default="steerloop-demo", help="study directory (default: steerloop-demo)")
-    demo.add_argument("--workers", type=_positive, default=2, help="worker processes for recording and evaluation")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_backend_args(demo)
-    demo.set_defaults(func=cmd_study, config="demo")
+    for name, help_text, configs, handler, interrupted in _commands():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        for config, details in configs:
+            add_flags(command, config, skip=("extra",), cli=details)
+        command.set_defaults(func=handler, interrupted=interrupted)
+    sub.choices["demo"].set_defaults(config="demo")
     return parser
 
 
@@ -538,8 +466,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Exit codes: 0 done, 1 a check failed (validate, regress), 2 a user
-    error (one line on stderr naming the input and the fix), 130 interrupted (Ctrl-C)."""
+    """Run one command; see the module docstring for the exit codes."""
     args = build_parser().parse_args(argv)
     np.set_printoptions(precision=4)
     from steerloop.errors import SteerloopError
@@ -550,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"steerloop {args.command}: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"steerloop {args.command}: interrupted; completed work is kept: re-run the same command to resume",
-              file=sys.stderr)
+        hint = args.interrupted.replace("OUT", str(getattr(args, "out", "") or "the output directory"))
+        print(f"steerloop {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
