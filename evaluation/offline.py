@@ -77,7 +77,7 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
     from steerloop.agents import load_policy
 
     policy = load_policy(policy_name)
-    log = DrivingLog(data)
+    log = DrivingLog(data, verify=True)  # a corrupted label would silently skew every metric
     if dt is None:
         dt = 1.0 / float(log.manifest.get("config", {}).get("control_hz", 20))
     predictions, labels, speeds, times, per_episode = [], [], [], [], []
