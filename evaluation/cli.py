@@ -95,7 +95,7 @@ def cmd_record(args) -> int:
               "Re-run the same command to record the rest.", file=sys.stderr)
         return 130
     for name, problem in summary["episodes_rerecorded"].items():
-        print(f"re-recorded {name}: it was damaged ({problem})")
+        print(f"re-recorded {name}: {problem}")
     print(f"recorded {summary['episodes_recorded']} episode(s), {summary['frames']} frames "
           f"({summary['frames_per_s']:.0f} frames/s); dataset {summary['out']} holds "
           f"{summary['episodes_total']} episode(s)")
