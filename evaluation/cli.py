@@ -164,6 +164,8 @@ def cmd_record(args) -> int:
         print(f"steerloop record: interrupted; completed episodes are kept in {args.out}. "
               "Re-run the same command to record the rest.", file=sys.stderr)
         return 130
+    for name, problem in summary["episodes_rerecorded"].items():
+        print(f"re-recorded {name}: {problem}")
     print(f"recorded {summary['episodes_recorded']} episode(s), {summary['frames']} frames "
           f"({summary['frames_per_s']:.0f} frames/s); dataset {summary['out']} holds "
           f"{summary['episodes_total']} episode(s)")

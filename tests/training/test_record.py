@@ -113,6 +113,31 @@ def test_recording_is_valid_and_complete(recorded):
     log.close()
 
 
+def test_resume_rerecords_a_same_size_corrupt_episode(recorded, tmp_path, capsys):
+    """Resume used to skip any listed episode of the right size: a corrupted one stayed, the
+    command reported success and the dataset did not validate."""
+    root, _ = recorded
+    out = tmp_path / "log"
+    shutil.copytree(root / "w1", out)
+    file = out / episode_file(1)
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+    assert validate(out) != []
+    from steerloop.evaluation.cli import main
+
+    code = main(["record", "--out", str(out), "--episodes", "2", "--resolution", "16x32", "--track-length",
+                 str(TRACK_LENGTH), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"re-recorded {episode_file(1)}: sha256 mismatch (manifest " in captured.out
+    assert "recorded 1 episode(s)" in captured.out
+    assert validate(out) == []
+    for index in range(2):  # deterministic: the re-recorded bytes are the clean recording's
+        assert (out / episode_file(index)).read_bytes() == (root / "w1" / episode_file(index)).read_bytes()
+    assert read_manifest(out) == read_manifest(root / "w1")  # "created" included: the manifest was only updated
+
+
 # ----------------------------------------------------------------------------- episode jobs
 def test_episode_jobs_are_a_pure_function_of_the_config(tmp_path):
     cfg = tiny_config(tmp_path / "a", episodes=5, conditions=("default", "dusk"))
