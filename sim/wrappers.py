@@ -180,5 +180,7 @@ class InterventionWrapper(gym.Wrapper):
             terminated = bool(info["success"])
             info.update(lateral_offset=base.lane.offset, heading_error=base.lane.heading_error, off_road=False,
                         expert_steering=base.expert_command())
+            if "frames" in info:  # the side cameras see the car where it was put back, like the observation
+                info["frames"] = base.extra_frames()
         info.update(intervention=intervened, interventions=self.interventions)
         return obs, reward, terminated, truncated, info
