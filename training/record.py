@@ -173,7 +173,8 @@ def record_episode(cfg: RecordConfig, job: EpisodeJob) -> tuple[EpisodeJob, Epis
     while not terminated and steps < MAX_EPISODE_STEPS:
         action, policy_state = policy.predict(obs, state=policy_state, episode_start=start)
         start = np.zeros(1, bool)
-        frames = {name: info["frames"][name] for name in cfg.cameras}
+        # The first camera's frame is the observation's image; the side cameras' are in info.
+        frames = {cfg.cameras[0]: obs["image"], **info.get("frames", {})}
         state = {key: info[key] for key in ("speed", "x", "y", "yaw", "lateral_offset", "heading_error", "progress",
                                             "curvature", "time", "wheel_angle")}
         label = info["expert_steering"]
