@@ -260,14 +260,19 @@ def cmd_dagger(args) -> int:
     from steerloop.evaluation.runner import evaluate
     from steerloop.evaluation.suites import load_suite
     from steerloop.sim.log import LogError
+    from steerloop.sim.paths import path_under
     from steerloop.training.dagger import DaggerConfig, run_dagger
 
-    suite = load_suite(args.suite)
+    try:
+        suite = load_suite(args.suite)
+    except ValueError as error:
+        print(f"steerloop dagger: {error}", file=sys.stderr)
+        return 2
     manifest = Path(args.data[0]) / "manifest.json"
     resolution = tuple(json.loads(manifest.read_text())["resolution"]) if manifest.exists() else (66, 200)
 
     def closed_loop(checkpoint: str, iteration: int) -> dict:
-        results = evaluate(checkpoint, suite, f"{args.out}/iter_{iteration:02d}/eval-{suite.name}",
+        results = evaluate(checkpoint, suite, path_under(args.out, f"iter_{iteration:02d}", f"eval-{suite.name}"),
                            workers=args.workers, progress=not args.quiet, plots=False, resolution=resolution,
                            backend=args.backend, address=args.address)
         agg = results["aggregate"]

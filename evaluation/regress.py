@@ -24,7 +24,6 @@ import json
 import math
 import numbers
 import os
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from pathlib import Path
 from steerloop.errors import SteerloopError
 from steerloop.evaluation.metrics import bootstrap_ci
 from steerloop.evaluation.runner import DEFAULT_BATCH, RESULTS_SCHEMA_VERSION, ResultsError, evaluate
-from steerloop.evaluation.suites import Scenario, Suite, SuiteError, load_suite
+from steerloop.evaluation.suites import Scenario, Suite, SuiteError, check_scenario_names, load_suite
+from steerloop.sim.paths import path_under, slug
 from steerloop.sim.wrappers import Perturbation
 
 EXIT_OK = 0
@@ -652,11 +652,6 @@ def policy_fingerprint(policy: str) -> str:
     return policy
 
 
-def _slug(policy: str) -> str:
-    parts = [p for p in Path(policy).parts if p not in ("/", ".", "..")][-2:]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts) or "policy")[-60:]
-
-
 def _json_key(value) -> str:
     return json.dumps(value, sort_keys=True, default=list)
 
@@ -677,7 +672,8 @@ class PolicyEvaluator:
         key = hashlib.sha256(_json_key({
             "policy": policy, "content": policy_fingerprint(policy), "suite": suite.to_dict(),
             "resolution": list(resolution), "batch": DEFAULT_BATCH, "code": code_fingerprint()}).encode())
-        return Path(self.root) / f"{_slug(policy)}-{_slug(suite.name)}-{key.hexdigest()[:16]}"
+        # The policy (often a checkpoint path) is slugged for the directory name; results.json keeps it as given.
+        return path_under(self.root, f"{slug(policy)}-{slug(suite.name, default='suite')}-{key.hexdigest()[:16]}")
 
     def __call__(self, policy: str | os.PathLike, suite: str | os.PathLike | Suite = "test", *,
                  resolution=(66, 200)) -> EvaluationResult:
@@ -708,12 +704,15 @@ def suite_from_dict(spec: dict) -> Suite:
 
 def _suite_of(results: EvaluationResult) -> Suite | None:
     """The suite ``results`` were evaluated on: from the directory's run.json, else a built-in by name."""
-    if results.path is not None and (results.path.parent / "run.json").is_file():
+    run_file = results.path.parent / "run.json" if results.path is not None else None
+    if run_file is not None and run_file.is_file():
         try:
-            run = json.loads((results.path.parent / "run.json").read_text())
-            return suite_from_dict(run["suite"])
+            suite = suite_from_dict(json.loads(run_file.read_text())["suite"])
         except (json.JSONDecodeError, TypeError, KeyError, ValueError):
-            pass  # a run.json of another steerloop version: fall back to the suite's name
+            suite = None  # a run.json of another steerloop version: fall back to the suite's name
+        if suite is not None:
+            check_scenario_names(suite, str(run_file))  # its names name the files evaluation writes
+            return suite
     try:
         return load_suite(results.suite)
     except (SuiteError, ValueError):
@@ -769,7 +768,7 @@ def regress(candidate: str, baseline: str, *, suite: str | None = None, toleranc
         return fail(str(error))
     print(comparison.table(), file=stdout)
     if out:
-        report = Path(out) / "regress.json"
+        report = path_under(out, "regress.json")
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(comparison.to_dict(), indent=1, sort_keys=True))
         print(f"report: {report}", file=stdout)
