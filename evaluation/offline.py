@@ -77,7 +77,7 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
     from steerloop.agents import load_policy
 
     policy = load_policy(policy_name)
-    log = DrivingLog(data)
+    log = DrivingLog(data, verify=True)  # a corrupted label would silently skew every metric
     if not log.episodes:
         log.close()
         raise LogError(f"{data} holds no episodes: record some with `steerloop record --out {data}` first")

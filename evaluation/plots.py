@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 
 from steerloop.evaluation.metrics import departure_events  # noqa: E402
 from steerloop.sim.env import load_track  # noqa: E402
+from steerloop.sim.paths import path_under  # noqa: E402
 
 PHASE_COLOURS = {1: "tab:red", 2: "tab:orange"}  # perturbation acting / recovery window
 
@@ -60,11 +61,11 @@ def scenario_figure(trajectory: dict, track_spec, path: str | Path, *, title: st
 def plot_results(out: str | Path, results: dict, suite) -> list[Path]:
     """One PNG per scenario in ``out/plots``."""
     out = Path(out)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    path_under(out, "plots").mkdir(parents=True, exist_ok=True)
     paths = []
     for scenario in suite.scenarios:
-        trajectory = dict(np.load(out / "trajectories" / f"{scenario.name}.npz"))
-        path = out / "plots" / f"{scenario.name}.png"
+        trajectory = dict(np.load(path_under(out, "trajectories", f"{scenario.name}.npz")))
+        path = path_under(out, "plots", f"{scenario.name}.png")
         scenario_figure(trajectory, scenario.track, path, title=f"{results['policy']['name']}: {scenario.name}",
                         track_length=scenario.track_length)
         paths.append(path)

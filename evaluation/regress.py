@@ -22,8 +22,8 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +32,8 @@ from pathlib import Path
 from steerloop.errors import SteerloopError
 from steerloop.evaluation.metrics import bootstrap_ci
 from steerloop.evaluation.runner import DEFAULT_BATCH, RESULTS_SCHEMA_VERSION, ResultsError, evaluate
-from steerloop.evaluation.suites import Scenario, Suite, SuiteError, load_suite
+from steerloop.evaluation.suites import Scenario, Suite, SuiteError, check_scenario_names, load_suite
+from steerloop.sim.paths import path_under, slug
 from steerloop.sim.wrappers import Perturbation
 
 EXIT_OK = 0
@@ -491,12 +492,37 @@ def _beyond(worsening: float, allowed: float, baseline: float) -> bool:
     return worsening > allowed + _FLOAT_SLACK * max(1.0, abs(baseline))
 
 
+_ABSENT = object()  # an aggregate key that is not in results.json at all
+
+
+def _shown(value) -> str:
+    return "missing" if value is _ABSENT else "null" if value is None else repr(value)
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _uncomparable_aggregates(candidate: EvaluationResult, baseline: EvaluationResult) -> list[str]:
+    """One text per gate metric that cannot be compared: missing, null, non-finite or not a
+    number on either side. A metric both sides lack by design (absent from both, e.g.
+    recovery_rate without perturbations, or null on both, e.g. no recovery events) is fine."""
+    problems = []
+    for metric in GATE_METRICS:
+        c = candidate.aggregate.get(metric.name, _ABSENT)
+        b = baseline.aggregate.get(metric.name, _ABSENT)
+        if (c is b is _ABSENT) or (c is None and b is None) or (_finite_number(c) and _finite_number(b)):
+            continue
+        problems.append(f"{metric.name} (candidate {_shown(c)}, baseline {_shown(b)})")
+    return problems
+
+
 def _compare_metric(metric: GateMetric, candidate: EvaluationResult, baseline: EvaluationResult,
                     tolerance: Tolerance, statistical: bool) -> MetricComparison | None:
     if metric.name not in baseline.aggregate and metric.name not in candidate.aggregate:
         return None  # the suite does not measure it (e.g. recovery_rate without perturbations)
     b, c = _number(baseline.aggregate.get(metric.name)), _number(candidate.aggregate.get(metric.name))
-    if b is None or c is None:
+    if b is None or c is None:  # null on both sides (compare() refuses any other missing value)
         return MetricComparison(metric.name, metric.higher_is_better, b, c, None, None, "n/a")
     delta, allowed = c - b, tolerance.allowed(b)
     worse = _worsening(metric, delta)
@@ -550,9 +576,16 @@ def compare(candidate, baseline, tolerances=None, *, statistical: bool = False) 
     Statistical mode (noisy policies): per-scenario differences are paired and a seeded
     bootstrap gives a 95% interval of their mean; a metric regresses only when the whole
     interval is on the bad side of zero and beyond the tolerance. Raises
-    :class:`IncomparableError` when the results are not of the same suite/seeds/schema."""
+    :class:`IncomparableError` when the results are not of the same suite/seeds/schema, or
+    when a gate metric's aggregate is missing, null or non-finite on one side (a metric that
+    both sides lack by design, absent or null on both, is reported as n/a and the rest compared)."""
     candidate, baseline = load_results(candidate), load_results(baseline)
     check_comparable(candidate, baseline)
+    problems = _uncomparable_aggregates(candidate, baseline)
+    if problems:
+        raise IncomparableError(
+            f"missing or non-finite aggregates: {', '.join(problems)}; a gate metric needs a finite value on both "
+            "sides (or neither): check that side's results.json and re-evaluate it if it is damaged")
     tolerances = as_tolerances(tolerances)
     rows = tuple(row for metric in GATE_METRICS
                  if (row := _compare_metric(metric, candidate, baseline, tolerances.for_metric(metric.name),
@@ -573,8 +606,8 @@ def assert_no_regression(result, baseline, tolerances=None, *, statistical: bool
     Both are :class:`EvaluationResult` s, results dicts, ``results.json`` files or results
     directories; ``tolerances`` is None (the defaults), a mapping in the tolerance-file format
     (``{"mean_abs_offset_m": {"abs": 0.01}}``) or a tolerance file path. Returns the
-    :class:`Comparison` when there is no regression. Results of different suites raise
-    :class:`IncomparableError`."""
+    :class:`Comparison` when there is no regression. Results of different suites, or with
+    missing or non-finite aggregates (see :func:`compare`), raise :class:`IncomparableError`."""
     comparison = compare(result, baseline, tolerances, statistical=statistical)
     if comparison.regression:
         raise AssertionError("policy regression\n" + comparison.table())
@@ -619,11 +652,6 @@ def policy_fingerprint(policy: str) -> str:
     return policy
 
 
-def _slug(policy: str) -> str:
-    parts = [p for p in Path(policy).parts if p not in ("/", ".", "..")][-2:]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts) or "policy")[-60:]
-
-
 def _json_key(value) -> str:
     return json.dumps(value, sort_keys=True, default=list)
 
@@ -644,7 +672,8 @@ class PolicyEvaluator:
         key = hashlib.sha256(_json_key({
             "policy": policy, "content": policy_fingerprint(policy), "suite": suite.to_dict(),
             "resolution": list(resolution), "batch": DEFAULT_BATCH, "code": code_fingerprint()}).encode())
-        return Path(self.root) / f"{_slug(policy)}-{_slug(suite.name)}-{key.hexdigest()[:16]}"
+        # The policy (often a checkpoint path) is slugged for the directory name; results.json keeps it as given.
+        return path_under(self.root, f"{slug(policy)}-{slug(suite.name, default='suite')}-{key.hexdigest()[:16]}")
 
     def __call__(self, policy: str | os.PathLike, suite: str | os.PathLike | Suite = "test", *,
                  resolution=(66, 200)) -> EvaluationResult:
@@ -675,12 +704,15 @@ def suite_from_dict(spec: dict) -> Suite:
 
 def _suite_of(results: EvaluationResult) -> Suite | None:
     """The suite ``results`` were evaluated on: from the directory's run.json, else a built-in by name."""
-    if results.path is not None and (results.path.parent / "run.json").is_file():
+    run_file = results.path.parent / "run.json" if results.path is not None else None
+    if run_file is not None and run_file.is_file():
         try:
-            run = json.loads((results.path.parent / "run.json").read_text())
-            return suite_from_dict(run["suite"])
+            suite = suite_from_dict(json.loads(run_file.read_text())["suite"])
         except (json.JSONDecodeError, TypeError, KeyError, ValueError):
-            pass  # a run.json of another steerloop version: fall back to the suite's name
+            suite = None  # a run.json of another steerloop version: fall back to the suite's name
+        if suite is not None:
+            check_scenario_names(suite, str(run_file))  # its names name the files evaluation writes
+            return suite
     try:
         return load_suite(results.suite)
     except (SuiteError, ValueError):
@@ -736,7 +768,7 @@ def regress(candidate: str, baseline: str, *, suite: str | None = None, toleranc
         return fail(str(error))
     print(comparison.table(), file=stdout)
     if out:
-        report = Path(out) / "regress.json"
+        report = path_under(out, "regress.json")
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(comparison.to_dict(), indent=1, sort_keys=True))
         print(f"report: {report}", file=stdout)

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from steerloop.evaluation.runner import json_safe, run_scenario  # noqa: E402
 from steerloop.evaluation.suites import CONTROL_DT  # noqa: E402
 from steerloop.sim.env import load_track  # noqa: E402
+from steerloop.sim.paths import path_under, shorten  # noqa: E402
 
 OFFLINE_METRICS = ("rmse", "mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
 CLOSED_LOOP_METRICS = ("success_rate", "mean_abs_offset_m", "departures_per_km", "autonomy_pct", "recovery_rate",
@@ -36,6 +37,7 @@ CODEVILLA_MSE_R = 0.39  # Codevilla et al. 2018: MSE vs success rate
 CODEVILLA_OTHER_R = 0.6  # ... MAE, QCE and TRE reach r > 0.6
 SIMILAR_RMSE = 0.1  # offline RMSEs within 10% of each other count as "equal offline error"
 MATCHED_FRAMES = 0.9  # a behaviour-cloning control needs at least this fraction of DAgger's labelled frames
+VIDEO_STEM_MAX = 200  # [bytes] of a video's name before ".mp4" (names of scenario and policies; hashed beyond)
 
 
 @dataclass
@@ -378,7 +380,7 @@ def contrast_video(plan, primary: str, index: int, fail: PolicyRow, ok: PolicyRo
     scenario = plan.suites[primary].scenarios[index]
     parts = []
     for row in (fail, ok):
-        part = path.with_name(f"{path.stem}-{row.name}.mp4")
+        part = path_under(path.parent, shorten(f"{path.stem}-{row.name}", VIDEO_STEM_MAX) + ".mp4")
         run_scenario(load_policy(plan.checkpoint(row.name)), scenario, resolution=plan.config.resolution,
                      video=str(part))
         parts.append(part)
@@ -539,7 +541,7 @@ def write_report(plan) -> Path:
     """Write ``OUT/report.md`` and its figures; returns the report path."""
     rows = collect(plan)
     primary = list(plan.suites)[0]
-    figures = plan.out / "figures"
+    figures = path_under(plan.out, "figures")
     figures.mkdir(parents=True, exist_ok=True)
     corr = correlations(rows)
     _scatter(rows, "success_rate", f"success rate ({primary})", figures / "rmse_vs_success.png")
@@ -593,7 +595,8 @@ def write_report(plan) -> Path:
         index, fail, ok = contrast
         scenario = plan.suites[primary].scenarios[index].name
         contrast_figure(plan, primary, index, fail, ok, figures / "contrast.png")
-        video = plan.out / "videos" / f"{scenario}-{fail.name}-vs-{ok.name}.mp4"
+        stem = shorten(f"{scenario}-{fail.name}-vs-{ok.name}", VIDEO_STEM_MAX)
+        video = path_under(plan.out, "videos", f"{stem}.mp4")
         video.parent.mkdir(parents=True, exist_ok=True)
         contrast_video(plan, primary, index, fail, ok, video)
         md += [f"On `{scenario}`, **{fail.name}** departs and **{ok.name}** succeeds.", "",
@@ -603,12 +606,12 @@ def write_report(plan) -> Path:
         md += ["No track of the primary suite has both a failing and a succeeding policy.", ""]
     md += ["## Reproduce", "", f"`steerloop study --config {plan.config.path} --out {plan.out}` (cached: re-running "
            "does nothing; changing a policy re-runs only its stages).", ""]
-    path = plan.out / "report.md"
+    path = path_under(plan.out, "report.md")
     path.write_text("\n".join(md))
     summary = {"policies": [{"name": r.name, "family": r.family, "regime": r.regime, "frames": r.frames,
                              "val_rmse": r.val_rmse, "offline": r.offline, "zeros": r.zeros, "closed_loop": r.closed}
                             for r in rows],
                "correlations": [{"offline": k[0], "closed_loop": k[1], **v} for k, v in corr.items()],
                "best_offline": best_offline.name, "best_offline_closed_loop_rank": order.index(best_offline) + 1}
-    (plan.out / "report.json").write_text(json.dumps(json_safe(summary), indent=1, sort_keys=True))
+    path_under(plan.out, "report.json").write_text(json.dumps(json_safe(summary), indent=1, sort_keys=True))
     return path

@@ -30,10 +30,11 @@ from gymnasium.wrappers import TimeLimit
 from steerloop.errors import SteerloopError
 from steerloop.evaluation.metrics import autonomy_percent, bootstrap_ci, recovery_metrics
 from steerloop.evaluation.rollout import rollout_batch
-from steerloop.evaluation.suites import Scenario, Suite
+from steerloop.evaluation.suites import Scenario, Suite, check_scenario_names
 from steerloop.sim import MAX_EPISODE_STEPS
 from steerloop.sim.env import LaneKeepEnv
 from steerloop.sim.parallel import check_backend, connect_ray, run_tasks
+from steerloop.sim.paths import path_under
 from steerloop.sim.wrappers import InterventionWrapper, PerturbationWrapper
 
 RESULTS_SCHEMA_VERSION = "1.0.0"
@@ -234,6 +235,7 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     from steerloop.agents import load_policy
 
     out = Path(out)
+    check_scenario_names(suite, f"suite {suite.name!r}")  # each names result files: refuse before any work
     check_backend(backend, address)
     policy = load_policy(policy_name)  # fail fast on a bad policy, before any work
     if backend == "ray":
@@ -245,21 +247,22 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     run_id = {"policy": policy_name, "suite": suite.to_dict(), "resolution": list(resolution), "batch": batch}
-    run_file = out / "run.json"
+    run_file = path_under(out, "run.json")
     if run_file.exists():
         if json.loads(run_file.read_text()) != json_safe(run_id):
             raise ResultsError(f"{out} already holds results of a different run (see {run_file}); "
                                "choose another --out, nothing was overwritten")
     elif (out / "results.json").exists():
         raise ResultsError(f"{out} holds results.json from another run; choose another --out")
-    for sub in ("scenarios", "trajectories", "videos"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    subdirs = [path_under(out, sub) for sub in ("scenarios", "trajectories", "videos")]  # before any write
+    for subdir in subdirs:
+        subdir.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(json_safe(run_id), indent=1, sort_keys=True))
 
     done = {}
     for i, scenario in enumerate(suite.scenarios):
-        path = out / "scenarios" / f"{scenario.name}.json"
-        if path.exists() and (out / "trajectories" / f"{scenario.name}.npz").exists():
+        path = path_under(out, "scenarios", f"{scenario.name}.json")
+        if path.exists() and path_under(out, "trajectories", f"{scenario.name}.npz").exists():
             done[i] = json.loads(path.read_text())["metrics"]
     todo = [i for i in range(len(suite.scenarios)) if i not in done]
     bar = tqdm(total=len(suite.scenarios), initial=len(done), unit="scenario", desc=f"evaluate {suite.name}",
@@ -269,18 +272,18 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     def save(index: int, metrics: dict, trajectory: dict) -> None:
         nonlocal steps
         scenario = suite.scenarios[index]
-        np.savez_compressed(out / "trajectories" / f"{scenario.name}.npz", **trajectory)
+        np.savez_compressed(path_under(out, "trajectories", f"{scenario.name}.npz"), **trajectory)
         record = {"scenario": scenario.to_dict(), "metrics": json_safe(metrics)}
-        tmp = out / "scenarios" / f"{scenario.name}.json.tmp"
+        tmp = path_under(out, "scenarios", f"{scenario.name}.json.tmp")
         tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-        os.replace(tmp, out / "scenarios" / f"{scenario.name}.json")
+        os.replace(tmp, path_under(out, "scenarios", f"{scenario.name}.json"))
         done[index] = record["metrics"]
         steps += metrics["steps"]
         bar.set_postfix(steps_per_s=f"{steps / (time.perf_counter() - started):.0f}")
         bar.update(1)
 
     def video_for(index: int):
-        return str(out / "videos" / f"{suite.scenarios[index].name}.mp4") if index < videos else None
+        return str(path_under(out, "videos", f"{suite.scenarios[index].name}.mp4")) if index < videos else None
 
     # A group is re-run whole, so resumes match.
     groups = [g for g in lockstep_groups(len(suite.scenarios), batch) if any(i in todo for i in g)]
@@ -319,9 +322,9 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
                       for s, m in zip(suite.scenarios, scenario_metrics)],
         "aggregate": aggregate(scenario_metrics, suite),
     }
-    tmp = out / "results.json.tmp"
+    tmp = path_under(out, "results.json.tmp")
     tmp.write_text(json.dumps(json_safe(results), indent=1, sort_keys=True))
-    os.replace(tmp, out / "results.json")
+    os.replace(tmp, path_under(out, "results.json"))
     if plots:
         from steerloop.evaluation.plots import plot_results
 

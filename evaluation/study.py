@@ -51,6 +51,7 @@ from pathlib import Path
 
 from steerloop.errors import SteerloopError
 from steerloop.evaluation.suites import BUILTIN_SUITES, Suite, SuiteError, load_suite
+from steerloop.sim.paths import UnsafeNameError, path_under, safe_name, shorten
 from steerloop.training.dagger import DaggerConfig
 from steerloop.training.record import RecordConfig
 from steerloop.training.train import TrainConfig
@@ -59,6 +60,7 @@ STUDY_SCHEMA_VERSION = "1.0.0"
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "studies"
 PRESETS = ("default", "demo")
 KEY_LENGTH = 10  # hex digits of the content hash in stage directory names
+NAME_MAX_MARKER = 200  # [bytes] of a stage marker's name before ".json" (shortened with a hash beyond)
 
 
 class StudyError(SteerloopError):
@@ -137,6 +139,22 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         raise StudyError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
 
+def _tables(raw: dict, key: str, path: Path) -> dict[str, dict]:
+    """``raw[key]`` (``[datasets.NAME]`` or ``[policies.NAME]`` tables), each NAME checked
+    as a file name: it names the stage's directory under the study's output."""
+    tables = raw.get(key, {})
+    if not isinstance(tables, dict):
+        raise StudyError(f"{path}: {key} must be tables [{key}.NAME], got {tables!r}")
+    for name, table in tables.items():
+        try:
+            safe_name(name, field=f"[{key}.NAME] name", source=str(path))
+        except UnsafeNameError as error:
+            raise StudyError(str(error)) from None
+        if not isinstance(table, dict):
+            raise StudyError(f"{path}: {key}.{name} must be a table [{key}.{name}], got {table!r}")
+    return tables
+
+
 def resolve_study_path(name_or_path: str) -> Path:
     """A preset name (``default``, ``demo``) or a study file path."""
     if name_or_path in PRESETS:
@@ -157,8 +175,12 @@ def load_study(name_or_path: str) -> StudyConfig:
     _check_keys(raw, {"study", "datasets", "policies"}, f"{path}")
     head = raw.get("study", {})
     _check_keys(head, {"name", "resolution", "suites", "offline_data", "threads"}, f"{path}: [study]")
+    datasets_raw, policies_raw = _tables(raw, "datasets", path), _tables(raw, "policies", path)
     suites = []
     for suite in head.get("suites", StudyConfig.suites):
+        if not isinstance(suite, str):
+            raise StudyError(f"{path}: study.suites: {suite!r} is not a string; give built-in suite names "
+                             f"{BUILTIN_SUITES} or suite file paths")
         if suite in BUILTIN_SUITES:
             suites.append(suite)
         elif (path.parent / suite).is_file():
@@ -170,7 +192,7 @@ def load_study(name_or_path: str) -> StudyConfig:
     record_fields = _fields(RecordConfig) - {"out", "workers", "resolution", "learner", "beta", "mixture", "extra",
                                              "backend", "address"}
     datasets = {}
-    for name, table in raw.get("datasets", {}).items():
+    for name, table in datasets_raw.items():
         where = f"{path}: [datasets.{name}]"
         _check_keys(table, record_fields, where)
         table = dict(table)
@@ -184,7 +206,7 @@ def load_study(name_or_path: str) -> StudyConfig:
     train_fields = _fields(TrainConfig) - {"out", "init", "threads"}
     dagger_fields = _fields(DaggerConfig) - {"out", "data", "workers", "backend", "address"}
     policies = {}
-    for name, table in raw.get("policies", {}).items():
+    for name, table in policies_raw.items():
         where = f"{path}: [policies.{name}]"
         table = dict(table)
         family = table.pop("family", None)
@@ -228,7 +250,8 @@ class Stage:
 
     @property
     def marker(self) -> str:
-        return f"{self.kind}-{self.name}-{self.key}.json"
+        """The file name of the stage's finished-marker (shortened, with a hash, if too long)."""
+        return shorten(f"{self.kind}-{self.name}-{self.key}", NAME_MAX_MARKER) + ".json"
 
 
 @dataclass
@@ -272,13 +295,14 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
     for name, table in cfg.datasets.items():
         record_cfg = RecordConfig(out="unused", resolution=cfg.resolution, **table)
         key = _hash({"record": record_cfg.dataset_config()})
-        datasets[name] = Stage("record", name, key, out / "datasets" / f"{name}-{key}", {"config": table})
+        datasets[name] = Stage("record", name, key, path_under(out, "datasets", f"{name}-{key}"), {"config": table})
     policies = {}
     for name, spec in cfg.policies.items():
         if spec.dagger is None:
             train_cfg = {**spec.train, "threads": cfg.threads}
             key = _hash({"train": train_cfg, "data": [datasets[d].key for d in spec.train["data"]]})
-            policies[name] = Stage("train", name, key, out / "policies" / f"{name}-{key}", {"config": train_cfg})
+            policies[name] = Stage("train", name, key, path_under(out, "policies", f"{name}-{key}"),
+                                   {"config": train_cfg})
         else:
             dagger = {k: v for k, v in spec.dagger.items() if k != "init"}
             dagger = dataclasses.asdict(DaggerConfig(**dagger, init="unused", data=["unused"]))
@@ -286,13 +310,13 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
                 dagger.pop(unused)
             init = spec.dagger["init"]
             key = _hash({"dagger": dagger, "init": policies[init].key, "resolution": list(cfg.resolution)})
-            policies[name] = Stage("dagger", name, key, out / "policies" / f"{name}-{key}",
+            policies[name] = Stage("dagger", name, key, path_under(out, "policies", f"{name}-{key}"),
                                    {"config": dagger, "init": init})
     held_out = datasets[cfg.offline_data]
     offline = {}
     for name, stage in policies.items():
         key = _hash({"policy": stage.key, "data": held_out.key})
-        offline[name] = Stage("offline", name, key, out / "offline" / f"{name}-{key}", {})
+        offline[name] = Stage("offline", name, key, path_under(out, "offline", f"{name}-{key}"), {})
     try:
         suites = {path: load_suite(path) for path in cfg.suites}
     except SuiteError as error:
@@ -302,7 +326,7 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
         for path, suite in suites.items():
             key = _hash({"policy": stage.key, "suite": suite.to_dict(), "resolution": list(cfg.resolution)})
             closed_loop[(name, suite.name)] = Stage("closed_loop", f"{name}@{suite.name}", key,
-                                                    out / "closed_loop" / f"{name}-{key}" / suite.name,
+                                                    path_under(out, "closed_loop", f"{name}-{key}", suite.name),
                                                     {"suite": path, "policy": name})
     return StudyPlan(cfg, out, datasets, policies, offline, closed_loop,
                      {suite.name: suite for suite in suites.values()})
@@ -365,10 +389,10 @@ def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: 
     from steerloop.evaluation.report import write_report
 
     plan = plan_study(cfg, out)
-    markers = plan.out / "stages"
+    markers = path_under(plan.out, "stages")
     markers.mkdir(parents=True, exist_ok=True)
     stages = plan.stages
-    todo = [s for s in stages if not (markers / s.marker).exists()]
+    todo = [s for s in stages if not path_under(markers, s.marker).exists()]
     log(f"study {cfg.name}: {len(cfg.policies)} policies, {len(stages)} stages, "
         f"{len(stages) - len(todo)} cached, {len(todo)} to run")
     started = time.perf_counter()
@@ -378,7 +402,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: 
         log(f"[{n}/{len(todo)}] {stage.kind} {stage.name} -> {stage.out} ({elapsed / 60:.1f} min elapsed{eta})")
         began = time.perf_counter()
         summary = _run_stage(plan, stage, workers=workers, progress=progress, backend=backend, address=address)
-        _write_json(markers / stage.marker, {"kind": stage.kind, "name": stage.name, "key": stage.key,
+        _write_json(path_under(markers, stage.marker), {"kind": stage.kind, "name": stage.name, "key": stage.key,
                                              "out": str(stage.out), "seconds": time.perf_counter() - began,
                                              "summary": summary})
     report_code = hashlib.sha256(Path(report_module.__file__).read_bytes()).hexdigest()
@@ -386,7 +410,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: 
     study = {"schema_version": STUDY_SCHEMA_VERSION, "name": cfg.name, "config_file": cfg.path,
              "report_key": report_key,
              "stages": [{"kind": s.kind, "name": s.name, "key": s.key, "out": str(s.out)} for s in stages]}
-    study_file = plan.out / "study.json"
+    study_file = path_under(plan.out, "study.json")
     previous = json.loads(study_file.read_text()) if study_file.exists() else {}
     if todo or previous.get("report_key") != report_key or not (plan.out / "report.md").exists():
         log("writing the report")

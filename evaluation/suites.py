@@ -21,6 +21,7 @@ import numpy as np
 
 from steerloop.errors import SteerloopError, check_keys, read_json
 from steerloop.sim.env import load_track
+from steerloop.sim.paths import UnsafeNameError, safe_name
 from steerloop.sim.scene import CONDITIONS
 from steerloop.sim.track import TRACKS_DIR, Track, TrackSpecError, split_seed
 from steerloop.sim.wrappers import Perturbation
@@ -164,6 +165,28 @@ def _parse_perturbation(item, where: str) -> Perturbation:
         raise SuiteError(f"{where}: {error}") from None
 
 
+def _safe(value, field: str, path: str | Path) -> str:
+    """``value`` if it is safe as a file name (it names result files), else SuiteError."""
+    try:
+        return safe_name(value, field=field, source=str(path))
+    except UnsafeNameError as error:
+        raise SuiteError(str(error)) from None
+
+
+def check_scenario_names(suite: Suite, source: str) -> None:
+    """SuiteError unless the suite's and every scenario's name is safe as a file name and
+    no two scenarios share a name (each names its result files). Suites built in Python or
+    read back from a run.json are not checked when parsed; the runner checks them here."""
+    _safe(suite.name, "suite name", source)
+    seen = set()
+    for i, scenario in enumerate(suite.scenarios):
+        _safe(scenario.name, f"scenarios[{i}].name", source)
+        if scenario.name in seen:
+            raise SuiteError(f"{source}: scenarios[{i}].name {scenario.name!r} is used twice; scenario names name "
+                             "result files, so each must be unique")
+        seen.add(scenario.name)
+
+
 def load_suite_file(path: str | Path) -> Suite:
     """A suite from a JSON file; track paths are relative to the file."""
     path = Path(path)
@@ -174,7 +197,8 @@ def load_suite_file(path: str | Path) -> Suite:
     if not isinstance(spec, dict):
         raise SuiteError(f"{path}: the suite must be a JSON object")
     check_keys(spec, SUITE_KEYS, f"suite {path}", SuiteError)
-    name = spec.get("name", path.stem)
+    name = _safe(spec["name"], "'name'", path) if "name" in spec else \
+        _safe(path.stem, "the file name (the suite's name when it has no 'name')", path)
     tracks = spec.get("tracks")
     if not isinstance(tracks, list) or not tracks:
         raise SuiteError(f"{path}: 'tracks' must be a non-empty list of track seeds or spec paths")
@@ -182,7 +206,7 @@ def load_suite_file(path: str | Path) -> Suite:
     if not isinstance(conditions, list) or not conditions:
         raise SuiteError(f"{path}: 'conditions' must be a non-empty list")
     for i, condition in enumerate(conditions):
-        if condition not in CONDITIONS:
+        if not isinstance(condition, str) or condition not in CONDITIONS:
             raise SuiteError(f"{path}: conditions[{i}] {condition!r} is unknown; choose from {sorted(CONDITIONS)}")
     speed = spec.get("speed", DEFAULT_SPEED)
     if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed <= 40:
@@ -204,6 +228,7 @@ def load_suite_file(path: str | Path) -> Suite:
             track = load_track(entry if isinstance(entry, int) else str(path.parent / entry), length=track_length)
         except (TrackSpecError, FileNotFoundError, ValueError) as error:
             raise SuiteError(f"{where}: {error}") from None
+        _safe(track.name, f"tracks[{t}]: the track's name (its spec's 'name', else its file name)", path)
         track_value = entry if isinstance(entry, int) else track.to_spec()
         if perturbations == "none":
             schedule = ()
@@ -215,7 +240,9 @@ def load_suite_file(path: str | Path) -> Suite:
         else:
             raise SuiteError(f"{path}: 'perturbations' must be \"none\", \"standard\" or a list of perturbations")
         for condition in conditions:
-            scenarios.append(Scenario(name=f"{name}-{index:02d}-{track.name}-{condition}", track=track_value,
+            scenario = _safe(f"{name}-{index:02d}-{track.name}-{condition}",
+                             "scenario name (suite name-index-track name-condition)", path)
+            scenarios.append(Scenario(name=scenario, track=track_value,
                                       condition=condition, speed=float(speed), perturbations=schedule,
                                       interventions=interventions, seed=scenario_seed(name, index),
                                       track_length=float(track_length)))

@@ -18,6 +18,9 @@ SIDE_CAMERA_OFFSET = 0.7  # [m] lateral offset of the left/right cameras from th
 NEAR_PLANE = 0.3  # [m]
 FAR_PLANE = 9000.0  # [m] beyond the sky box (sim.scene.WORLD_HALF_SIZE) in every direction
 CAMERA_NAMES = ("center", "left", "right")
+MIN_SIZE = 8  # [px] smallest image height or width
+FOV_RANGE_DEG = (5.0, 150.0)  # [deg] accepted vertical field of view
+PITCH_RANGE_DEG = (-45.0, 80.0)  # [deg] accepted downward pitch
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,18 @@ class CameraSpec:
     """Position ahead of the wheelbase midpoint [m]."""
 
     def __post_init__(self):
-        assert self.name in CAMERA_NAMES, f"camera name must be one of {CAMERA_NAMES}, got {self.name!r}"
-        assert self.height >= 8 and self.width >= 8, (
-            f"camera resolution must be at least 8x8 pixels, got {self.height}x{self.width}"
-        )
-        assert 5.0 <= self.fov_deg <= 150.0, f"fov_deg must be within [5, 150] degrees, got {self.fov_deg}"
-        assert -45.0 <= self.pitch_deg <= 80.0, f"pitch_deg must be within [-45, 80], got {self.pitch_deg}"
+        if self.name not in CAMERA_NAMES:
+            raise ValueError(f"camera name must be one of {CAMERA_NAMES}, got {self.name!r}")
+        if not (self.height >= MIN_SIZE and self.width >= MIN_SIZE):
+            raise ValueError(f"camera resolution must be at least {MIN_SIZE}x{MIN_SIZE} pixels, "
+                             f"got {self.height}x{self.width}")
+        low, high = FOV_RANGE_DEG
+        if not low <= self.fov_deg <= high:
+            raise ValueError(f"fov_deg must be within [{low:g}, {high:g}] degrees, got {self.fov_deg}")
+        low, high = PITCH_RANGE_DEG
+        if not low <= self.pitch_deg <= high:
+            raise ValueError(f"camera pitch (camera_pitch_deg) must be within [{low:g}, {high:g}] degrees, "
+                             f"got {self.pitch_deg}")
 
     @property
     def lateral(self) -> float:

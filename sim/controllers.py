@@ -38,7 +38,8 @@ class LaneFeatures:
     # (x forward, y left); None when the environment was not asked for them
 
     def to_array(self) -> np.ndarray:
-        assert self.lookahead is not None, "lookahead points were not computed (env needs privileged=True)"
+        if self.lookahead is None:
+            raise ValueError("lookahead points were not computed: create the env with privileged=True")
         head = [self.offset, self.heading_error, self.front_offset, self.front_heading_error,
                 self.front_curvature, self.speed, self.wheel_angle]
         return np.concatenate([np.asarray(head, np.float64), self.lookahead.reshape(-1)]).astype(np.float32)
@@ -46,10 +47,9 @@ class LaneFeatures:
     @classmethod
     def from_array(cls, array) -> LaneFeatures:
         a = np.asarray(array, dtype=np.float64).reshape(-1)
-        assert a.shape == (FEATURE_SIZE,), (
-            f"privileged feature vector must have {FEATURE_SIZE} values, got shape {a.shape}; "
-            "create the env with privileged=True and pass observation['privileged']"
-        )
+        if a.shape != (FEATURE_SIZE,):
+            raise ValueError(f"privileged feature vector must have {FEATURE_SIZE} values, got shape {a.shape}; "
+                             "create the env with privileged=True and pass observation['privileged']")
         return cls(*a[:N_SCALARS], lookahead=a[N_SCALARS:].reshape(-1, 2))
 
 
@@ -79,7 +79,8 @@ def stanley(features: LaneFeatures, wheelbase: float, max_wheel_angle: float,
 def pure_pursuit(features: LaneFeatures, wheelbase: float, max_wheel_angle: float,
                  target_offset: float = 0.0) -> float:
     """Pure pursuit towards the centre-line point one lookahead distance ahead."""
-    assert features.lookahead is not None, "pure pursuit needs the lookahead points (env privileged=True)"
+    if features.lookahead is None:
+        raise ValueError("pure pursuit needs the lookahead points: create the env with privileged=True")
     lookahead = min(max(PURE_PURSUIT_LOOKAHEAD_TIME * features.speed, PURE_PURSUIT_MIN_LOOKAHEAD),
                     PURE_PURSUIT_MAX_LOOKAHEAD)
     x = np.interp(lookahead, LOOKAHEAD_DISTANCES, features.lookahead[:, 0])

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from gymnasium import spaces
 from pybullet_utils import bullet_client
 
 from steerloop.sim import controllers
-from steerloop.sim.camera import CAMERA_NAMES, CameraSpec, body_camera_matrices, chase_camera_matrices, render
+from steerloop.sim.camera import (CAMERA_NAMES, FOV_RANGE_DEG, MIN_SIZE, PITCH_RANGE_DEG, CameraSpec,
+                                  body_camera_matrices, chase_camera_matrices, render)
 from steerloop.sim.scene import CONDITIONS, World, draw_appearance
 from steerloop.sim.track import Track, generate_track, split_seed
 from steerloop.sim.vehicle import Vehicle, VehicleParams
@@ -34,6 +36,7 @@ REWARD_WEIGHTS = {  # reward = progress [m] minus these named penalties per cont
     "departure": 5.0,  # once per lane departure event
     "off_road": 50.0,  # once, when the episode terminates off the road
 }
+OBSERVATION_MODES = ("dict", "image")
 
 
 @dataclass
@@ -56,7 +59,9 @@ class LaneKeepConfig:
     resolution: tuple[int, int] = (66, 200)
     """Camera image size (H, W) [px]."""
     cameras: tuple[str, ...] = ("center",)
-    """Cameras rendered each step; the first is ``observation["image"]``, all are in ``info["frames"]``."""
+    """Cameras rendered each step. The first is the observation's image; the others (PilotNet's
+    side cameras, for recording recovery data) are in ``info["frames"]``, which is absent with
+    one camera: no frame is handed out twice."""
     fov_deg: float = 45.0
     """Vertical field of view of the cameras [deg]."""
     camera_pitch_deg: float = 8.0
@@ -83,6 +88,14 @@ class LaneKeepConfig:
     """Add ``observation["privileged"]``, the lane features the expert drivers read."""
     longitudinal: bool = False
     """If true the action is (steering, throttle) and the cruise controller is off."""
+    observation: str = "dict"
+    """``dict``: ``{"image", "speed"}`` (plus ``"privileged"``); ``image``: the camera frame alone,
+    a ``Box`` that Box-only wrappers (ResizeObservation, GrayscaleObservation,
+    NormalizeObservation) and SB3's ``CnnPolicy`` take directly. The cruise control holds the
+    speed, so the image is enough to steer."""
+    channels_first: bool = False
+    """Images shaped (3, H, W) instead of (H, W, 3): PyTorch's layout, which SB3 uses as is (no
+    ``VecTransposeImage``, so ``VecNormalize`` works with off-policy algorithms)."""
 
     def __post_init__(self):
         self.resolution = tuple(int(v) for v in self.resolution)
@@ -95,8 +108,8 @@ class LaneKeepConfig:
                 raise ValueError(f"condition {name!r} is unknown; choose from {sorted(CONDITIONS)}")
         if not self.cameras or any(c not in CAMERA_NAMES for c in self.cameras):
             raise ValueError(f"cameras must be a non-empty subset of {CAMERA_NAMES}, got {self.cameras}")
-        if len(self.resolution) != 2 or min(self.resolution) < 8:
-            raise ValueError(f"resolution must be (H, W) with both >= 8 px, got {self.resolution}")
+        if len(self.resolution) != 2 or min(self.resolution) < MIN_SIZE:
+            raise ValueError(f"resolution must be (H, W) with both >= {MIN_SIZE} px, got {self.resolution}")
         if self.physics_hz <= 0 or self.control_hz <= 0 or self.physics_hz % self.control_hz:
             raise ValueError(
                 f"control_hz ({self.control_hz}) must be positive and divide physics_hz ({self.physics_hz}), "
@@ -111,6 +124,21 @@ class LaneKeepConfig:
             raise ValueError(f"expert must be one of {sorted(controllers.CONTROLLERS)}, got {self.expert!r}")
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {self.split!r}")
+        self._check_cameras()
+        if self.observation not in OBSERVATION_MODES:
+            raise ValueError(f"observation must be one of {OBSERVATION_MODES}, got {self.observation!r}")
+        if self.observation == "image" and self.privileged:
+            raise ValueError("privileged=True adds observation['privileged'], which needs observation='dict'; "
+                             "with observation='image' read the lane state from info instead")
+        if not isinstance(self.channels_first, bool):
+            raise ValueError(f"channels_first must be True or False, got {self.channels_first!r}")
+
+    def _check_cameras(self) -> None:
+        """Camera geometry in the ranges the renderer supports (errors name the config field)."""
+        for name, value, (low, high) in (("fov_deg", self.fov_deg, FOV_RANGE_DEG),
+                                         ("camera_pitch_deg", self.camera_pitch_deg, PITCH_RANGE_DEG)):
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be within [{low:g}, {high:g}] degrees, got {value}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +161,25 @@ def _direct_client() -> bullet_client.BulletClient:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def _save_physics(client) -> bytes:
+    """The client's whole physics world (bodies, velocities, contact points) as Bullet-file bytes."""
+    with tempfile.TemporaryDirectory(prefix="steerloop-") as folder:
+        path = Path(folder) / "state.bullet"
+        client.saveBullet(str(path))
+        return path.read_bytes()
+
+
+def _restore_physics(client, snapshot: bytes) -> None:
+    """Restore :func:`_save_physics` bytes into ``client``, whose world must hold the same bodies."""
+    with tempfile.TemporaryDirectory(prefix="steerloop-") as folder:
+        path = Path(folder) / "state.bullet"
+        path.write_bytes(snapshot)
+        try:
+            client.restoreState(fileName=str(path))
+        except p.error as error:
+            raise RuntimeError(f"could not restore the copied LaneKeep physics state: {error}") from None
 
 
 def load_track(track: int | str | dict | Track, *, length: float = 400.0, lane_width: float = 3.7) -> Track:
@@ -168,7 +215,9 @@ class LaneKeepEnv(gym.Env):
     ## Observation Space
     ``Dict(image=Box(0, 255, (H, W, 3), uint8), speed=Box(-5, 60, (1,), float32))`` and,
     with ``privileged=True``, ``privileged=Box((FEATURE_SIZE,), float32)``: the lane features
-    of :class:`sim.controllers.LaneFeatures` that the expert drivers use.
+    of :class:`sim.controllers.LaneFeatures` that the expert drivers use. With
+    ``observation="image"`` the observation is the image ``Box`` alone; with
+    ``channels_first=True`` images are shaped (3, H, W).
 
     ## Rewards
     Progress along the centre line [m] minus the named penalties in ``REWARD_WEIGHTS``;
@@ -184,7 +233,16 @@ class LaneKeepEnv(gym.Env):
     [m], ``curvature`` [1/m], ``speed`` [m/s], ``wheel_angle`` [rad], ``departure`` (this
     step is beyond ``departure_threshold``), ``departures`` (events so far),
     ``expert_steering`` (the expert's command for the current state), pose ``x``, ``y``,
-    ``yaw``, ``time`` [s], ``steering`` and ``throttle`` executed, and ``frames`` (all cameras).
+    ``yaw``, ``time`` [s], ``steering`` and ``throttle`` executed, and, when ``cameras`` lists
+    more than one camera, ``frames``: the other cameras' images by name (the first camera's
+    image is the observation's, and is not repeated).
+
+    ## Copies, close and reset
+    ``copy.deepcopy(env)`` and a pickle round trip give an independent environment (its own
+    PyBullet client) in the same state: world, car, controllers, ``np_random``, counters; the
+    original and the copy then step bit-identically. ``close()`` frees the PyBullet client
+    (calling it again is harmless); ``reset()`` after ``close()`` opens a new one, and ``step()``
+    before ``reset()`` raises RuntimeError. ``metadata["render_fps"]`` is ``control_hz``.
 
     ## Arguments
     Every field of :class:`LaneKeepConfig` as a keyword, plus ``render_mode`` (``rgb_array``:
@@ -203,6 +261,8 @@ class LaneKeepEnv(gym.Env):
             raise TypeError(f"unknown LaneKeep option(s) {unknown}; valid options: {sorted(known)}")
         self.config = LaneKeepConfig(**{**(asdict(config) if config else {}), **overrides})
         self.render_mode = render_mode
+        # One rendered frame per control step: videos play in real time at control_hz.
+        self.metadata = {**type(self).metadata, "render_fps": self.config.control_hz}
         cfg = self.config
         height, width = cfg.resolution
         self.dt = 1.0 / cfg.control_hz
@@ -215,14 +275,7 @@ class LaneKeepEnv(gym.Env):
         # The centre-line points ahead cost a little per step; only compute them when read.
         self.needs_lookahead = cfg.privileged or cfg.expert == "pure_pursuit"
 
-        obs_spaces = {
-            "image": spaces.Box(0, 255, (height, width, 3), np.uint8),
-            "speed": spaces.Box(-5.0, MAX_SPEED_OBS, (1,), np.float32),
-        }
-        if cfg.privileged:
-            obs_spaces["privileged"] = spaces.Box(-PRIVILEGED_BOUND, PRIVILEGED_BOUND,
-                                                  (controllers.FEATURE_SIZE,), np.float32)
-        self.observation_space = spaces.Dict(obs_spaces)
+        self.observation_space = self._observation_space()
         n_actions = 2 if cfg.longitudinal else 1
         self.action_space = spaces.Box(-1.0, 1.0, (n_actions,), np.float32)
 
@@ -243,6 +296,54 @@ class LaneKeepEnv(gym.Env):
         self.features: controllers.LaneFeatures | None = None
         self.frames: dict[str, np.ndarray] = {}
         self.trail: list[tuple[float, float]] = []
+
+    def _observation_space(self) -> spaces.Space:
+        cfg = self.config
+        height, width = cfg.resolution
+        image = spaces.Box(0, 255, (3, height, width) if cfg.channels_first else (height, width, 3), np.uint8)
+        if cfg.observation == "image":
+            return image
+        obs_spaces = {"image": image, "speed": spaces.Box(-5.0, MAX_SPEED_OBS, (1,), np.float32)}
+        if cfg.privileged:
+            obs_spaces["privileged"] = spaces.Box(-PRIVILEGED_BOUND, PRIVILEGED_BOUND,
+                                                  (controllers.FEATURE_SIZE,), np.float32)
+        return spaces.Dict(obs_spaces)
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict:
+        """Everything but the PyBullet client, with the physics world saved as a Bullet
+        snapshot (bodies, velocities, contact points) and the car's controller memory, so a
+        copy (pickle or ``copy.deepcopy``) continues bit-identically on its own client."""
+        state = {key: value for key, value in self.__dict__.items() if key not in ("client", "world", "vehicle")}
+        state["_closed"] = self.client is None
+        state["_physics"] = None
+        if self.client is not None and self.vehicle is not None:
+            state["_physics"] = (_save_physics(self.client), self.vehicle.controller_state())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        physics, closed = state.pop("_physics"), state.pop("_closed")
+        self.__dict__.update(state)
+        self.client, self.world, self.vehicle = None, None, None
+        if closed:
+            return
+        self.client = _direct_client()
+        if physics is not None:
+            snapshot, controller_state = physics
+            self._build_world(self.track, self.condition)
+            _restore_physics(self.client, snapshot)
+            self.vehicle.restore_controller_state(controller_state)
+            if self.vehicle.base_state() != controller_state["base"]:
+                raise RuntimeError("the copied LaneKeep environment's car did not land where the original's is "
+                                   "(the physics snapshot does not match the rebuilt world)")
+
+    def _require_episode(self, method: str) -> None:
+        """Clear errors (not asserts, which ``python -O`` strips) for calls without a live episode."""
+        if self.client is None:
+            raise RuntimeError(f"LaneKeepEnv.{method}() called after close(); call reset() to reopen the environment")
+        if self.vehicle is None:
+            raise RuntimeError(f"LaneKeepEnv.{method}() called before reset(); call env.reset(seed=...) first")
 
     # ------------------------------------------------------------------ world
     def _build_world(self, track: Track, condition: str) -> None:
@@ -279,7 +380,7 @@ class LaneKeepEnv(gym.Env):
         """Put the car at progress ``s`` [m], ``offset`` [m] left of centre, ``heading`` [rad]
         relative to the road, rolling at ``speed`` (default: the target speed). Used by
         ``reset`` and by the intervention wrapper."""
-        assert self.track is not None, "call reset() before place_car()"
+        self._require_episode("place_car")
         s = float(np.clip(s, 0.0, self.track.length))
         x, y = self.track.lateral_points(s, offset)
         _, _, road_heading = self.track.pose(s)
@@ -290,6 +391,7 @@ class LaneKeepEnv(gym.Env):
 
     def kick_heading(self, delta: float) -> None:
         """Rotate the car (and its velocity) by ``delta`` [rad] about the vertical, in place."""
+        self._require_episode("kick_heading")
         c, body = self.client, self.vehicle.body_id
         position, orientation = c.getBasePositionAndOrientation(body)
         linear, angular = c.getBaseVelocity(body)
@@ -306,6 +408,7 @@ class LaneKeepEnv(gym.Env):
 
         Used by the lateral-push perturbation; the camera frames are refreshed by the next step.
         """
+        self._require_episode("shift_lateral")
         c, body = self.client, self.vehicle.body_id
         position, orientation = c.getBasePositionAndOrientation(body)
         heading = self.lane.road_heading
@@ -314,13 +417,22 @@ class LaneKeepEnv(gym.Env):
         self.vehicle.refresh()
         self._update_state(render_cameras=False)
 
-    def current_observation(self) -> dict:
-        """The observation of the current state (after the car was moved by a wrapper)."""
-        return self._observation()
+    def current_observation(self) -> dict | np.ndarray:
+        """The observation of the current state (after the car was moved by a wrapper); a copy."""
+        self._require_episode("current_observation")
+        obs = self._observation()
+        return obs.copy() if isinstance(obs, np.ndarray) else {key: value.copy() for key, value in obs.items()}
+
+    def extra_frames(self) -> dict[str, np.ndarray]:
+        """Copies of the current frames of the cameras after the first (``info["frames"]``)."""
+        self._require_episode("extra_frames")
+        return {spec.name: self._layout(self.frames[spec.name]).copy() for spec in self.camera_specs[1:]}
 
     # ------------------------------------------------------------------ API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
+        if self.client is None:  # closed: open a new client (the old world went with the old one)
+            self.client = _direct_client()
         options = dict(options or {})
         known = {"track", "condition", "start_offset", "start_heading", "start_s"}
         unknown = sorted(set(options) - known)
@@ -346,7 +458,7 @@ class LaneKeepEnv(gym.Env):
         return self._observation(), self._info(steering=0.0, throttle=0.0, clipped=False, terms={})
 
     def step(self, action):
-        assert self.track is not None, "call reset() before step()"
+        self._require_episode("step")
         action = np.asarray(action, dtype=np.float64).reshape(-1)
         if action.shape != self.action_space.shape:
             raise ValueError(f"action must have shape {self.action_space.shape}, got {action.shape}")
@@ -392,6 +504,7 @@ class LaneKeepEnv(gym.Env):
     def render(self):
         if self.render_mode != "rgb_array":
             return None
+        self._require_episode("render")
         height, width = RENDER_SIZE
         position, _ = self.vehicle.base_state()
         view, projection = chase_camera_matrices(self.client, position, self.vehicle.pose()[2], width, height)
@@ -401,12 +514,15 @@ class LaneKeepEnv(gym.Env):
         """A (size, size, 3) uint8 map of the route, the car and its trail (for videos and plots)."""
         from steerloop.sim.topdown import draw_top_down
 
+        self._require_episode("top_down")
         return draw_top_down(self.track, self.vehicle.pose(), self.trail, self.vehicle_params, size=size)
 
     def close(self):
+        """Free the PyBullet client (safe to call twice); ``reset()`` opens a new one."""
         if getattr(self, "client", None) is not None:
             self.client.disconnect()
             self.client = None
+        self.world, self.vehicle = None, None
 
     # ------------------------------------------------------------------ internals
     def _update_state(self, render_cameras: bool = True) -> None:
@@ -446,9 +562,16 @@ class LaneKeepEnv(gym.Env):
         params = self.vehicle_params
         return self.expert_law(self.features, params.wheelbase, params.max_wheel_angle, target_offset)
 
-    def _observation(self) -> dict:
+    def _layout(self, frame: np.ndarray) -> np.ndarray:
+        """A rendered (H, W, 3) frame in the configured layout."""
+        return np.ascontiguousarray(frame.transpose(2, 0, 1)) if self.config.channels_first else frame
+
+    def _observation(self) -> dict | np.ndarray:
+        image = self._layout(self.frames[self.camera_specs[0].name])
+        if self.config.observation == "image":
+            return image
         obs = {
-            "image": self.frames[self.camera_specs[0].name],
+            "image": image,
             "speed": np.array([min(max(self.features.speed, -5.0), MAX_SPEED_OBS)], dtype=np.float32),
         }
         if self.config.privileged:
@@ -458,7 +581,7 @@ class LaneKeepEnv(gym.Env):
     def _info(self, *, steering: float, throttle: float, clipped: bool, terms: dict) -> dict[str, Any]:
         x, y, yaw = self.vehicle.pose()
         lane = self.lane
-        return {
+        info = {
             "lateral_offset": lane.offset,
             "heading_error": lane.heading_error,
             "progress": self.s,
@@ -476,9 +599,11 @@ class LaneKeepEnv(gym.Env):
             "time": self.time,
             "track": self.track.name,
             "condition": self.condition,
-            "frames": self.frames,
             "reward_terms": terms,
             "off_road": False,
             "success": False,
         }
+        if len(self.camera_specs) > 1:
+            info["frames"] = {spec.name: self._layout(self.frames[spec.name]) for spec in self.camera_specs[1:]}
+        return info
 

@@ -41,6 +41,19 @@ Several writer processes may share one directory: manifest updates are
 serialised with an advisory lock on the directory and a ``*.tmp`` file being
 written is locked, so it is never mistaken for a stale one (POSIX only).
 
+Integrity
+---------
+Every listed episode's size and sha256 are recorded in the manifest.
+:class:`DrivingLog` ``(verify=True)`` (what training and offline evaluation
+use) checks every episode before anything is read, and the writer's
+:meth:`DrivingLogWriter.completed` counts an episode as done only if it
+passes the same check, so a resumed recording re-records damaged episodes.
+A successful check is remembered for the life of the process, keyed by the
+file's device, inode, size, mtime, ctime and the expected checksum: checking
+an unchanged file again costs one ``stat``.  A file modified less than
+:data:`RACY_WINDOW_NS` before its check is re-hashed at every use, because a
+second change within one timestamp tick would keep its mtime.
+
 Reproducibility
 ---------------
 Files are written with the oldest HDF5 format (``libver=("earliest",
@@ -97,6 +110,7 @@ import json
 import os
 import platform
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
@@ -142,6 +156,9 @@ _REQUIRED_ATTRS = ("track", "seed", "condition")
 _RESERVED_ATTRS = ("schema_version", "episode")
 _CAMERA_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _DEFAULT_MAX_OPEN = 64
+VERIFIED_CACHE_SIZE = 16384  # entries (~0.2 KB each) of the in-process checksum-verification cache
+RACY_WINDOW_NS = 2_000_000_000  # [ns] files modified this recently are re-hashed at every use (FAT: 2 s mtime ticks)
+_VERIFIED: OrderedDict[tuple, None] = OrderedDict()  # stat identity + expected sha256 of files that matched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,6 +320,43 @@ def _sha256_file(path: str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _file_key(path: str, sha256: str) -> tuple:
+    """What identifies one state of a file for the verification cache (raises OSError)."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256)
+
+
+def _file_problem(path: str, size: int, sha256: str) -> str | None:
+    """Why ``path`` is not the file the manifest lists (``size`` bytes, checksum ``sha256``), or None.
+
+    Successes are cached (see *Integrity* in the module docstring): an unchanged file is
+    hashed once per process.  Never caches a file that changed while it was hashed or that
+    was modified within :data:`RACY_WINDOW_NS`.
+    """
+    try:
+        key = _file_key(path, sha256)
+    except OSError:
+        return "file is missing"
+    if key in _VERIFIED:
+        _VERIFIED.move_to_end(key)
+        return None
+    if key[2] != size:
+        return f"size is {key[2]} bytes, {MANIFEST} says {size} (truncated?)"
+    started = time.time_ns()
+    try:
+        digest = _sha256_file(path)
+    except OSError as exc:
+        return f"cannot be read ({exc})"
+    if digest != sha256:
+        return f"sha256 mismatch (manifest {sha256[:12]}..., file {digest[:12]}...), the file is corrupted"
+    with contextlib.suppress(OSError):
+        if started - key[3] > RACY_WINDOW_NS and _file_key(path, sha256) == key:
+            _VERIFIED[key] = None
+            while len(_VERIFIED) > VERIFIED_CACHE_SIZE:
+                _VERIFIED.popitem(last=False)
+    return None
 
 
 def _software_versions() -> dict[str, str]:
@@ -673,18 +727,30 @@ class DrivingLogWriter:
         """The manifest as last written by this writer."""
         return self._manifest
 
-    def completed(self) -> set[int]:
-        """Indices of complete episodes: listed in the manifest and present on disk."""
-        manifest = _read_manifest(self.path)
-        done = set()
-        for key, entry in manifest["episodes"].items():
+    def _listed(self) -> dict[int, dict]:
+        """The manifest's well-formed episode entries by index (malformed ones are re-recorded)."""
+        listed = {}
+        for key, entry in _read_manifest(self.path)["episodes"].items():
             try:
-                size = os.path.getsize(os.path.join(self.path, entry["file"]))
-            except (OSError, KeyError, TypeError):
+                listed[int(key)] = {"file": str(entry["file"]), "bytes": int(entry["bytes"]),
+                                    "sha256": str(entry["sha256"])}
+            except (KeyError, TypeError, ValueError):
                 continue
-            if size == entry.get("bytes"):
-                done.add(int(key))
-        return done
+        return listed
+
+    def _problem(self, entry: dict) -> str | None:
+        return _file_problem(os.path.join(self.path, entry["file"]), entry["bytes"], entry["sha256"])
+
+    def damaged(self) -> dict[int, str]:
+        """Listed episodes whose file is missing or differs from the manifest (size, sha256),
+        with the problem; resuming re-records them (the content is deterministic)."""
+        problems = {index: self._problem(entry) for index, entry in self._listed().items()}
+        return {index: problem for index, problem in sorted(problems.items()) if problem is not None}
+
+    def completed(self) -> set[int]:
+        """Indices of complete episodes: listed in the manifest, present on disk, with the
+        size and sha256 the manifest records (an unchanged file is hashed once per process)."""
+        return {index for index, entry in self._listed().items() if self._problem(entry) is None}
 
     # ---- writing -----------------------------------------------------------
 
@@ -701,7 +767,8 @@ class DrivingLogWriter:
         index = int(index)
         name = episode_file(index)
         where = f"{self.path}/{name}"
-        if index in self.completed():
+        listed = self._listed().get(index)
+        if listed is not None and self._problem(listed) is None:
             raise LogError(
                 f"{where} is already complete; skip the indices in writer.completed() "
                 "(delete the file first to re-record it)"
@@ -843,11 +910,16 @@ class DrivingLog:
     With ``skip_corrupt=True`` every listed episode is checked at open
     (file present, size and sha256 as in the manifest); bad ones are left out
     of :attr:`episodes` and recorded in :attr:`skipped` as ``(index, reason)``.
-    Otherwise a missing file raises :class:`LogError` and corruption surfaces
-    as :class:`CorruptEpisodeError` on read or via :meth:`verify`.
+    Otherwise a missing file raises :class:`LogError`; with ``verify=True``
+    (what training and offline evaluation use) the first episode that fails
+    the check raises :class:`CorruptEpisodeError` at open, before any data is
+    read; without it corruption surfaces only on read or via :meth:`verify`.
+    Checks of unchanged files are cached per process (module docstring,
+    *Integrity*).
     """
 
-    def __init__(self, path: str | os.PathLike, skip_corrupt: bool = False, *, max_open: int = _DEFAULT_MAX_OPEN):
+    def __init__(self, path: str | os.PathLike, skip_corrupt: bool = False, *, verify: bool = False,
+                 max_open: int = _DEFAULT_MAX_OPEN):
         self.path = os.fspath(path)
         self.manifest: dict = _read_manifest(self.path)
         self.cameras: list[str] = list(self.manifest["cameras"])
@@ -880,6 +952,8 @@ class DrivingLog:
                     f"{self._file(index)} is listed in {self._manifest_path} but missing; "
                     "re-run the recorder on this directory to re-record it, or open with skip_corrupt=True"
                 )
+            elif verify:
+                self.verify(index)
             episodes.append(index)
         self.episodes: list[int] = episodes
         self._handles: OrderedDict[int, h5py.File] = OrderedDict()
@@ -1029,23 +1103,15 @@ class DrivingLog:
         return self._read(index, slice(int(start), int(start) + int(T)), cameras)
 
     def verify(self, index: int) -> None:
-        """Check size and sha256 of episode ``index``; CorruptEpisodeError if wrong."""
+        """Check size and sha256 of episode ``index`` (cached while the file is unchanged);
+        CorruptEpisodeError naming the file otherwise."""
         entry = self._entry(index)
         path = self._file(index)
-        fix = "delete it and re-run the recorder on this directory to re-record it, or open with skip_corrupt=True"
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            raise CorruptEpisodeError(f"{path}: file is missing; {fix}") from None
-        if size != entry["bytes"]:
+        problem = _file_problem(path, entry["bytes"], entry["sha256"])
+        if problem is not None:
             raise CorruptEpisodeError(
-                f"{path}: size is {size} bytes, {MANIFEST} says {entry['bytes']} (truncated?); {fix}"
-            )
-        digest = _sha256_file(path)
-        if digest != entry["sha256"]:
-            raise CorruptEpisodeError(
-                f"{path}: sha256 mismatch (manifest {entry['sha256'][:12]}..., file {digest[:12]}...), "
-                f"the file is corrupted; {fix}"
+                f"{path}: {problem}; re-record it (re-run the command that recorded {self.path}: it records "
+                f"damaged episodes again) or run `steerloop validate {self.path}` to list every problem"
             )
 
 

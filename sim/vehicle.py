@@ -21,6 +21,7 @@ y left, z up. ``pose()`` reports that point on the ground plane.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -313,3 +314,16 @@ class Vehicle:
     def forward_speed(self) -> float:
         """Speed along the car's heading [m/s] (negative when reversing)."""
         return self._speed
+
+    def controller_state(self) -> dict:
+        """The controllers' memory that PyBullet does not hold (actuator delay line and angle,
+        cruise integral, throttle, drive torque) and the base state, for copying the car."""
+        return {"steering": copy.deepcopy(self.steering), "cruise": copy.deepcopy(self.cruise),
+                "throttle": self.throttle, "drive_torque": self._drive_torque, "base": self._base}
+
+    def restore_controller_state(self, state: dict) -> None:
+        """Restore :meth:`controller_state` after the physics state was restored; re-reads the base."""
+        self.steering = copy.deepcopy(state["steering"])
+        self.cruise = copy.deepcopy(state["cruise"])
+        self.throttle, self._drive_torque = state["throttle"], state["drive_torque"]
+        self.refresh()

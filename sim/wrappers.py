@@ -107,10 +107,15 @@ class PerturbationWrapper(gym.Wrapper):
         return obs, info
 
     def _active(self, step: int) -> tuple[int, int]:
-        """(index, phase) of the perturbation that governs control step ``step`` (1-based)."""
+        """(index, phase) of the perturbation that governs control step ``step`` (1-based).
+
+        A perturbation acting wins over an earlier one's recovery window (which it cuts
+        short); otherwise the latest recovery window that covers ``step``."""
         for index, q in enumerate(self.perturbations):
             if q.start_step <= step < q.end_step:
                 return index, PHASE_ACTING
+        for index in reversed(range(len(self.perturbations))):
+            q = self.perturbations[index]
             if q.end_step <= step < q.end_step + self.recovery_steps:
                 return index, PHASE_RECOVERY
         return -1, PHASE_NONE
@@ -180,5 +185,7 @@ class InterventionWrapper(gym.Wrapper):
             terminated = bool(info["success"])
             info.update(lateral_offset=base.lane.offset, heading_error=base.lane.heading_error, off_road=False,
                         expert_steering=base.expert_command())
+            if "frames" in info:  # the side cameras see the car where it was put back, like the observation
+                info["frames"] = base.extra_frames()
         info.update(intervention=intervened, interventions=self.interventions)
         return obs, reward, terminated, truncated, info

@@ -20,6 +20,7 @@ from typing import Callable
 
 from steerloop.agents.checkpoint import load_checkpoint
 from steerloop.agents.mixture import MIXTURE_MODES
+from steerloop.sim.log import DrivingLog
 from steerloop.sim.parallel import check_backend
 from steerloop.training.record import RecordConfig, record
 from steerloop.training.train import TrainConfig, train
@@ -81,11 +82,20 @@ class DaggerConfig:
         return self.beta_schedule[min(iteration, len(self.beta_schedule) - 1)]
 
 
+def _verified_resolution(datasets: list[str]) -> tuple[int, int]:
+    """Check every episode of ``datasets`` against its manifest checksum (CorruptEpisodeError
+    naming the file, before any iteration records or trains) and return the first one's
+    camera resolution. The checks are cached, so each iteration's training does not redo them."""
+    logs = [DrivingLog(path, verify=True) for path in datasets]
+    for log in logs:
+        log.close()
+    return tuple(logs[0].resolution)
+
+
 def run_dagger(cfg: DaggerConfig, evaluate_fn: Callable[[str, int], dict] | None = None,
                progress: bool = True) -> list[dict]:
     """Run (or resume) DAgger; returns one row per iteration (also saved in dagger.json)."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     table_path = out / "dagger.json"
     run_config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
                   if k not in ("backend", "address")}  # where it runs does not change the results
@@ -95,11 +105,12 @@ def run_dagger(cfg: DaggerConfig, evaluate_fn: Callable[[str, int], dict] | None
         if state["config"] != run_config:
             raise ValueError(f"{out} holds a DAgger run with a different configuration ({table_path}); "
                              "use another --out")
+    datasets = list(cfg.data) + [row["data"] for row in state["iterations"]]
+    resolution = _verified_resolution(datasets)
     _, init_config, init_meta = load_checkpoint(cfg.init)
     training = init_meta.get("training", {})
-    resolution = tuple(json.loads((Path(cfg.data[0]) / "manifest.json").read_text())["resolution"])
     learner = cfg.init if not state["iterations"] else state["iterations"][-1]["checkpoint"]
-    datasets = list(cfg.data) + [row["data"] for row in state["iterations"]]
+    out.mkdir(parents=True, exist_ok=True)
     for i in range(len(state["iterations"]), cfg.iterations):
         data_dir = out / f"iter_{i:02d}" / "data"
         recorded = record(RecordConfig(out=str(data_dir), episodes=cfg.episodes_per_iter, suite="train",

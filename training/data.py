@@ -51,10 +51,14 @@ def manifest_id(paths: list[str]) -> str:
 
 def load_episodes(paths: list[str], cameras: tuple[str, ...]) -> tuple[list[Episode], dict]:
     """Decode every episode of every dataset; returns the episodes and the first manifest's
-    simulator config (resolution, cameras), checking that all datasets agree on it."""
+    simulator config (resolution, cameras), checking that all datasets agree on it.
+
+    Every episode file of every dataset is checked against its manifest checksum before
+    anything is decoded (CorruptEpisodeError naming the file; unchanged files are checked
+    once per process)."""
+    logs = [DrivingLog(path, verify=True) for path in paths]
     episodes, reference = [], None
-    for path in paths:
-        log = DrivingLog(path)
+    for path, log in zip(paths, logs):
         manifest = log.manifest
         have = tuple(manifest["cameras"])
         missing = [c for c in cameras if c not in have]

@@ -4,7 +4,9 @@ The episode -> (track, condition, seeds) assignment is a pure function of the co
 arguments (:func:`episode_jobs`), so a dataset's content is identical whatever the number
 of worker processes. Workers simulate; only the parent process writes files, so the
 manifest has a single writer. Completed episodes survive any interruption and a re-run
-of the same command records only the missing ones.
+of the same command records only the missing ones, and again any listed episode whose file
+is missing or no longer matches the manifest's size and sha256 (content is deterministic, so
+the re-recorded bytes equal the original ones); the summary names them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from steerloop.agents.experts import NOISE_KINDS, ExpertPolicy, NoisyExpert
 from steerloop.agents.mixture import MixturePolicy
 from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from steerloop.sim.env import LaneKeepEnv, load_track
-from steerloop.sim.log import DrivingLogWriter, EpisodeBuffer
+from steerloop.sim.log import DrivingLogWriter, EpisodeBuffer, episode_file
 from steerloop.sim.parallel import check_backend, connect_ray, run_tasks
 from steerloop.sim.scene import CONDITIONS
 from steerloop.sim.track import SPLIT_SEED_RANGES, split_seed
@@ -171,7 +173,8 @@ def record_episode(cfg: RecordConfig, job: EpisodeJob) -> tuple[EpisodeJob, Epis
     while not terminated and steps < MAX_EPISODE_STEPS:
         action, policy_state = policy.predict(obs, state=policy_state, episode_start=start)
         start = np.zeros(1, bool)
-        frames = {name: info["frames"][name] for name in cfg.cameras}
+        # The first camera's frame is the observation's image; the side cameras' are in info.
+        frames = {cfg.cameras[0]: obs["image"], **info.get("frames", {})}
         state = {key: info[key] for key in ("speed", "x", "y", "yaw", "lateral_offset", "heading_error", "progress",
                                             "curvature", "time", "wheel_angle")}
         label = info["expert_steering"]
@@ -213,7 +216,8 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
     writer = DrivingLogWriter(cfg.out, config=cfg.dataset_config(), cameras=cfg.cameras, resolution=cfg.resolution,
                               suite=cfg.suite if cfg.track is None else None,
                               seeds={"seed": cfg.seed}, extra={"expert": {"law": cfg.expert}, **cfg.extra})
-    done = writer.completed()
+    damaged = writer.damaged()  # listed but missing or not matching the manifest: recorded again (deterministic)
+    done = writer.completed()  # damaged() cached the intact files' checks (see sim.log, Integrity)
     jobs = [job for job in episode_jobs(cfg) if job.index not in done]
     bar = tqdm(total=cfg.episodes, initial=cfg.episodes - len(jobs), unit="ep", desc=f"record {cfg.out}",
                disable=not progress, dynamic_ncols=True)
@@ -235,4 +239,5 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
         bar.close()
     elapsed = time.perf_counter() - started
     return {"out": os.fspath(cfg.out), "episodes_recorded": len(jobs), "episodes_total": cfg.episodes,
+            "episodes_rerecorded": {episode_file(index): problem for index, problem in damaged.items()},
             "frames": frames, "seconds": elapsed, "frames_per_s": frames / elapsed if elapsed > 0 else 0.0}

@@ -137,12 +137,61 @@ def test_a_metric_absent_from_the_suite_is_not_compared():
     assert names[:3] == ["success_rate", "route_completion", "mean_abs_offset_m"]
 
 
-def test_a_missing_value_is_reported_not_judged():
-    base = make_results([scenario(on_policy_rmse=None)], "v1")
-    comparison = compare(make_results([scenario(on_policy_rmse=0.4)]), base)
-    m = row(comparison, "on_policy_rmse")
-    assert m.status == "n/a" and m.baseline is None and m.candidate == pytest.approx(0.4)
-    assert not comparison.regression
+def with_aggregate(results: dict, metric: str, value) -> dict:
+    """A copy of ``results`` whose aggregate ``metric`` is ``value`` (MISSING: the key removed)."""
+    results = json.loads(json.dumps(results))
+    if value is MISSING:
+        del results["aggregate"][metric]
+    else:
+        results["aggregate"][metric] = value
+    return results
+
+
+MISSING = object()
+
+
+@pytest.mark.parametrize("value, shown", [(float("nan"), "nan"), (None, "null"), (MISSING, "missing"),
+                                          (float("inf"), "inf"), ("0.05", "'0.05'")])
+@pytest.mark.parametrize("side", ["candidate", "baseline"])
+def test_a_missing_or_non_finite_aggregate_cannot_be_compared(value, shown, side):
+    """Fails open on the old gate: a NaN/null/missing aggregate was "n/a" (or skipped), and the
+    rest being equal the verdict was "identical", exit 0."""
+    base = make_results([scenario(), scenario(offset=0.2)], "v1")
+    broken = with_aggregate(base, "on_policy_rmse", value)
+    candidate, baseline = (broken, base) if side == "candidate" else (base, broken)
+    other = "baseline" if side == "candidate" else "candidate"
+    with pytest.raises(IncomparableError, match="missing or non-finite aggregates: on_policy_rmse") as error:
+        compare(candidate, baseline)
+    message = str(error.value)
+    assert f"{side} {shown}" in message and f"{other} 0.05" in message and "\n" not in message
+    with pytest.raises(IncomparableError, match="on_policy_rmse"):  # the pytest-plugin path: not a pass
+        assert_no_regression(candidate, baseline)
+    with pytest.raises(IncomparableError, match="on_policy_rmse"):
+        compare(candidate, baseline, statistical=True)
+
+
+def test_every_broken_aggregate_is_named():
+    base = make_results([scenario(), scenario(offset=0.2)], "v1")
+    broken = with_aggregate(with_aggregate(base, "success_rate", float("nan")), "mean_abs_offset_m", None)
+    with pytest.raises(IncomparableError) as error:
+        compare(broken, base)
+    assert "success_rate (candidate nan, baseline 1.0)" in str(error.value)
+    assert "mean_abs_offset_m (candidate null, baseline 0.15" in str(error.value)
+
+
+def test_a_metric_both_sides_lack_by_design_is_na_and_the_rest_is_compared():
+    base = make_results([scenario(on_policy_rmse=None), scenario(on_policy_rmse=None)], "v1")
+    assert base["aggregate"]["on_policy_rmse"] is None  # e.g. every step overridden: nothing to measure
+    same = compare(json.loads(json.dumps(base)), base)
+    m = row(same, "on_policy_rmse")
+    assert m.status == "n/a" and m.baseline is None and m.candidate is None
+    assert same.identical and same.exit_code == 0
+    worse = compare(make_results([scenario(on_policy_rmse=None, offset=0.3)] * 2), base)
+    assert row(worse, "on_policy_rmse").status == "n/a"
+    assert row(worse, "mean_abs_offset_m").status == "REGRESSION" and worse.exit_code == 1
+    absent = with_aggregate(with_aggregate(base, "on_policy_rmse", MISSING), "success_rate", 1.0)
+    both_absent = compare(absent, with_aggregate(base, "on_policy_rmse", MISSING))
+    assert "on_policy_rmse" not in [m.metric for m in both_absent.metrics] and both_absent.identical
 
 
 # ----------------------------------------------------------------------------- statistical mode
@@ -415,6 +464,40 @@ def test_different_seeds_cannot_be_compared(capsys, cache, tmp_path):
     (changed / "results.json").write_text(json.dumps(data))
     code, _, err = regress(capsys, cache, "--policy", str(changed), "--baseline", str(results_dir(cache, "expert")))
     assert code == 2 and "different seeds differ at scenario 1" in err
+
+
+def write_results(directory: Path, results: dict) -> Path:
+    """A results directory as `steerloop evaluate` leaves it: results.json and the suite in run.json."""
+    directory.mkdir(parents=True)
+    scenarios = tuple(Scenario(name=s["name"], track=s["track"], seed=s["seed"]) for s in results["scenarios"])
+    (directory / "run.json").write_text(json.dumps({"suite": Suite(results["suite"], scenarios).to_dict()}))
+    (directory / "results.json").write_text(json.dumps(results))  # NaN is written as the JSON literal NaN
+    return directory
+
+
+@pytest.mark.parametrize("value", [float("nan"), None, MISSING])
+def test_the_command_cannot_compare_a_broken_aggregate(capsys, tmp_path, value):
+    base = make_results([scenario(), scenario(offset=0.2)], "v1")
+    baseline = write_results(tmp_path / "base", base)
+    candidate = write_results(tmp_path / "cand", with_aggregate(base, "mean_abs_offset_m", value))
+    code, out, err = regress(capsys, tmp_path / "runs", "--policy", str(candidate), "--baseline", str(baseline))
+    assert code == 2, out
+    (line,) = err.strip().splitlines()
+    assert line.startswith("steerloop regress: cannot compare: missing or non-finite aggregates: mean_abs_offset_m")
+    assert "verdict" not in out and "identical" not in out and not (tmp_path / "runs" / "regress.json").exists()
+
+
+def test_the_command_compares_the_rest_when_both_sides_lack_a_metric(capsys, tmp_path):
+    base = make_results([scenario(on_policy_rmse=None)] * 2, "v1")
+    baseline = write_results(tmp_path / "base", base)
+    code, out, err = regress(capsys, tmp_path / "runs", "--policy", str(baseline), "--baseline", str(baseline))
+    assert code == 0, err
+    assert "identical" in out and any(line.split()[:1] == ["on_policy_rmse"] and "n/a" in line
+                                      for line in out.splitlines())
+    worse = write_results(tmp_path / "worse", make_results([scenario(on_policy_rmse=None, offset=0.3)] * 2))
+    code, out, err = regress(capsys, tmp_path / "runs", "--policy", str(worse), "--baseline", str(baseline))
+    assert code == 1, err
+    assert "verdict: REGRESSION" in out and "mean_abs_offset_m" in out.split("verdict:")[1]
 
 
 def test_a_bad_tolerance_file_fails_before_any_work(capsys, tmp_path):

@@ -153,19 +153,29 @@ def test_privileged_observation(make_env):
     assert "privileged" not in make_env().observation_space.spaces
 
 
-def test_three_cameras_in_info_frames(make_env):
+def test_three_cameras_first_is_the_observation_others_in_info_frames(make_env):
     env = make_env(cameras=("center", "left", "right"))
     obs, info = env.reset(seed=0)
     frames = info["frames"]
-    assert set(frames) == {"center", "left", "right"}
+    assert set(frames) == {"left", "right"}  # the centre frame is the observation's image, not repeated
     for frame in frames.values():
         assert frame.shape == (*TINY, 3) and frame.dtype == np.uint8
-    assert np.array_equal(obs["image"], frames["center"])
-    assert not np.array_equal(frames["left"], frames["center"])
-    assert not np.array_equal(frames["right"], frames["center"])
+    assert not np.array_equal(frames["left"], obs["image"])
+    assert not np.array_equal(frames["right"], obs["image"])
     assert not np.array_equal(frames["left"], frames["right"])
+    assert not any(np.shares_memory(obs["image"], frame) for frame in frames.values())
+    obs, _, _, _, info = env.step(np.zeros(1, np.float32))
+    assert set(info["frames"]) == {"left", "right"}
+
+
+def test_one_camera_hands_out_its_frame_once(make_env):
+    # Every array crosses a SubprocVecEnv pipe: the centre frame must travel once, in the observation.
+    env = make_env()
+    obs, info = env.reset(seed=0)
+    assert "frames" not in info
     _, _, _, _, info = env.step(np.zeros(1, np.float32))
-    assert set(info["frames"]) == {"center", "left", "right"}
+    assert "frames" not in info
+    assert not [key for key, value in info.items() if isinstance(value, np.ndarray) and value.ndim == 3]
 
 
 # ---------------------------------------------------------------- actions

@@ -12,15 +12,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from steerloop.sim.log import (FRAME_COMPRESSION, FRAME_COMPRESSION_LEVEL, MANIFEST, SCALAR_FIELDS, SCHEMA_VERSION,
-                     CorruptEpisodeError, DrivingLog, DrivingLogWriter, EpisodeBuffer, LogError, episode_file,
-                     validate)
+import steerloop.sim.log as log_module
+from steerloop.sim.log import (FRAME_COMPRESSION, FRAME_COMPRESSION_LEVEL, MANIFEST, RACY_WINDOW_NS, SCALAR_FIELDS,
+                               SCHEMA_VERSION, CorruptEpisodeError, DrivingLog, DrivingLogWriter, EpisodeBuffer,
+                               LogError, episode_file, validate)
 
 ROOT = Path(__file__).resolve().parents[2]
 RES = (8, 16)  # (H, W) [px] of the synthetic frames
@@ -337,6 +339,20 @@ def test_completed_excludes_missing_files(dataset):
     assert open_writer(path).completed() == {0}
 
 
+def test_a_same_size_corrupt_episode_is_not_completed_and_is_rewritten(dataset):
+    """Resume used to trust the file size: a corrupted episode of the right size counted as done."""
+    path, buffers = dataset
+    before = (path / episode_file(1)).read_bytes()
+    flip_byte(path / episode_file(1))
+    writer = open_writer(path)
+    assert writer.completed() == {0}
+    (problem,) = writer.damaged().values()
+    assert list(writer.damaged()) == [1] and problem.startswith("sha256 mismatch")
+    writer.write_episode(1, buffers[1], attrs_for(1))  # no "already complete" refusal
+    assert (path / episode_file(1)).read_bytes() == before and validate(path) == []
+    assert writer.completed() == {0, 1} and writer.damaged() == {}
+
+
 @pytest.mark.parametrize("change", ["config", "cameras"])
 def test_resume_with_a_different_recording_is_refused_and_changes_nothing(dataset, change):
     path, _ = dataset
@@ -426,6 +442,70 @@ def test_truncated_file_is_detected(dataset):
     assert "truncated" in validate(path)[0]
     with DrivingLog(path) as log, pytest.raises(CorruptEpisodeError, match=f"{episode_file(1)}.*re-record"):
         log.read_episode(1)  # no verification when skip_corrupt is off: caught on open
+
+
+# ----------------------------------------------------------------------------- verification cache
+@pytest.fixture
+def hashes(monkeypatch) -> list[str]:
+    """Records every file sim.log hashes to check a checksum."""
+    calls = []
+    real = log_module._sha256_file
+
+    def counting(path):
+        calls.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(log_module, "_sha256_file", counting)
+    return calls
+
+
+def age(path: Path, seconds: float = 60.0) -> None:
+    """Set every episode file's mtime ``seconds`` in the past (beyond the racy-timestamp window)."""
+    past = time.time_ns() - int(seconds * 1e9)
+    for file in path.glob("episode_*.h5"):
+        os.utime(file, ns=(past, past))
+
+
+def test_verify_at_open_checks_every_episode_once_per_unchanged_file(dataset, hashes):
+    path, _ = dataset
+    age(path)
+    with DrivingLog(path, verify=True) as log:
+        assert log.episodes == [0, 1]
+    assert sorted(hashes) == [episode_file(0), episode_file(1)]
+    for _ in range(3):  # e.g. every DAgger iteration re-reads the same datasets
+        DrivingLog(path, verify=True).close()
+        assert open_writer(path).completed() == {0, 1}
+    assert len(hashes) == 2, "an unchanged, verified file was hashed again"
+
+
+def test_the_cache_is_invalidated_when_a_file_changes_at_the_same_size(dataset, hashes):
+    path, _ = dataset
+    age(path)
+    DrivingLog(path, verify=True).close()
+    file = path / episode_file(1)
+    size, mtime = file.stat().st_size, file.stat().st_mtime_ns
+    flip_byte(file)
+    os.utime(file, ns=(mtime + 10**9, mtime + 10**9))  # same size, a new mtime (still in the past)
+    assert file.stat().st_size == size
+    with pytest.raises(CorruptEpisodeError) as error:
+        DrivingLog(path, verify=True)
+    message = str(error.value)
+    assert message.startswith(f"{file}: sha256 mismatch") and "\n" not in message
+    assert f"steerloop validate {path}" in message and "re-record" in message
+    assert hashes == [episode_file(0), episode_file(1), episode_file(1)]  # only the changed file again
+    with pytest.raises(CorruptEpisodeError):  # a failure is never cached
+        DrivingLog(path, verify=True)
+    assert len(hashes) == 4
+
+
+def test_a_just_written_file_is_hashed_at_every_use(dataset, hashes):
+    """Timestamps are coarse: a file modified within RACY_WINDOW_NS could change again without
+    a new mtime, so its check is not remembered."""
+    path, _ = dataset
+    assert time.time_ns() - (path / episode_file(0)).stat().st_mtime_ns < RACY_WINDOW_NS
+    for _ in range(2):
+        DrivingLog(path, verify=True).close()
+    assert sorted(hashes) == sorted([episode_file(0), episode_file(1)] * 2)
 
 
 def test_missing_episode_file_is_detected(dataset):

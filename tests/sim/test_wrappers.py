@@ -138,6 +138,19 @@ def test_heading_kick_changes_heading_on_that_step(make_env, degrees):
     assert info["heading_error"] == pytest.approx(math.radians(degrees), abs=0.01)  # no policy action yet
 
 
+def test_perturbation_inside_an_earlier_recovery_window_still_acts(make_env):
+    # A kick 10 steps after a push ends falls in the push's 5 s recovery window: it acts, and
+    # the window that follows is the kick's.
+    env = PerturbationWrapper(make_env(track=straight_spec(150.0)), [Perturbation.push(2), Perturbation.kick(37)])
+    env.reset(seed=0)
+    phases = [env.step(ZERO)[4] for _ in range(40)]
+    summary = [(i["perturbation_index"], i["perturbation_phase"]) for i in phases]
+    assert summary[26:35] == [(0, PHASE_RECOVERY)] * 9  # steps 27..35: the push's window
+    assert summary[36] == (1, PHASE_ACTING) and phases[36]["policy_overridden"]  # step 37: the kick
+    assert summary[37:] == [(1, PHASE_RECOVERY)] * 3
+    assert phases[36]["heading_error"] - phases[35]["heading_error"] > math.radians(4.0)
+
+
 # ---------------------------------------------------------------- InterventionWrapper
 def test_intervention_threshold_must_be_positive(make_env):
     with pytest.raises(ValueError, match="threshold"):
@@ -166,3 +179,22 @@ def test_interventions_put_car_back_and_episode_goes_on(make_env):
         previous_intervened = info["intervention"]
     assert count >= 3
     assert info["progress"] > 30.0
+
+
+def test_intervention_refreshes_the_side_camera_frames(make_env):
+    """After the car is put back, info["frames"] shows it where the observation does."""
+    env = InterventionWrapper(make_env(track=straight_spec(300.0), cameras=("center", "left")))
+    _, info = env.reset(seed=0, options={"start_offset": 0.98})
+    for _ in range(40):
+        obs, _, _, _, info = env.step(np.array([0.3], np.float32))
+        if info["intervention"]:
+            break
+    assert info["intervention"]
+    base = env.unwrapped
+    np.testing.assert_array_equal(obs["image"], base.current_observation()["image"])
+    np.testing.assert_array_equal(info["frames"]["left"], base.extra_frames()["left"])
+    # ... which is the car on the centre line: the same picture as a car started there.
+    replay = make_env(track=straight_spec(300.0), cameras=("center", "left"))
+    _, replay_info = replay.reset(seed=0, options={"start_s": info["progress"]})
+    left, fresh = info["frames"]["left"].astype(int), replay_info["frames"]["left"].astype(int)
+    assert np.abs(left - fresh).mean() < 2.0

@@ -105,10 +105,10 @@ def centre_and_left_frames():
     """Centre and left camera frames at 33x100 after some expert steps on a straight road."""
     env = LaneKeepEnv(cameras=("center", "left"), resolution=(33, 100), track=straight_spec(150.0))
     try:
-        _, info = env.reset(seed=0)
+        obs, info = env.reset(seed=0)
         for _ in range(30):
-            _, _, _, _, info = env.step(np.array([info["expert_steering"]], np.float32))
-        return info["frames"]["center"].copy(), info["frames"]["left"].copy(), env.camera_specs[0]
+            obs, _, _, _, info = env.step(np.array([info["expert_steering"]], np.float32))
+        return obs["image"].copy(), info["frames"]["left"].copy(), env.camera_specs[0]
     finally:
         env.close()
 

@@ -113,6 +113,31 @@ def test_recording_is_valid_and_complete(recorded):
     log.close()
 
 
+def test_resume_rerecords_a_same_size_corrupt_episode(recorded, tmp_path, capsys):
+    """Resume used to skip any listed episode of the right size: a corrupted one stayed, the
+    command reported success and the dataset did not validate."""
+    root, _ = recorded
+    out = tmp_path / "log"
+    shutil.copytree(root / "w1", out)
+    file = out / episode_file(1)
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+    assert validate(out) != []
+    from steerloop.evaluation.cli import main
+
+    code = main(["record", "--out", str(out), "--episodes", "2", "--resolution", "16x32", "--track-length",
+                 str(TRACK_LENGTH), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"re-recorded {episode_file(1)}: sha256 mismatch (manifest " in captured.out
+    assert "recorded 1 episode(s)" in captured.out
+    assert validate(out) == []
+    for index in range(2):  # deterministic: the re-recorded bytes are the clean recording's
+        assert (out / episode_file(index)).read_bytes() == (root / "w1" / episode_file(index)).read_bytes()
+    assert read_manifest(out) == read_manifest(root / "w1")  # "created" included: the manifest was only updated
+
+
 # ----------------------------------------------------------------------------- episode jobs
 def test_episode_jobs_are_a_pure_function_of_the_config(tmp_path):
     cfg = tiny_config(tmp_path / "a", episodes=5, conditions=("default", "dusk"))
@@ -322,3 +347,26 @@ def test_validate_cli_on_a_directory_without_manifest(tmp_path):
     result = cli("validate", str(tmp_path))
     assert result.returncode == 1
     assert "manifest.json is missing" in result.stdout
+
+
+def test_side_camera_recording_stores_what_each_camera_saw(tmp_path, short_spec_path):
+    """With three cameras the centre frame comes from the observation and the side frames
+    from info["frames"]: replaying the executed commands renders exactly the logged frames."""
+    cfg = tiny_config(tmp_path / "log", episodes=1, track=short_spec_path, cameras=("center", "left", "right"))
+    record(cfg, progress=False)
+    log = DrivingLog(cfg.out)
+    data, attrs = log.read_episode(0), log.manifest["episodes"]["0"]["attrs"]
+    log.close()
+    (job,) = episode_jobs(cfg)
+    env = LaneKeepEnv(resolution=cfg.resolution, cameras=cfg.cameras, speed=cfg.speed, expert=cfg.expert,
+                      privileged=True, track_length=cfg.track_length)
+    try:
+        obs, info = env.reset(seed=attrs["seed"], options={"track": job.track, "condition": job.condition})
+        for t, command in enumerate(data["steering"][:40]):
+            np.testing.assert_array_equal(data["frames/center"][t], obs["image"], err_msg=f"center, step {t}")
+            for side in ("left", "right"):
+                np.testing.assert_array_equal(data[f"frames/{side}"][t], info["frames"][side], err_msg=f"{side} {t}")
+            obs, _, _, _, info = env.step(np.array([command], np.float32))
+    finally:
+        env.close()
+    assert not np.array_equal(data["frames/left"][10], data["frames/center"][10])
