@@ -55,7 +55,7 @@ def field_docs(cls: type) -> dict[str, str]:
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                     and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
                     and isinstance(following.value.value, str)):
-                docs[node.target.id] = " ".join(following.value.value.split())
+                docs[node.target.id] = " ".join(following.value.value.replace("``", "").split())
     return docs
 
 
@@ -164,8 +164,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
         kwargs = {**_argparse_kwargs(field, hints[field.name], default, cli_details), **cli_details}
         help_text = docs.get(field.name, "")
         shown = kwargs.get("default")
-        if not kwargs.get("required") and not positional and shown not in (None, False, ()) \
-                and kwargs.get("action") != "append":
+        if not kwargs.get("required") and not positional and shown is not None and shown is not False \
+                and shown != () and kwargs.get("action") != "append":
             help_text += f" (default: {_show(shown)})"
         kwargs["help"] = help_text.replace("%", "%%")
         if positional:
