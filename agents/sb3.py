@@ -289,7 +289,7 @@ def safe_sb3_load(path: str | Path, algorithm: str | None = None, env=None, **kw
     try:
         model = algorithms[name].load(io.BytesIO(raw), env=env, device="cpu", custom_objects=custom, **kwargs)
     except Exception as error:  # noqa: BLE001 - any failure of SB3 on this file is a bad model file
-        detail = (str(error).strip().splitlines() or [""])[0][:300]
+        detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:300]
         raise ValueError(f"{path}: stable-baselines3 could not load it as a {name} model on steerloop's LaneKeep "
                          f"spaces ({type(error).__name__}: {detail})") from None
     return model, name
