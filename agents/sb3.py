@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import zipfile
 from collections import deque
@@ -38,6 +39,7 @@ CONSTANT = re.compile(r"ConstantSchedule\(val=([^,()]+)\)")
 LINEAR = re.compile(r"LinearSchedule\(start=([^,()]+), end=([^,()]+), end_fraction=([^,()]+)\)")
 INIT_OWNER = re.compile(r"<function ([A-Za-z_][A-Za-z0-9_]*)\.__init__ at 0x[0-9a-fA-F]+>")
 IMAGE_SHAPE = re.compile(r"'image': Box\(0, 255, \((\d+), (\d+), (\d+)\), uint8\)")
+ATTRIBUTE_PATH = re.compile(r"(?!__)[A-Za-z_]\w*(\.(?!__)[A-Za-z_]\w*)*")  # e.g. policy.optimizer; no dunders
 
 
 def _short(value, limit: int = 100) -> str:
@@ -65,6 +67,29 @@ def _read_data(raw: bytes, path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a stable-baselines3 model zip (its data is not a JSON object)")
     return data
+
+
+def _check_weight_names(raw: bytes, path) -> None:
+    """SB3 loads each ``<name>.pth`` member into the model attribute at path ``name`` and
+    sets each tensor of ``pytorch_variables.pth`` at its key: only plain attribute paths
+    (no dunders such as ``__class__``) are accepted. Read with ``weights_only=True``."""
+    import torch
+
+    with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+        names = [os.path.splitext(name)[0] for name in archive.namelist() if os.path.splitext(name)[1] == ".pth"]
+        variables = {}
+        if "pytorch_variables.pth" in archive.namelist():
+            try:
+                with archive.open("pytorch_variables.pth") as member:
+                    variables = torch.load(member, map_location="cpu", weights_only=True)
+            except Exception as error:  # noqa: BLE001 - an unreadable member is a bad model file
+                raise ValueError(f"{path}: refusing to load this stable-baselines3 model: pytorch_variables.pth is not "
+                                 f"weights only ({type(error).__name__})") from None
+    keys = list(variables) if isinstance(variables, dict) else [variables]
+    for name in [n for n in names if n != "pytorch_variables"] + keys:
+        if not isinstance(name, str) or not ATTRIBUTE_PATH.fullmatch(name):
+            raise ValueError(f"{path}: refusing to load this stable-baselines3 model: weights named {_short(name)} "
+                             "are not a plain model attribute path")
 
 
 # ----------------------------------------------------------------------------- allow-lists
@@ -193,11 +218,11 @@ def _policy_kwargs(path, entry) -> dict:
     for name, value in entry.items():
         if name in (":type:", SERIALIZED):
             continue
-        if name in CLASS_KWARGS and value in allowed:
+        if name in CLASS_KWARGS and isinstance(value, str) and value in allowed:
             value = allowed[value]
         elif isinstance(value, str) and value.startswith("<"):
             raise _refuse(path, f"policy_kwargs.{name}", f"holds {_short(value)}, which is not in steerloop's "
-                          f"allow-list {sorted(allowed)}")
+                          f"allow-list {sorted(cls.__name__ for cls in allowed.values())}")
         kwargs[name] = value
     return kwargs
 
@@ -278,10 +303,12 @@ def safe_sb3_load(path: str | Path, algorithm: str | None = None, env=None, **kw
     except OSError as error:
         raise ValueError(f"cannot read stable-baselines3 model {path}: {error.strerror}") from None
     data = _read_data(raw, path)
+    _check_weight_names(raw, path)
     algorithms = _algorithms()
     name, policy_class = _policy_class(path, data, algorithms, algorithm)
     training = env is not None
-    custom = {"policy_class": policy_class, "observation_space": _observation_space(path, data.get("observation_space")),
+    custom = {"policy_class": policy_class,
+              "observation_space": _observation_space(path, data.get("observation_space")),
               "action_space": _action_space(path, data.get("action_space"))}
     for key, entry in data.items():
         if key not in custom and _is_serialized(entry):

@@ -18,8 +18,9 @@ differ, so no weights are copied.)
 Output directory: ``model.zip`` (the final model, evaluated by ``steerloop evaluate
 --policy OUT/model.zip``), ``checkpoints/<algo>_<N>_steps.zip`` (every ``save_every``
 steps; an interrupted run continues from the newest, so at most ``save_every`` steps are
-lost; it is loaded with ``steerloop.agents.sb3.safe_sb3_load``, which unpickles nothing), ``config.json`` (this run's configuration, compared on resume), ``summary.json``
-and TensorBoard scalars in ``tb/``.
+lost; it is loaded with ``steerloop.agents.sb3.safe_sb3_load``, which unpickles nothing),
+``config.json`` (this run's configuration, compared on resume), ``summary.json`` and
+TensorBoard scalars in ``tb/``.
 """
 
 from __future__ import annotations

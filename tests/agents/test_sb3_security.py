@@ -129,6 +129,8 @@ def test_benign_zip_predicts_exactly_as_sb3s_own_load(tmp_path, one_thread, algo
     recurrent = algorithm == "RecurrentPPO"
     np.testing.assert_array_equal(actions(model, recurrent), actions(reference, recurrent))
     assert str(model.observation_space) == str(reference.observation_space)
+    if algorithm == "A2C":  # its optimizer class comes from the serialised policy_kwargs
+        assert type(model.policy.optimizer) is type(reference.policy.optimizer) is torch.optim.RMSprop
 
 
 def test_weights_are_read_with_weights_only(ppo_zip, monkeypatch):
@@ -136,12 +138,14 @@ def test_weights_are_read_with_weights_only(ppo_zip, monkeypatch):
     real = torch.load
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("weights_only"))
+        calls.append((sys._getframe(1).f_globals["__name__"], kwargs.get("weights_only")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
     safe_sb3_load(ppo_zip)
-    assert calls and all(flag is True for flag in calls)  # policy.pth, optimizer, pytorch_variables
+    by_sb3 = [flag for module, flag in calls if module == "stable_baselines3.common.save_util"]
+    assert by_sb3 == [True, True, True]  # policy.pth, policy.optimizer.pth, pytorch_variables.pth
+    assert all(flag is True for _, flag in calls)
 
 
 def test_supplied_spaces_are_the_envs(make_env):
@@ -202,6 +206,20 @@ def test_a_pickle_in_the_weights_is_refused(ppo_zip, tmp_path, markers):
     with pytest.raises(ValueError, match="could not load it as a PPO model .*UnpicklingError") as error:
         load_policy(str(evil))
     assert "\n" not in str(error.value) and list(markers.iterdir()) == []
+
+
+@pytest.mark.parametrize("member, content", [
+    ("policy.__class__.pth", None),
+    ("pytorch_variables.pth", {"policy.__class__": torch.zeros(1)}),
+], ids=["member-name", "variable-name"])
+def test_weights_go_only_to_plain_attribute_paths(ppo_zip, tmp_path, member, content):
+    with zipfile.ZipFile(ppo_zip) as archive:
+        weights = archive.read("policy.pth")
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    evil = rewrite(ppo_zip, tmp_path / "evil.zip", members={member: weights if content is None else buffer.getvalue()})
+    with pytest.raises(ValueError, match="refusing .*weights named .*__class__.* not a plain model attribute path"):
+        load_policy(str(evil))
 
 
 def test_weights_must_fit_the_recorded_spaces(ppo_zip, tmp_path):
@@ -282,6 +300,7 @@ COMMANDS = {
                          "--out", "{root}/regress-b", "--resolution", "36x64", "--quiet"],
     "record-learner": ["record", "--out", "{root}/dagger", "--episodes", "1", "--track", "{root}/short.json",
                        "--resolution", "36x64", "--learner", "{evil}", "--beta", "0.5", "--quiet"],
+    "drive": ["drive", "--policy", "{evil}", "--track", "{root}/short.json", "--resolution", "36x64"],
     "train-rl-init": ["train-rl", "--out", "{root}/rl-init", "--init", "{evil}", "--resolution", "36x64", "--quiet"],
 }
 
