@@ -213,6 +213,8 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
 
     if cfg.backend == "ray":
         connect_ray(cfg.address, num_cpus=cfg.workers)  # an unreachable cluster fails before any file is made
+    if cfg.learner is not None:
+        _worker_learner(cfg.learner)  # so does a bad learner (kept: a single worker reuses it)
     writer = DrivingLogWriter(cfg.out, config=cfg.dataset_config(), cameras=cfg.cameras, resolution=cfg.resolution,
                               suite=cfg.suite if cfg.track is None else None,
                               seeds={"seed": cfg.seed}, extra={"expert": {"law": cfg.expert}, **cfg.extra})

@@ -18,8 +18,9 @@ differ, so no weights are copied.)
 Output directory: ``model.zip`` (the final model, evaluated by ``steerloop evaluate
 --policy OUT/model.zip``), ``checkpoints/<algo>_<N>_steps.zip`` (every ``save_every``
 steps; an interrupted run continues from the newest, so at most ``save_every`` steps are
-lost), ``config.json`` (this run's configuration, compared on resume), ``summary.json``
-and TensorBoard scalars in ``tb/``.
+lost; it is loaded with ``steerloop.agents.sb3.safe_sb3_load``, which unpickles nothing),
+``config.json`` (this run's configuration, compared on resume), ``summary.json`` and
+TensorBoard scalars in ``tb/``.
 """
 
 from __future__ import annotations
@@ -327,6 +328,8 @@ def train_rl(cfg: RLConfig, progress: bool = True) -> dict:
     """Train (or resume) PPO into ``cfg.out``; returns a summary (also in summary.json)."""
     import torch
 
+    from steerloop.agents.sb3 import safe_sb3_load
+
     out = Path(cfg.out)
     config_file = out / "config.json"
     if config_file.exists():
@@ -350,7 +353,8 @@ def train_rl(cfg: RLConfig, progress: bool = True) -> dict:
     try:
         latest = latest_checkpoint(out, cfg.prefix)
         if latest is not None:
-            model = algorithm.load(str(latest[0]), env=venv, device="cpu", tensorboard_log=str(out / "tb"))
+            model, _ = safe_sb3_load(latest[0], "RecurrentPPO" if cfg.recurrent else "PPO", env=venv,
+                                     tensorboard_log=str(out / "tb"))  # never unpickles from the zip
         else:
             model = algorithm(policy_name, venv, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
                               n_epochs=cfg.n_epochs, learning_rate=cfg.learning_rate, gamma=cfg.gamma,
