@@ -187,3 +187,32 @@ def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
                 continue  # an unrepeated append flag: the field's own default
             values[field.name] = value
     return cls(**{**values, **overrides})
+
+
+def markdown_reference(parser: argparse.ArgumentParser) -> str:
+    """Every command of ``parser`` with a table of its flags (flag, default, help): the
+    generated reference in docs/cli.md."""
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    helps = {choice.dest: choice.help for choice in sub._choices_actions}
+    lines = [f"# `{parser.prog}` command reference", "",
+             "Generated from the config dataclasses by `python tests/test_cli_reference.py`; do not edit by hand.", ""]
+    for name, command in sub.choices.items():
+        lines += [f"## `{parser.prog} {name}`", "", helps.get(name, ""), "", "| flag | default | meaning |",
+                  "|---|---|---|"]
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = " / ".join(action.option_strings) or action.dest
+            if action.required:
+                default = "required"
+            elif action.option_strings and action.default is not None and action.default is not False \
+                    and action.default != ():
+                default = f"`{_show(action.default)}`"
+            else:
+                default = ""
+            meaning = (action.help or "").split(" (default: ")[0].replace("|", "\\|")
+            if action.choices:
+                meaning += f" One of: {', '.join(map(str, action.choices))}."
+            lines.append(f"| `{flag}` | {default} | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
