@@ -436,7 +436,7 @@ def _commands():
         ("bench", "throughput benchmarks, measured side by side", [(BenchArgs, {})], cmd_bench, ""),
         ("study", "the offline-vs-closed-loop gap study: record, train, evaluate, report (cached)",
          [(StudyArgs, {})], cmd_study, "re-run the same command to resume"),
-        ("demo", "a small preset of the gap study (about 15 minutes on 2 CPU cores)", [(DemoArgs, {})], cmd_study,
+        ("demo", "a small preset of the gap study (its measured run time is in the README)", [(DemoArgs, {})], cmd_study,
          "re-run the same command to resume"),
     ]
 

@@ -1,4 +1,4 @@
-"""Imports flow one way: sim <- agents <- training <- evaluation (DESIGN.md, Architecture).
+"""Imports flow one way: sim <- agents <- training <- evaluation (README, "Where things are").
 
 Every .py file of each package is parsed with ``ast``; absolute imports, relative imports
 (resolved against the file's package) and ``importlib.import_module`` / ``__import__``
