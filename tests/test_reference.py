@@ -25,7 +25,7 @@ import pytest
 if __name__ == "__main__":  # run as a script: the repository first, so tests/sim cannot shadow the sim package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import SHORT_SPEC, TINY  # noqa: E402
+from helpers import SHORT_SPEC, TINY  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "reference"
 CHECKPOINT = REFERENCE / "cnn-lstm-tiny"

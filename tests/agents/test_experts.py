@@ -8,7 +8,7 @@ import math
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import TINY
+from helpers import TINY
 
 from steerloop.agents import load_policy
 from steerloop.agents.baselines import ZerosPolicy

@@ -14,7 +14,7 @@ from steerloop.agents.experts import ExpertPolicy
 from steerloop.evaluation.runner import run_scenario
 from steerloop.evaluation.suites import Scenario
 
-from conftest import SHORT_SPEC
+from helpers import SHORT_SPEC
 
 SB3_MIN = (36, 64)  # SB3's NatureCNN needs images of at least 36x36
 

@@ -27,7 +27,7 @@ from steerloop.agents.sb3 import lanekeep_action_space, lanekeep_observation_spa
 from steerloop.evaluation.cli import main
 from steerloop.training.rl import RLConfig, train_rl
 
-from conftest import SHORT_SPEC
+from helpers import SHORT_SPEC
 
 SB3_MIN = (36, 64)  # SB3's NatureCNN needs images of at least 36x36
 RUN = {"resolution": SB3_MIN, "track_length": 60.0, "tracks": 3, "n_steps": 32, "save_every": 32}  # train-rl CLI flags

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SHORT_SPEC
+from helpers import SHORT_SPEC
 
 
 def _run(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:

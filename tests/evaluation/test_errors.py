@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import SHORT_SPEC
+from helpers import SHORT_SPEC
 
 REFERENCE_CHECKPOINT = Path(__file__).resolve().parents[1] / "reference" / "cnn-lstm-tiny"
 

@@ -18,7 +18,7 @@ from steerloop.evaluation.suites import Scenario, Suite, SuiteError, load_suite,
 from steerloop.sim.paths import (MAX_NAME_LENGTH, NAME_MAX_BYTES, UnsafeNameError, UnsafePathError, is_safe_name,
                                  path_under, safe_name, shorten, slug)
 
-from conftest import SHORT_SPEC
+from helpers import SHORT_SPEC
 
 TINY = "16x32"
 ABSOLUTE = "<abs>"  # stands for an absolute path inside the test's directory (its target is checked untouched)

@@ -22,7 +22,7 @@ from steerloop.evaluation.runner import RESULTS_SCHEMA_VERSION, aggregate
 from steerloop.evaluation.suites import Scenario, Suite, load_suite
 from steerloop.sim.wrappers import Perturbation
 
-from conftest import SHORT_SPEC
+from helpers import SHORT_SPEC
 
 pytest_plugins = ["pytester"]
 

@@ -13,7 +13,7 @@ from steerloop.agents.preprocess import PreprocessConfig
 from steerloop.evaluation.rollout import rollout_batch
 from steerloop.sim.env import LaneKeepEnv
 
-from conftest import TINY, straight_spec
+from helpers import TINY, straight_spec
 
 LENGTHS = (30.0, 60.0, 45.0)  # [m] straights of different lengths: the episodes end at different steps
 

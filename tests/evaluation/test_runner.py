@@ -19,7 +19,7 @@ from steerloop.evaluation.runner import (RESULTS_SCHEMA_VERSION, ResultsError, a
 from steerloop.evaluation.suites import Scenario, Suite, load_suite, load_suite_file
 from steerloop.sim.wrappers import Perturbation
 
-from conftest import SHORT_SPEC, straight_spec
+from helpers import SHORT_SPEC, straight_spec
 
 TINY = (16, 32)
 

@@ -10,7 +10,7 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import SHORT_SPEC, TINY, drive_with_expert_label, straight_spec
+from helpers import SHORT_SPEC, TINY, drive_with_expert_label, straight_spec
 
 from steerloop.sim import ENV_ID, controllers
 from steerloop.sim.env import REWARD_WEIGHTS, RENDER_SIZE, LaneKeepEnv

@@ -22,7 +22,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import SHORT_SPEC, TINY, straight_spec
+from helpers import SHORT_SPEC, TINY, straight_spec
 from gymnasium.utils.env_checker import check_env, data_equivalence
 
 from steerloop.sim import ENV_ID

@@ -11,7 +11,7 @@ import gc
 
 import numpy as np
 import pytest
-from conftest import TINY
+from helpers import TINY
 
 from steerloop.sim.env import LaneKeepEnv
 from steerloop.sim.track import split_seed

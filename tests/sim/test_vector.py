@@ -15,7 +15,7 @@ from gymnasium.vector import AsyncVectorEnv
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
 from steerloop import ENV_ID_PREFIXED
-from conftest import TINY
+from helpers import TINY
 
 # "steerloop:" makes gym.make import steerloop (which registers the env) in a fresh subprocess.
 ENV_ID = ENV_ID_PREFIXED

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import straight_spec
+from helpers import straight_spec
 
 from steerloop.sim.wrappers import (
     PHASE_ACTING,

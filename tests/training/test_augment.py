@@ -12,7 +12,7 @@ from steerloop.sim.env import LaneKeepEnv
 from steerloop.training.augment import (CAMERA_SHIFTS, MIN_RECOVERY_DISTANCE, RECOVERY_TIME, corrective_label,
                               photometric_jitter, viewpoint_homography, warp_viewpoint)
 
-from conftest import straight_spec
+from helpers import straight_spec
 
 
 # ----------------------------------------------------------------------------- corrective labels

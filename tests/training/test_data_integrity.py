@@ -23,7 +23,7 @@ from steerloop.training.data import load_episodes
 from steerloop.training.record import RecordConfig, record
 from steerloop.training.train import TrainConfig, train
 
-from conftest import SHORT_SPEC
+from helpers import SHORT_SPEC
 
 TINY = (16, 32)
 EXPONENT_BIT = 0x40  # top byte of a little-endian float32: multiplies a label below 2 in magnitude by 2**128

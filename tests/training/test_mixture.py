@@ -17,7 +17,7 @@ from steerloop.sim.env import LaneKeepEnv
 from steerloop.sim.log import DrivingLog
 from steerloop.training.record import RecordConfig, record
 
-from conftest import SHORT_SPEC
+from helpers import SHORT_SPEC
 
 TINY = (16, 32)
 

@@ -20,7 +20,7 @@ from steerloop.evaluation.runner import evaluate, run_scenario
 from steerloop.evaluation.suites import Scenario, Suite
 from steerloop.training.rl import RL_INSTALL_HINT, RLConfig, _actor_and_value, collect_teacher_frames, distil_checkpoint, train_rl
 
-from conftest import SHORT_SPEC
+from helpers import SHORT_SPEC
 
 SMALL = (36, 64)  # SB3's NatureCNN needs at least 36x36
 TINY_RUN = {"resolution": SMALL, "track_length": 60.0, "tracks": 3, "n_steps": 32, "batch_size": 32,

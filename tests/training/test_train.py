@@ -20,7 +20,7 @@ from steerloop.training.data import BatchMaker, Episode, load_episodes, manifest
 from steerloop.training.record import RecordConfig, record
 from steerloop.training.train import STATE_DIR, TrainConfig, train
 
-from conftest import SHORT_SPEC
+from helpers import SHORT_SPEC
 
 TINY = (16, 32)
 

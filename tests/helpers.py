@@ -1,0 +1,39 @@
+"""Plain helpers shared by the tests (constants and functions; fixtures live in conftest.py).
+
+Import them with ``from helpers import TINY, SHORT_SPEC``: pytest puts tests/ on sys.path."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TINY = (16, 32)  # (H, W) [px]: the smallest images worth rendering; keeps every test fast
+
+# 40 m straight + 25 m radius, 60 deg left arc + 20 m straight: ~76 m of route, ~150 steps at 10 m/s.
+SHORT_SPEC = {
+    "name": "short",
+    "lane_width": 3.7,
+    "segments": [
+        {"type": "straight", "length": 40},
+        {"type": "arc", "radius": 25, "angle": 60},
+        {"type": "straight", "length": 20},
+    ],
+}
+
+
+def straight_spec(length: float = 150.0) -> dict:
+    """A single straight of ``length`` metres (clean geometry for perturbation checks)."""
+    return {"name": f"straight-{length:g}", "lane_width": 3.7, "segments": [{"type": "straight", "length": length}]}
+
+
+def drive_with_expert_label(env, *, seed: int = 0, options: dict | None = None, max_steps: int = 5000):
+    """Drive ``env`` with ``info["expert_steering"]`` (no privileged observation needed).
+
+    Returns (last info, list of infos of every step)."""
+    _, info = env.reset(seed=seed, options=options)
+    infos = []
+    for _ in range(max_steps):
+        _, _, terminated, truncated, info = env.step(np.array([info["expert_steering"]], np.float32))
+        infos.append(info)
+        if terminated or truncated:
+            break
+    return info, infos
