@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from steerloop.errors import SteerloopError
-from steerloop.agents.models import ModelConfig, SteeringModel, build_model
+from steerloop.agents.models import ADDED_FIELDS, ModelConfig, SteeringModel, build_model
 from steerloop.agents.policy import LearnedPolicy
 
 FORMAT = "steerloop-checkpoint"
@@ -132,6 +132,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
     path = Path(path)
     meta = _read_meta(path)
     model_meta = meta["model"]
+    if isinstance(model_meta, dict):  # fields added later: absent from older checkpoints, which they reproduce
+        model_meta = {**{k: list(v) if isinstance(v, tuple) else v for k, v in ADDED_FIELDS.items()}, **model_meta}
     missing = sorted({f.name for f in fields(ModelConfig)} - set(model_meta)) if isinstance(model_meta, dict) else []
     if missing:
         raise CheckpointError(f"{path / CONFIG_FILE}: the model config lacks {missing}; save_checkpoint writes every "

@@ -4,6 +4,11 @@ Closed loop steps the model once per frame (``model.step``, O(1)); a recurrent m
 memory travels in the ``state`` returned by ``predict`` as a tuple of numpy arrays (it
 pickles, and matches SB3's RecurrentPPO style), and is reset to the initial state for the
 environments whose ``episode_start`` is true.
+
+A model with fed-back inputs (``prev_steering``, Komanda's outputs) keeps its own
+previous outputs as the last array of that state, so its next input is always what it
+predicted itself, never a logged or expert value, and batched lockstep rollouts
+(``select_state``) keep each environment's own history.
 """
 
 from __future__ import annotations
@@ -98,6 +103,12 @@ class LearnedPolicy:
         hwc = preprocess_channels_last(images, self.config.preprocess)  # (N, h, w, 3)
         x = torch.from_numpy(hwc).permute(0, 3, 1, 2).to(self.device)  # (N, 3, h, w), channels-last memory
 
+        speed = None
+        if self.model.sensors:
+            if "speed" not in observation:
+                raise KeyError("this model has the 'speed' input: the observation needs 'speed' (N, 1) [m/s], "
+                               "as returned by steerloop/LaneKeep-v0")
+            speed = torch.from_numpy(np.asarray(observation["speed"], np.float32).reshape(n)).to(self.device)
         torch_state = None
         if self.recurrent:
             if state is None:
@@ -114,7 +125,7 @@ class LearnedPolicy:
             torch_state = tuple(torch.from_numpy(np.ascontiguousarray(s)).to(self.device) for s in state)
 
         with torch.inference_mode():
-            steering, next_state = self.model.step(x, torch_state)  # (N,)
+            steering, next_state = self.model.step(x, torch_state, speed=speed)  # (N,)
         actions = np.clip(steering.cpu().numpy().astype(np.float32), -1.0, 1.0)[:, None]  # (N, 1)
         if self.recurrent:
             state = tuple(s.cpu().numpy() for s in next_state)
@@ -122,6 +133,7 @@ class LearnedPolicy:
 
     def describe(self) -> dict:
         d = {"kind": "learned", "arch": self.config.arch, "recurrent": self.recurrent,
+             "inputs": list(self.config.inputs), "fed_back": list(self.model.feedback),
              "parameters": count_parameters(self.model), "model": self.config.to_dict()}
         if self.checkpoint is not None:
             d["checkpoint"] = self.checkpoint

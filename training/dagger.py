@@ -92,6 +92,12 @@ def _verified_resolution(datasets: list[str]) -> tuple[int, int]:
     return tuple(logs[0].resolution)
 
 
+def _feedback_training(training: dict) -> dict:
+    """How the initial policy trained its fed-back inputs (every iteration trains them alike)."""
+    keys = ("feedback_mode", "sampling_final", "input_dropout", "keyframe_strength")
+    return {key: training[key] for key in keys if key in training}
+
+
 def run_dagger(cfg: DaggerConfig, evaluate_fn: Callable[[str, int], dict] | None = None,
                progress: bool = True) -> list[dict]:
     """Run (or resume) DAgger; returns one row per iteration (also saved in dagger.json)."""
@@ -125,6 +131,7 @@ def run_dagger(cfg: DaggerConfig, evaluate_fn: Callable[[str, int], dict] | None
                           seq_len=training.get("seq_len", 0), epochs=cfg.epochs, seed=cfg.seed,
                           crop_top=init_config.preprocess.crop_top, input_size=tuple(init_config.preprocess.resize),
                           hidden=init_config.hidden, augment=tuple(training.get("augment", ("shift", "jitter"))),
+                          inputs=tuple(init_config.inputs), **_feedback_training(training),
                           init=learner if cfg.retrain == "finetune" else None), progress_bar=progress)
         learner = str(model_dir / "best")
         row = {"iteration": i, "beta": cfg.beta(i), "data": str(data_dir), "frames": recorded["frames"],

@@ -27,7 +27,9 @@ SHIFT_PROBABILITY = 0.5  # fraction of windows given a synthetic viewpoint shift
 
 @dataclass
 class Episode:
-    """One logged episode in memory: frames per camera (N, H, W, 3) uint8 and (N,) series."""
+    """One logged episode in memory: frames per camera (N, H, W, 3) uint8 and (N,) series:
+    ``steering`` is the expert's label, ``executed`` the command actually executed (they
+    differ under DART noise or DAgger; None means equal to the label)."""
 
     source: str
     index: int
@@ -35,6 +37,11 @@ class Episode:
     steering: np.ndarray
     speed: np.ndarray
     throttle: np.ndarray
+    executed: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.executed is None:
+            self.executed = self.steering
 
     def __len__(self) -> int:
         return len(self.steering)
@@ -77,7 +84,8 @@ def load_episodes(paths: list[str], cameras: tuple[str, ...]) -> tuple[list[Epis
                                     frames={c: data[f"frames/{c}"] for c in cameras},
                                     steering=data["expert_steering"].astype(np.float32),
                                     speed=data["speed"].astype(np.float32),
-                                    throttle=data["throttle"].astype(np.float32)))
+                                    throttle=data["throttle"].astype(np.float32),
+                                    executed=data["steering"].astype(np.float32)))
     if not episodes:
         raise ValueError(f"no episodes in {paths}; record some with `steerloop record`")
     return episodes, reference
@@ -102,11 +110,29 @@ def windows(episodes: list[Episode], which: list[int], length: int, stride: int)
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
+def previous(series: np.ndarray, start: int, length: int) -> np.ndarray:
+    """``series`` one step back over the window [start, start + length): the value at t-1
+    for each t, 0 before the episode's first step (nothing was executed yet)."""
+    out = np.zeros(length, dtype=np.float32)
+    lo = max(start - 1, 0)
+    values = series[lo:start + length - 1]
+    out[length - len(values):] = values
+    return out
+
+
 class BatchMaker:
-    """Cuts windows into model batches: camera choice, viewpoint shift, jitter, preprocessing."""
+    """Cuts windows into model batches: camera choice, viewpoint shift, jitter, preprocessing.
+
+    Besides the images and labels, a batch holds the logged values one step back that
+    models with fed-back inputs are trained on: ``prev_steering`` (the command executed at
+    t-1, not the label: under DART noise they differ), ``prev_speed``, ``prev_throttle``.
+    A viewpoint shift changes the label, never these: the car did execute them. With
+    ``weights`` (one (N,) array per episode), training batches (those made with an
+    ``rng``) carry ``weight`` (B, T) for the loss."""
 
     def __init__(self, episodes: list[Episode], length: int, preprocess_config: PreprocessConfig,
-                 camera_spec: CameraSpec, cameras: tuple[str, ...], augment: tuple[str, ...]):
+                 camera_spec: CameraSpec, cameras: tuple[str, ...], augment: tuple[str, ...],
+                 weights: list[np.ndarray] | None = None):
         unknown = [a for a in augment if a not in AUGMENTATIONS]
         if unknown:
             raise ValueError(f"unknown augmentation(s) {unknown}; choose from {AUGMENTATIONS}")
@@ -116,6 +142,7 @@ class BatchMaker:
         self.camera_spec = camera_spec
         self.cameras = cameras
         self.augment = augment
+        self.weights = weights
 
     def raw(self, batch_windows: np.ndarray, rng: np.random.Generator | None):
         """Augmented uint8 frames (B, T, H, W, 3) and their labels; no augmentation without ``rng``."""
@@ -144,11 +171,28 @@ class BatchMaker:
             throttle.append(ep.throttle[sl])
         return np.stack(images), np.stack(steering), np.stack(speed), np.stack(throttle)
 
+    def logged_history(self, batch_windows: np.ndarray) -> dict[str, np.ndarray]:
+        """``prev_steering`` (executed), ``prev_speed``, ``prev_throttle``: (B, T) each."""
+        T = self.length
+        out = {"prev_steering": [], "prev_speed": [], "prev_throttle": []}
+        for e, start in batch_windows:
+            ep = self.episodes[e]
+            out["prev_steering"].append(previous(ep.executed, start, T))
+            out["prev_speed"].append(previous(ep.speed, start, T))
+            out["prev_throttle"].append(previous(ep.throttle, start, T))
+        return {key: np.stack(values).reshape(len(batch_windows), T) for key, values in out.items()}
+
     def __call__(self, batch_windows: np.ndarray, rng: np.random.Generator | None = None) -> dict:
         images, steering, speed, throttle = self.raw(batch_windows, rng)
-        return {
+        batch = {
             "images": torch.from_numpy(preprocess(images, self.preprocess_config)),  # (B, T, 3, h, w)
             "steering": torch.from_numpy(steering),  # (B, T)
             "speed": torch.from_numpy(speed),  # (B, T)
             "throttle": torch.from_numpy(throttle),  # (B, T)
         }
+        batch.update({key: torch.from_numpy(value) for key, value in self.logged_history(batch_windows).items()})
+        if self.weights is not None and rng is not None:
+            T = self.length
+            batch["weight"] = torch.from_numpy(np.stack([self.weights[e][s:s + T] for e, s in batch_windows]
+                                                        ).astype(np.float32))
+        return batch

@@ -24,12 +24,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steerloop.agents.checkpoint import load_checkpoint, save_checkpoint
-from steerloop.agents.models import ARCHS, ModelConfig, build_model, count_parameters
+from steerloop.agents.models import ARCHS, INPUTS, ModelConfig, build_model, count_parameters
 from steerloop.agents.preprocess import PreprocessConfig
+from steerloop.errors import SteerloopError
 from steerloop.sim.camera import CameraSpec
+from steerloop.training.copycat import keyframe_weights
 from steerloop.training.data import AUGMENTATIONS, BatchMaker, load_episodes, manifest_id, split_episodes, windows
 
 STATE_DIR = "trainer_state"  # inside the output directory: resumable optimiser state
+FEEDBACK_MODES = ("teacher", "scheduled", "dropout", "keyframe")
+ADDED_FIELDS = {"inputs": ["image"], "feedback_mode": "teacher", "sampling_final": 1.0, "input_dropout": 0.5,
+                "keyframe_strength": 2.0}  # TrainConfig fields newer than some resumable runs, at their defaults
+DEFAULT_SEQ_LEN = {"pilotnet": 1, "komanda": 10, "chauffeur": 50}  # [steps]; other archs: 16
 
 
 @dataclass
@@ -41,9 +47,24 @@ class TrainConfig:
     out: str = "runs/model"
     """Output directory: ``best/`` and ``last/`` checkpoints, ``trainer_state/``, ``tb/``."""
     model: str = "cnn-lstm"
-    """Architecture: pilotnet, cnn-lstm or conv3d-lstm."""
+    """Architecture: pilotnet, cnn-lstm, conv3d-lstm, komanda or chauffeur (see docs/models.md)."""
+    inputs: tuple[str, ...] = ("image",)
+    """Model inputs: image, prev_steering (the command executed at t-1; in closed loop the model's own previous
+    output), speed (measured). komanda always feeds back its outputs."""
+    feedback_mode: str = field(default="teacher", metadata={"cli": {"choices": FEEDBACK_MODES}})
+    """How fed-back inputs are trained: teacher (logged values), scheduled (scheduled sampling: the model's own
+    predictions with a probability annealed over training), dropout (past-input dropout, ChauffeurNet), keyframe
+    (teacher forcing with keyframe-weighted loss, Wen et al. 2021)."""
+    sampling_final: float = 1.0
+    """scheduled: probability of feeding back the model's own prediction at the end of training (rises
+    linearly from 0)."""
+    input_dropout: float = 0.5
+    """dropout: probability that a step's fed-back inputs are zeroed in training."""
+    keyframe_strength: float = 2.0
+    """keyframe: weight of a frame = 1 + strength x (error of the history-only predictor there / its mean),
+    normalised to mean 1."""
     seq_len: int = 0
-    """Window length T in steps; 0 picks 1 for pilotnet and 16 for recurrent models."""
+    """Window length T in steps; 0 picks 1 for pilotnet, 10 for komanda, 50 for chauffeur and 16 otherwise."""
     epochs: int = 4
     """Maximum number of epochs (early stopping may end sooner)."""
     batch_frames: int = 128
@@ -79,13 +100,15 @@ class TrainConfig:
 
     def __post_init__(self):
         self.augment = tuple(a for a in self.augment if a)
+        self.inputs = tuple(a for a in self.inputs if a) or ("image",)
         self.input_size = tuple(int(v) for v in self.input_size)
         if not self.data:
             raise ValueError("give at least one dataset with --data DIR")
         if self.model not in ARCHS:
             raise ValueError(f"--model must be one of {ARCHS}, got {self.model!r}")
         if self.seq_len == 0:
-            self.seq_len = 1 if self.model == "pilotnet" else 16
+            self.seq_len = DEFAULT_SEQ_LEN.get(self.model, 16)
+        self._check_feedback()
         if self.seq_len < 1 or self.batch_frames < self.seq_len:
             raise ValueError(f"need 1 <= --seq-len ({self.seq_len}) <= --batch-frames ({self.batch_frames})")
         if self.camera not in ("center", "all"):
@@ -100,13 +123,43 @@ class TrainConfig:
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
 
+    def _check_feedback(self) -> None:
+        unknown = [a for a in self.inputs if a not in INPUTS]
+        if unknown or "image" not in self.inputs:
+            raise SteerloopError(f"--inputs: {'unknown ' + str(unknown) if unknown else 'image is missing'}; give a "
+                                 f"comma-separated list from {INPUTS} that includes image")
+        if self.feedback_mode not in FEEDBACK_MODES:
+            raise SteerloopError(f"--feedback-mode must be one of {FEEDBACK_MODES}, got {self.feedback_mode!r}")
+        fed_back = self.model == "komanda" or "prev_steering" in self.inputs
+        if self.feedback_mode in ("scheduled", "dropout") and not fed_back:
+            raise SteerloopError(f"--feedback-mode {self.feedback_mode} trains fed-back inputs, and a {self.model} with "
+                                 f"--inputs {','.join(self.inputs)} has none: add prev_steering to --inputs")
+        if self.feedback_mode == "scheduled" and self.seq_len < 2:
+            raise SteerloopError("--feedback-mode scheduled feeds back predictions within a window: it needs "
+                                 f"--seq-len >= 2, got {self.seq_len}")
+        for name, value in (("sampling_final", self.sampling_final), ("input_dropout", self.input_dropout)):
+            if not 0.0 <= value <= 1.0:
+                raise SteerloopError(f"--{name.replace('_', '-')} is a probability in [0, 1], got {value}")
+        if not (math.isfinite(self.keyframe_strength) and self.keyframe_strength >= 0):
+            raise SteerloopError(f"--keyframe-strength must be a number >= 0, got {self.keyframe_strength}")
+
     @property
     def cameras(self) -> tuple[str, ...]:
         return ("center", "left", "right") if self.camera == "all" else ("center",)
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(arch=self.model, hidden=self.hidden,
+        return ModelConfig(arch=self.model, hidden=self.hidden, inputs=self.inputs,
                            preprocess=PreprocessConfig(crop_top=self.crop_top, resize=self.input_size))
+
+    def feedback_schedule(self, step: int, total_steps: int) -> dict[str, float]:
+        """The forward keywords of training step ``step``: the probability of feeding back the
+        model's own prediction (scheduled sampling, linear from 0 to sampling_final) and of
+        dropping the fed-back inputs (past-input dropout)."""
+        if self.feedback_mode == "scheduled":
+            return {"own_probability": self.sampling_final * min(step / max(total_steps - 1, 1), 1.0)}
+        if self.feedback_mode == "dropout":
+            return {"drop_probability": self.input_dropout}
+        return {}
 
 
 def git_revision() -> str:
@@ -129,18 +182,25 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def evaluate_windows(model, make_batch, val_windows: np.ndarray, batch_windows: int) -> dict:
     """Validation loss and steering RMSE on un-augmented windows, beside the all-zeros RMSE."""
     model.eval()
-    sq_err, sq_zero, n, loss_sum, batches = 0.0, 0.0, 0, 0.0, 0
+    sq_err, sq_zero, sq_free, n, loss_sum, batches = 0.0, 0.0, 0.0, 0, 0.0, 0
     for i in range(0, len(val_windows), batch_windows):
         batch = make_batch(val_windows[i:i + batch_windows])
         loss, metrics = model(batch)  # no mask: steering_mse is the mean over every frame of the batch
         sq_err += metrics["steering_mse"] * batch["steering"].numel()
         sq_zero += float((batch["steering"] ** 2).sum())
+        if model.feedback:  # the same windows with the model's own outputs fed back after step 0
+            out, _ = model.outputs(batch["images"], None, speed=batch["speed"], teacher=model.teacher_inputs(batch),
+                                   own_probability=1.0)
+            sq_free += float(((out["steering"] - batch["steering"]) ** 2).sum())
         n += batch["steering"].numel()
         loss_sum += float(loss)
         batches += 1
     model.train()
-    return {"val_loss": loss_sum / max(batches, 1), "val_rmse": math.sqrt(sq_err / max(n, 1)),
-            "zeros_rmse": math.sqrt(sq_zero / max(n, 1))}
+    scores = {"val_loss": loss_sum / max(batches, 1), "val_rmse": math.sqrt(sq_err / max(n, 1)),
+              "zeros_rmse": math.sqrt(sq_zero / max(n, 1))}
+    if model.feedback:
+        scores["val_rmse_free_running"] = math.sqrt(sq_free / max(n, 1))
+    return scores
 
 
 def prefetch(batches, depth: int = 2):
@@ -228,7 +288,8 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
     config_file = out / "train_config.json"
     if config_file.exists():
         previous = json.loads(config_file.read_text())
-        if previous != run_config:
+        added = {k: v for k, v in run_config.items() if k in ADDED_FIELDS and v == ADDED_FIELDS[k]}
+        if {**added, **previous} != run_config:  # runs begun before a field existed had its default
             raise ValueError(f"{out} holds a run with a different configuration ({config_file}); "
                              "use another --out, or delete it to start over")
 
@@ -246,9 +307,13 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
                              pitch_deg=sim_config.get("camera_pitch_deg", 8.0),
                              mount_height=sim_config.get("camera_height", 1.4))
     model_config = cfg.model_config()
+    weights = None
+    if cfg.feedback_mode == "keyframe":  # the history-only predictor is fitted on the training episodes only
+        weights = keyframe_weights([ep.executed for ep in episodes], [ep.steering for ep in episodes],
+                                   cfg.keyframe_strength, fit_on=train_eps)
     out.mkdir(parents=True, exist_ok=True)
     config_file.write_text(json.dumps(run_config, indent=1, sort_keys=True))  # the data checked out: claim --out
-    make_batch = BatchMaker(episodes, T, model_config.preprocess, camera_spec, cfg.cameras, cfg.augment)
+    make_batch = BatchMaker(episodes, T, model_config.preprocess, camera_spec, cfg.cameras, cfg.augment, weights)
 
     # Model and optimiser.
     torch.manual_seed(cfg.seed)
@@ -289,7 +354,7 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
                 lr = lr_at(progress["step"], total_steps, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss, metrics = model(batch)
+                loss, metrics = model(batch, **cfg.feedback_schedule(progress["step"], total_steps))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))

@@ -20,7 +20,7 @@ RAW = (24, 48)  # (H, W) [px] of the synthetic raw camera frames
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = PreprocessConfig(crop_top=4, crop_bottom=0, resize=(20, 40))
-RECURRENT = ("cnn-lstm", "conv3d-lstm")
+RECURRENT = ("cnn-lstm", "conv3d-lstm", "komanda", "chauffeur")
 
 
 
@@ -128,10 +128,11 @@ def test_forward_returns_finite_loss_and_metrics(arch):
     batch = {"images": torch.randn(b, t, *SMALL.output_shape), "steering": torch.rand(b, t) * 2 - 1,
              "speed": torch.full((b, t), 10.0), "throttle": torch.rand(b, t),
              "mask": torch.tensor([[True] * t, [True, True, False, False, False]])}
+    batch.update({f"prev_{k}": torch.roll(batch[k], 1, 1) for k in ("steering", "speed", "throttle")})
     loss, metrics = model(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
     expected = {"loss", "steering_mse", "steering_mae"}
-    if arch == "conv3d-lstm":
+    if arch in ("conv3d-lstm", "komanda"):
         expected |= {"speed_mse", "throttle_mse"}
     assert set(metrics) == expected
     assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
@@ -176,7 +177,10 @@ def test_overfits_tiny_synthetic_dataset(arch):
              "steering": torch.tensor(steering, dtype=torch.float32),
              "speed": torch.tensor([[8.0] * 8, [12.0] * 8]),
              "throttle": torch.tensor(columns / RAW[1], dtype=torch.float32)}
+    batch.update({f"prev_{k}": torch.roll(batch[k], 1, 1) for k in ("steering", "speed", "throttle")})
     model = build_model(small_config(arch, dropout=0.0))
+    if arch == "chauffeur":  # its encoder is frozen: overfitting needs a trained one
+        model.encoder.requires_grad_(True)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     initial = model(batch)[1]["loss"]
     for _ in range(300):
