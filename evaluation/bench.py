@@ -212,7 +212,36 @@ def bench_train(data: str | None = None, steps: int = 20, repeats: int = 3, seq_
         "window_ms": round(1000 / window_rate, 3),
         "step_speedup_over_window": round(step_rate / window_rate, 2),
         "target_step_speedup_min": seq_len / 2,
+        **bench_stateful_step(repeats=repeats, resolution=config.preprocess.resize),
     }
+
+
+STATEFUL_MODELS = {"komanda": 10, "chauffeur": 50}  # arch -> the window [frames] it is trained on
+
+
+def bench_stateful_step(repeats: int = 3, resolution: tuple[int, int] = (66, 200),
+                        models: dict[str, int] | None = None) -> dict:
+    """Per model, one closed-loop step carrying its state next to re-running its whole
+    T-frame window each frame (what a model without state would do), batch 1, one thread.
+    Komanda feeds back its own outputs, so its window pass steps through the window too."""
+    from steerloop.agents.models import ModelConfig, build_model
+    from steerloop.agents.preprocess import PreprocessConfig
+
+    torch.set_num_threads(1)
+    out = {}
+    for arch, seq_len in (models or STATEFUL_MODELS).items():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(arch=arch, preprocess=PreprocessConfig(resize=tuple(resolution)))).eval()
+        window = torch.randn(1, seq_len, *model.input_shape)  # (1, T, 3, h, w)
+        state = model.initial_state(1)
+        with torch.no_grad():
+            model.step(window[:, 0], state)  # warm-up
+            step_rate = _median_rate(lambda n: [model.step(window[:, 0], state) for _ in range(n)], 50, repeats)
+            window_rate = _median_rate(lambda n: [model.predict_sequence(window) for _ in range(n)], 5, repeats)
+        out.update({f"{arch}_seq_len": seq_len, f"{arch}_step_ms": round(1000 / step_rate, 3),
+                    f"{arch}_window_ms": round(1000 / window_rate, 3),
+                    f"{arch}_step_speedup_over_window": round(step_rate / window_rate, 2)})
+    return out
 
 
 def _whole_route_suite(scenarios: int, track_length: float):

@@ -316,3 +316,33 @@ def test_fed_back_checkpoints_round_trip_and_mismatches_are_refused(arch, tmp_pa
     (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="shape mismatches"):
         load_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- O(1) stepping, Komanda's layers
+@pytest.mark.parametrize("arch", ARCHS)
+def test_closed_loop_state_has_a_fixed_size_whatever_the_history(arch):
+    """Stepping is O(1) per frame: the state after 40 frames is the same set of tensors, of
+    the same shapes, as after one (nothing grows with the episode)."""
+    model = tiny(arch, inputs=("image", "prev_steering", "speed"))
+    x = images(batch=1, steps=40)
+    state = model.initial_state(1)
+    shapes = None
+    with torch.no_grad():
+        for t in range(40):
+            _, state = model.step(x[:, t], state, speed=torch.tensor([10.0]))
+            shapes = shapes or [tuple(s.shape) for s in state]
+            assert [tuple(s.shape) for s in state] == shapes
+
+
+def test_komanda_single_step_rnn_equals_nn_rnn_and_feeds_back_three_outputs():
+    model = tiny("komanda")
+    y = torch.randn(3, 1, model.config.hidden)
+    r = torch.randn(1, 3, model.config.hidden)
+    with torch.no_grad():
+        z, r1 = model._run_rnn(y, r)
+        z_ref, r_ref = model.rnn(y, r)
+        torch.testing.assert_close(z, z_ref, atol=1e-6, rtol=0)
+        torch.testing.assert_close(r1, r_ref, atol=1e-6, rtol=0)
+        out, state = model.outputs(images(batch=3, steps=1), None)
+    assert set(out) == {"steering", "speed", "throttle"} and state[-1].shape == (3, 3)
+    torch.testing.assert_close(state[-1], torch.stack([out["steering"], out["speed"], out["throttle"]], -1)[:, 0])

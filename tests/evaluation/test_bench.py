@@ -30,3 +30,13 @@ def test_bench_eval_replays_the_closed_loop_drive_and_reports_both_targets():
     assert result["closed_loop_over_env_ratio"] == pytest.approx(
         result["closed_loop_w1_steps_per_s"] / result["env_steps_per_s"], abs=0.002)
     assert result["batch"] == 4 and result["closed_loop_steps"] > 0
+
+
+def test_bench_stateful_step_reports_step_and_window_for_the_new_models():
+    from steerloop.evaluation.bench import STATEFUL_MODELS, bench_stateful_step
+
+    result = bench_stateful_step(repeats=1, resolution=(20, 40))
+    for arch, seq_len in STATEFUL_MODELS.items():
+        assert result[f"{arch}_seq_len"] == seq_len
+        assert result[f"{arch}_step_ms"] > 0 and result[f"{arch}_window_ms"] > 0
+        assert result[f"{arch}_step_speedup_over_window"] > 0
