@@ -3,8 +3,14 @@
 The policy is replayed open loop along each logged episode: it sees the logged frames
 one step at a time, its recurrent state carried across the episode, and its predictions
 are compared with the expert labels. Every metric is reported beside the all-zeros
-predictor's value. Metrics pool all frames of all episodes; windowed metrics never cross
-an episode boundary.
+predictor's value and the "repeat the previous command" predictor's (the copycat's free
+offline score). Metrics pool all frames of all episodes; windowed metrics never cross
+an episode boundary. The RMSE is also split by event: at the expert's steering
+change-points and on steady segments (evaluation.copycat).
+
+A model with fed-back inputs is replayed twice: free running (its own previous outputs
+fed back, as in closed loop: the ``model`` entry) and teacher forced (the logged executed
+command, speed and throttle of the step before: ``teacher_forced``).
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from steerloop.evaluation.copycat import CHANGE_MARGIN, change_points, event_errors, repeat_previous
 from steerloop.sim.log import DrivingLog, LogError
+from steerloop.training.copycat import copycat_probe
 
 WINDOW = 16  # [steps] window of the cumulative speed-weighted error
 TRE_FRACTION = 0.1  # thresholded relative error: |a - a_hat| > 0.1 |a|
+CHUNK = 128  # [frames] preprocessed at once in the teacher-forced replay
 
 
 def offline_metrics(predictions: list[np.ndarray], labels: list[np.ndarray], speeds: list[np.ndarray],
@@ -66,6 +75,31 @@ def replay(policy, log: DrivingLog, index: int, camera: str = "center") -> np.nd
     return out
 
 
+def replay_teacher_forced(policy, log: DrivingLog, index: int, camera: str = "center") -> np.ndarray:
+    """A fed-back model's predictions along logged episode ``index`` with the logged values of
+    the step before in its loop (teacher forcing), state carried, in chunks of CHUNK frames."""
+    import torch
+
+    from steerloop.agents.preprocess import preprocess
+
+    model = policy.model
+    data = log.read_episode(index, cameras=[camera])
+    frames = data[f"frames/{camera}"]
+    logged = {f"prev_{name}": torch.from_numpy(repeat_previous(data[name]))[None]
+              for name in ("steering", "speed", "throttle")}  # (1, N) each; steering = the executed command
+    teacher = model.teacher_inputs(logged)  # (1, N, F)
+    speed = torch.from_numpy(np.asarray(data["speed"], np.float32))[None]  # (1, N)
+    out, state = [], None
+    with torch.inference_mode():
+        for start in range(0, len(frames), CHUNK):
+            window = slice(start, start + CHUNK)
+            x = torch.from_numpy(preprocess(frames[window], policy.config.preprocess))[None]  # (1, n, 3, h, w)
+            steering, state = model.predict_sequence(x, state, speed=speed[:, window] if model.sensors else None,
+                                                     teacher=teacher[:, window])
+            out.append(steering[0].numpy())
+    return np.clip(np.concatenate(out), -1.0, 1.0).astype(np.float32)
+
+
 def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: float | None = None,
                      series: str | None = None) -> dict:
     """Offline metrics of ``policy_name`` on every episode of ``data``, beside all-zeros.
@@ -83,11 +117,13 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
         raise LogError(f"{data} holds no episodes: record some with `steerloop record --out {data}` first")
     if dt is None:
         dt = 1.0 / float(log.manifest.get("config", {}).get("control_hz", 20))
-    predictions, labels, speeds, times, per_episode = [], [], [], [], []
+    predictions, labels, speeds, times, executed, per_episode = [], [], [], [], [], []
+    fed_back = tuple(getattr(getattr(policy, "model", None), "feedback", ()))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one frame at a time: more threads only spin (20x slower on a busy machine)
     try:
         preds = [replay(policy, log, index) for index in log.episodes]
+        forced = [replay_teacher_forced(policy, log, index) for index in log.episodes] if fed_back else None
     finally:
         torch.set_num_threads(threads)
     for index, pred in zip(log.episodes, preds):
@@ -96,18 +132,31 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
         labels.append(episode["expert_steering"])
         speeds.append(episode["speed"])
         times.append(episode["time"])
+        executed.append(episode["steering"])
         per_episode.append({"episode": index, "rmse": float(np.sqrt(np.mean((pred - episode["expert_steering"]) ** 2)))})
+    baselines = {"zeros": [np.zeros_like(p) for p in predictions], "repeat_previous": [repeat_previous(e)
+                                                                                       for e in executed]}
     result = {
-        "policy": policy_name, "data": str(data), "episodes": len(log.episodes),
+        "policy": policy_name, "data": str(data), "episodes": len(log.episodes), "fed_back": list(fed_back),
         "model": offline_metrics(predictions, labels, speeds, dt),
-        "zeros": offline_metrics([np.zeros_like(p) for p in predictions], labels, speeds, dt),
+        **{name: offline_metrics(values, labels, speeds, dt) for name, values in baselines.items()},
         "per_episode": per_episode,
     }
+    masks, threshold = change_points(labels)
+    events = {"model": event_errors(predictions, labels, masks),
+              **{name: event_errors(values, labels, masks) for name, values in baselines.items()}}
+    if fed_back:
+        result["teacher_forced"] = offline_metrics(forced, labels, speeds, dt)
+        events["teacher_forced"] = event_errors(forced, labels, masks)
+    result["events"] = {"change_threshold_per_s": threshold / dt, **events}
+    result["copycat_probe"] = {"expert": copycat_probe(labels)}
     log.close()
     if series:
         arrays = {}
         for i, (pred, label, t) in enumerate(zip(predictions, labels, times)):
             arrays.update({f"prediction_{i}": pred, f"label_{i}": label, f"time_{i}": t})
+            if fed_back:
+                arrays[f"teacher_forced_{i}"] = forced[i]
         Path(series).parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(series, **arrays)
     if out:
@@ -119,10 +168,30 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
     return result
 
 
+def _cell(value) -> str:
+    return f"{value:>11.4f}" if value is not None else f"{'-':>11}"
+
+
 def offline_table(result: dict) -> str:
+    """The printed table: every metric for the model (free running and teacher forced for a
+    fed-back model), all-zeros and repeat-previous; the RMSE split by event; the probe."""
     keys = ("rmse", "mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
+    columns = [("model", "model")] if "teacher_forced" not in result else [("model", "free-run"),
+                                                                            ("teacher_forced", "teacher")]
+    columns += [("zeros", "all-zeros"), ("repeat_previous", "repeat-prev")]
+    columns = [(key, title) for key, title in columns if key in result]
     lines = [f"{result['policy']} on {result['data']} ({result['episodes']} episodes, "
-             f"{result['model']['frames']} frames)", f"  {'metric':<32} {'model':>9} {'all-zeros':>10}"]
+             f"{result['model']['frames']} frames)", f"  {'metric':<32}" + "".join(f" {t:>11}" for _, t in columns)]
     for key in keys:
-        lines.append(f"  {key:<32} {result['model'][key]:>9.4f} {result['zeros'][key]:>10.4f}")
+        lines.append(f"  {key:<32}" + "".join(f" {_cell(result[c][key])}" for c, _ in columns))
+    events = result.get("events")
+    if events:
+        for key, title in (("change_point_rmse", "rmse at change-points"), ("steady_rmse", "rmse on steady segments")):
+            lines.append(f"  {title:<32}" + "".join(f" {_cell(events[c][key])}" for c, _ in columns))
+        lines.append(f"  ({events['model']['change_point_frames']} change-point frames: the expert's command changes "
+                     f"faster than {events['change_threshold_per_s']:.3f}/s, +-{CHANGE_MARGIN} steps)")
+    probe = result.get("copycat_probe", {}).get("expert")
+    if probe and probe.get("r2") is not None:
+        lines.append(f"  copycat probe on the logged expert: the previous {probe['k']} commands explain "
+                     f"R^2 = {probe['r2']:.4f} of the next (residual RMSE {probe['rmse']:.4f})")
     return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Offline metrics for history and copycat (evaluation.copycat, evaluation.offline): the
+repeat-previous baseline, the change-point / steady split, teacher-forced beside
+free-running replay of a fed-back model, and the copycat probe on logged and closed-loop
+sequences."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from steerloop.agents.checkpoint import load_policy_from_checkpoint, save_checkpoint
+from steerloop.agents.models import ModelConfig, build_model
+from steerloop.agents.preprocess import PreprocessConfig, preprocess
+from steerloop.evaluation.copycat import (change_points, closed_loop_probe, event_errors, own_runs,
+                                          repeat_previous)
+from steerloop.evaluation.offline import evaluate_offline, offline_metrics, offline_table, replay
+from steerloop.sim.log import DrivingLog
+from steerloop.training.copycat import copycat_probe
+from steerloop.training.record import RecordConfig, record
+
+from helpers import SHORT_SPEC, TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_repeat_previous_and_change_points_by_hand():
+    np.testing.assert_array_equal(repeat_previous(np.array([0.1, 0.2, 0.3], np.float32)),
+                                  np.array([0.0, 0.1, 0.2], np.float32))
+    steady_then_step = np.array([0.0] * 10 + [0.5] * 10)
+    ramp = np.linspace(0, 0.2, 20)  # changes by ~0.0105 per step everywhere
+    masks, threshold = change_points([steady_then_step, ramp], quantile=0.99, margin=2)
+    assert threshold == pytest.approx(np.quantile(np.concatenate([np.abs(np.diff(steady_then_step, prepend=0)),
+                                                                  np.abs(np.diff(ramp, prepend=0))]), 0.99))
+    assert np.flatnonzero(masks[0]).tolist() == [8, 9, 10, 11, 12]  # the step at t = 10, +-2 steps
+    assert not masks[1].any()
+    errors = event_errors([np.zeros(20), np.zeros(20)], [steady_then_step, ramp], masks)
+    assert errors["change_point_frames"] == 5 and errors["steady_frames"] == 35
+    at = np.concatenate([steady_then_step[8:13]])
+    assert errors["change_point_rmse"] == pytest.approx(np.sqrt(np.mean(at ** 2)))
+    never = change_points([np.zeros(5)])[0][0]
+    assert not never.any()  # a command that never changes has no change-point
+
+
+def test_own_runs_cut_where_a_perturbation_overrode_the_policy():
+    trajectory = {"steering": np.arange(8.0), "policy_overridden": np.array([0, 0, 1, 1, 0, 0, 0, 1], bool)}
+    runs = own_runs(trajectory)
+    assert [r.tolist() for r in runs] == [[0.0, 1.0], [4.0, 5.0, 6.0]]
+    assert [r.tolist() for r in own_runs({"steering": np.arange(3.0)})] == [[0.0, 1.0, 2.0]]
+
+
+def test_closed_loop_probe_reads_every_saved_trajectory(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "trajectories").mkdir()
+    runs = []
+    for i in range(3):
+        steering = np.cumsum(rng.normal(0, 0.02, 60))
+        overridden = np.zeros(60, bool)
+        overridden[30:33] = True
+        np.savez_compressed(tmp_path / "trajectories" / f"s{i}.npz", steering=steering, policy_overridden=overridden)
+        runs += [steering[:30], steering[33:]]
+    assert closed_loop_probe(tmp_path) == copycat_probe(runs)
+
+
+# ----------------------------------------------------------------------------- evaluate_offline
+@pytest.fixture(scope="module")
+def noisy_log(tmp_path_factory) -> str:
+    """2 DART-noisy expert episodes on the short spec: the executed command differs from the label."""
+    root = tmp_path_factory.mktemp("offline-history")
+    spec = root / "short.json"
+    spec.write_text(json.dumps(SHORT_SPEC))
+    out = root / "log"
+    record(RecordConfig(out=str(out), episodes=2, track=str(spec), resolution=TINY, noise=0.2), progress=False)
+    return str(out)
+
+
+def _logged(path: str):
+    log = DrivingLog(path)
+    episodes = [log.read_episode(i, cameras=["center"]) for i in log.episodes]
+    log.close()
+    return episodes
+
+
+def test_baselines_events_and_probe_beside_every_offline_result(noisy_log):
+    result = evaluate_offline("zeros", noisy_log)
+    episodes = _logged(noisy_log)
+    labels = [e["expert_steering"] for e in episodes]
+    assert any(np.abs(e["steering"] - e["expert_steering"]).max() > 0.01 for e in episodes)  # noisy: they differ
+    dt = 1.0 / 20
+    expected = offline_metrics([repeat_previous(e["steering"]) for e in episodes], labels,
+                               [e["speed"] for e in episodes], dt)
+    assert result["repeat_previous"] == pytest.approx(expected)
+    assert result["fed_back"] == [] and "teacher_forced" not in result
+    events = result["events"]
+    assert events["model"] == events["zeros"]  # the zeros policy is the all-zeros predictor
+    assert events["repeat_previous"]["change_point_rmse"] > events["repeat_previous"]["steady_rmse"]
+    assert result["copycat_probe"]["expert"] == copycat_probe(labels)
+    text = offline_table(result)
+    assert "repeat-prev" in text and "rmse at change-points" in text and "copycat probe" in text
+
+
+def test_fed_back_models_are_replayed_teacher_forced_and_free_running(noisy_log, tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig(arch="cnn-lstm", preprocess=PreprocessConfig(crop_top=4, resize=(12, 32)), hidden=8,
+                         feature_dim=16, inputs=("image", "prev_steering", "speed"))
+    model = build_model(config)
+    with torch.no_grad():
+        model.lstm.weight_ih_l0[:, -2:] *= 30.0  # the fed-back input weighs heavily
+    path = save_checkpoint(tmp_path / "fed", model, config)
+    result = evaluate_offline(str(path), noisy_log, series=str(tmp_path / "replay.npz"))
+    assert result["fed_back"] == ["steering"]
+    policy = load_policy_from_checkpoint(path)
+    log = DrivingLog(noisy_log)
+    free = replay(policy, log, log.episodes[0])
+    log.close()
+    episode = _logged(noisy_log)[0]
+    x = torch.from_numpy(preprocess(episode["frames/center"], config.preprocess))[None]
+    teacher = torch.from_numpy(repeat_previous(episode["steering"]))[None, :, None]  # the executed command, t-1
+    with torch.no_grad():
+        by_hand, _ = policy.model.predict_sequence(x, speed=torch.from_numpy(episode["speed"])[None], teacher=teacher)
+    with np.load(tmp_path / "replay.npz") as saved:
+        np.testing.assert_array_equal(saved["prediction_0"], free)
+        np.testing.assert_allclose(saved["teacher_forced_0"], by_hand[0].numpy(), atol=1e-5)
+    assert np.abs(free - by_hand[0].numpy()).max() > 1e-3  # free running is not fed the logged commands
+    assert result["teacher_forced"]["rmse"] != result["model"]["rmse"]
+    assert "teacher" in offline_table(result) and "free-run" in offline_table(result)
