@@ -113,10 +113,11 @@ class StudyConfig:
             raise StudyError(f"{where}: study.suites is empty; name at least one suite, e.g. [\"test\"]")
         for name, spec in self.policies.items():
             if spec.dagger is None:
-                for dataset in spec.train["data"]:
-                    if dataset not in self.datasets:
-                        raise StudyError(f"{where}: policies.{name}.data names {dataset!r}, which is not a "
-                                         f"[datasets.NAME] table (have {sorted(self.datasets)})")
+                for key in ("data", "encoder_data"):
+                    for dataset in spec.train.get(key, []):
+                        if dataset not in self.datasets:
+                            raise StudyError(f"{where}: policies.{name}.{key} names {dataset!r}, which is not a "
+                                             f"[datasets.NAME] table (have {sorted(self.datasets)})")
                 continue
             init = spec.dagger["init"]
             if init not in self.policies or list(self.policies).index(init) >= list(self.policies).index(name):
@@ -203,7 +204,7 @@ def load_study(name_or_path: str) -> StudyConfig:
         except (ValueError, TypeError) as error:
             raise StudyError(f"{where}: {error}") from None
         datasets[name] = table
-    train_fields = _fields(TrainConfig) - {"out", "init", "threads"}
+    train_fields = _fields(TrainConfig) - {"out", "init", "threads", "encoder"}
     dagger_fields = _fields(DaggerConfig) - {"out", "data", "workers", "backend", "address"}
     policies = {}
     for name, table in policies_raw.items():
@@ -222,6 +223,8 @@ def load_study(name_or_path: str) -> StudyConfig:
             continue
         _check_keys(table, train_fields, where)
         table["data"] = list(table.get("data", []))
+        if "encoder_data" in table:
+            table["encoder_data"] = list(table["encoder_data"])
         try:
             TrainConfig(out="unused", **table)
         except (ValueError, TypeError) as error:
@@ -300,7 +303,10 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
     for name, spec in cfg.policies.items():
         if spec.dagger is None:
             train_cfg = {**spec.train, "threads": cfg.threads}
-            key = _hash({"train": train_cfg, "data": [datasets[d].key for d in spec.train["data"]]})
+            data_keys = [datasets[d].key for d in spec.train["data"]]
+            if spec.train.get("encoder_data"):  # chauffeur's encoder pretraining data
+                data_keys.append([datasets[d].key for d in spec.train["encoder_data"]])
+            key = _hash({"train": train_cfg, "data": data_keys})
             policies[name] = Stage("train", name, key, path_under(out, "policies", f"{name}-{key}"),
                                    {"config": train_cfg})
         else:
@@ -360,6 +366,7 @@ def _run_stage(plan: StudyPlan, stage: Stage, *, workers: int, progress: bool, b
     if stage.kind == "train":
         config = dict(stage.params["config"])
         config["data"] = [str(plan.datasets[d].out) for d in config["data"]]
+        config["encoder_data"] = [str(plan.datasets[d].out) for d in config.get("encoder_data", [])]
         summary = train(TrainConfig(out=str(stage.out), **config), progress_bar=progress)
         return {key: summary[key] for key in ("val_rmse", "zeros_rmse", "epochs_run", "seconds", "params")
                 if key in summary}

@@ -132,6 +132,7 @@ def run_dagger(cfg: DaggerConfig, evaluate_fn: Callable[[str, int], dict] | None
                           crop_top=init_config.preprocess.crop_top, input_size=tuple(init_config.preprocess.resize),
                           hidden=init_config.hidden, augment=tuple(training.get("augment", ("shift", "jitter"))),
                           inputs=tuple(init_config.inputs), **_feedback_training(training),
+                          encoder=learner if init_config.arch == "chauffeur" else None,
                           init=learner if cfg.retrain == "finetune" else None), progress_bar=progress)
         learner = str(model_dir / "best")
         row = {"iteration": i, "beta": cfg.beta(i), "data": str(data_dir), "frames": recorded["frames"],

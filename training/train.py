@@ -29,12 +29,16 @@ from steerloop.agents.preprocess import PreprocessConfig
 from steerloop.errors import SteerloopError
 from steerloop.sim.camera import CameraSpec
 from steerloop.training.copycat import keyframe_weights
+from steerloop.training.encoder import TARGETS as ENCODER_TARGETS_MAP
+from steerloop.training.encoder import EncoderConfig, load_encoder, pretrain_encoder
 from steerloop.training.data import AUGMENTATIONS, BatchMaker, load_episodes, manifest_id, split_episodes, windows
 
 STATE_DIR = "trainer_state"  # inside the output directory: resumable optimiser state
+ENCODER_TARGETS = tuple(ENCODER_TARGETS_MAP)
 FEEDBACK_MODES = ("teacher", "scheduled", "dropout", "keyframe")
 ADDED_FIELDS = {"inputs": ["image"], "feedback_mode": "teacher", "sampling_final": 1.0, "input_dropout": 0.5,
-                "keyframe_strength": 2.0}  # TrainConfig fields newer than some resumable runs, at their defaults
+                "keyframe_strength": 2.0, "encoder": None, "encoder_data": [], "encoder_target": "steering",
+                "encoder_epochs": 4}  # TrainConfig fields newer than some resumable runs, at their defaults
 DEFAULT_SEQ_LEN = {"pilotnet": 1, "komanda": 10, "chauffeur": 50}  # [steps]; other archs: 16
 
 
@@ -97,6 +101,16 @@ class TrainConfig:
     """Network input (h, w) after cropping and resizing."""
     init: str | None = None
     """Start from this checkpoint's weights (fine-tuning); its architecture must match."""
+    encoder: str | None = None
+    """chauffeur: the frozen frame encoder (an encoder directory or a cnn-lstm/chauffeur checkpoint); unset: pretrain
+    one first into OUT/encoder on --encoder-data."""
+    encoder_data: list[str] = field(default_factory=list)
+    """chauffeur: datasets the frame encoder is pretrained on (usually larger than --data; default: --data)."""
+    encoder_target: str = field(default="steering", metadata={"cli": {"choices": ENCODER_TARGETS}})
+    """chauffeur: what the encoder is pretrained to predict from one frame: steering, or lane (lateral offset,
+    heading error, curvature)."""
+    encoder_epochs: int = 4
+    """chauffeur: epochs of encoder pretraining."""
 
     def __post_init__(self):
         self.augment = tuple(a for a in self.augment if a)
@@ -142,6 +156,12 @@ class TrainConfig:
                 raise SteerloopError(f"--{name.replace('_', '-')} is a probability in [0, 1], got {value}")
         if not (math.isfinite(self.keyframe_strength) and self.keyframe_strength >= 0):
             raise SteerloopError(f"--keyframe-strength must be a number >= 0, got {self.keyframe_strength}")
+        if self.model != "chauffeur" and (self.encoder or self.encoder_data):
+            raise SteerloopError(f"--encoder and --encoder-data are for --model chauffeur, not {self.model}")
+        if self.encoder_target not in ENCODER_TARGETS:
+            raise SteerloopError(f"--encoder-target must be one of {ENCODER_TARGETS}, got {self.encoder_target!r}")
+        if self.encoder_epochs < 1:
+            raise SteerloopError(f"--encoder-epochs must be >= 1, got {self.encoder_epochs}")
 
     @property
     def cameras(self) -> tuple[str, ...]:
@@ -277,6 +297,19 @@ def _load_state(out: Path, model, optimizer) -> dict:
     return json.loads((out / STATE_DIR / "progress.json").read_text())
 
 
+def _frozen_encoder(cfg: TrainConfig, model, out: Path) -> dict:
+    """Load chauffeur's frame encoder: ``--encoder``, or the one pretrained in OUT/encoder
+    (pretrained there first, on --encoder-data, if it is not there yet). The model keeps it frozen."""
+    path = cfg.encoder
+    if path is None:
+        path = out / "encoder"
+        if not (path / "encoder.json").is_file():
+            data = cfg.encoder_data or cfg.data
+            pretrain_encoder(EncoderConfig(data=list(data), out=str(path), target=cfg.encoder_target,
+                                           epochs=cfg.encoder_epochs, seed=cfg.seed), model.config, manifest_id(data))
+    return load_encoder(path, model)
+
+
 def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
     """Train one model; returns the best checkpoint's validation metrics."""
     from torch.utils.tensorboard import SummaryWriter
@@ -318,6 +351,7 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
     # Model and optimiser.
     torch.manual_seed(cfg.seed)
     model = build_model(model_config)
+    encoder_meta = _frozen_encoder(cfg, model, out) if cfg.model == "chauffeur" else None
     if cfg.init is not None:
         init_model, init_config, _ = load_checkpoint(cfg.init)
         if init_config.to_dict() != model_config.to_dict():
@@ -334,6 +368,8 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
     data_id = manifest_id(cfg.data)
     meta = {"training": run_config, "data_manifest_id": data_id, "git_revision": git_revision(),
             "seed": cfg.seed, "threads": cfg.threads, "train_episodes": len(train_eps), "val_episodes": len(val_eps)}
+    if encoder_meta is not None:
+        meta["encoder"] = encoder_meta
 
     writer = SummaryWriter(str(out / "tb"))
     model.train()

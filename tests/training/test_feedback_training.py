@@ -150,3 +150,48 @@ def test_tiny_runs_of_every_mode(dataset, tmp_path, model, mode):
     assert config.inputs == ("image", "prev_steering", "speed")
     assert meta["training"]["feedback_mode"] == mode
     assert np.isfinite(result["val_rmse"]) and np.isfinite(result["val_rmse_free_running"])
+
+
+# ----------------------------------------------------------------------------- chauffeur's frozen encoder
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("target", ["steering", "lane"])
+def test_chauffeur_pretrains_its_encoder_then_keeps_it_frozen(dataset, tmp_path, target):
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(data=[dataset], out=str(tmp_path / "run"), model="chauffeur", seq_len=8, batch_frames=16,
+                      epochs=1, crop_top=4, input_size=(12, 32), threads=1, warmup_steps=2, hidden=8, augment=(),
+                      encoder_target=target, encoder_epochs=1)
+    train(cfg, progress_bar=False)
+    encoder = json.loads((tmp_path / "run" / "encoder" / "encoder.json").read_text())
+    assert encoder["target"] == target and encoder["frames"] > 100
+    pretrained = load_file(str(tmp_path / "run" / "encoder" / "encoder.safetensors"))
+    trained = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
+    for name, value in pretrained.items():
+        assert torch_equal(trained[name], value), name  # frozen: the chauffeur kept the pretrained weights exactly
+    _, config, meta = load_checkpoint(tmp_path / "run" / "best")
+    assert config.arch == "chauffeur" and meta["encoder"]["target"] == target
+    # a second chauffeur reuses a given encoder (here: the first one's checkpoint)
+    again = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "again"), "encoder": str(tmp_path / "run" / "best")})
+    train(again, progress_bar=False)
+    assert not (tmp_path / "again" / "encoder").exists()
+    assert torch_equal(load_file(str(tmp_path / "again" / "best" / "model.safetensors"))["encoder.fc.1.weight"],
+                       pretrained["encoder.fc.1.weight"])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_encoder_options_are_checked(tmp_path):
+    with pytest.raises(SteerloopError, match="--model chauffeur"):
+        TrainConfig(data=["d"], out="o", model="cnn-lstm", encoder="somewhere")
+    with pytest.raises(SteerloopError, match="--encoder-target"):
+        TrainConfig(data=["d"], out="o", model="chauffeur", encoder_target="pixels")
+    from steerloop.agents.models import build_model
+    from steerloop.training.encoder import EncoderError, load_encoder
+
+    model = build_model(TrainConfig(data=["d"], out="o", model="chauffeur", input_size=(12, 32)).model_config())
+    with pytest.raises(EncoderError, match="neither an encoder directory"):
+        load_encoder(tmp_path, model)
