@@ -190,7 +190,7 @@ class BenchArgs:
 @dataclass
 class StudyArgs(Backend, Progress):
     config: str = field(default="", metadata={"cli": {"required": True}})
-    """Study TOML file, or a preset: default, demo."""
+    """Study TOML file, or a preset: default, demo, history."""
     out: str = field(default="", metadata={"cli": REQUIRED_OUT_DIR})
     """Study directory (stages cached by content, report.md)."""
     workers: int = field(default=2, metadata={"cli": AT_LEAST_ONE})

@@ -58,7 +58,7 @@ from steerloop.training.train import TrainConfig
 
 STUDY_SCHEMA_VERSION = "1.0.0"
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "studies"
-PRESETS = ("default", "demo")
+PRESETS = ("default", "demo", "history")
 KEY_LENGTH = 10  # hex digits of the content hash in stage directory names
 NAME_MAX_MARKER = 200  # [bytes] of a stage marker's name before ".json" (shortened with a hash beyond)
 
@@ -157,7 +157,7 @@ def _tables(raw: dict, key: str, path: Path) -> dict[str, dict]:
 
 
 def resolve_study_path(name_or_path: str) -> Path:
-    """A preset name (``default``, ``demo``) or a study file path."""
+    """A preset name (``default``, ``demo``, ``history``) or a study file path."""
     if name_or_path in PRESETS:
         return PRESETS_DIR / f"{name_or_path}.toml"
     path = Path(name_or_path)

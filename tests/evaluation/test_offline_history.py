@@ -126,3 +126,55 @@ def test_fed_back_models_are_replayed_teacher_forced_and_free_running(noisy_log,
     assert np.abs(free - by_hand[0].numpy()).max() > 1e-3  # free running is not fed the logged commands
     assert result["teacher_forced"]["rmse"] != result["model"]["rmse"]
     assert "teacher" in offline_table(result) and "free-run" in offline_table(result)
+
+
+# ----------------------------------------------------------------------------- report findings
+def _row(name, *, fed: bool, offline: float, success: float, seq_len: int = 16, mode: str = "teacher",
+         recipe: str = "a", probe_unexplained: float = 0.5, arch: str = "cnn-lstm"):
+    from steerloop.evaluation.report import PolicyRow
+
+    events = {"change_point_rmse": 2 * offline, "steady_rmse": offline}
+    history = {"fed_back": fed, "inputs": ["image", "prev_steering"] if fed else ["image"], "mode": mode,
+               "seq_len": seq_len, "recipe": {"r": recipe, "mode": mode, "fed": fed},
+               "teacher_forced": {"rmse": offline} if fed else None, "repeat_previous": {"rmse": 0.01},
+               "events": {"model": events, "repeat_previous": {"change_point_rmse": 0.05, "steady_rmse": 0.005}},
+               "expert_probe": {"k": 4, "r2": 0.9, "unexplained": 0.1},
+               "probe": {"k": 4, "r2": 1 - probe_unexplained, "unexplained": probe_unexplained}}
+    return PolicyRow(name=name, family=arch, arch=arch, regime="clean", frames=100, val_rmse=None,
+                     offline={"rmse": offline * (1.2 if fed else 1.0)}, zeros={"rmse": 0.1},
+                     closed={"success_rate": success, "recovery_rate": success, "on_policy_rmse": 0.1}, history=history)
+
+
+def test_history_findings_follow_the_numbers_in_either_direction():
+    from steerloop.evaluation.report import history_findings, history_table
+
+    copycat = [_row("frames", fed=False, offline=0.05, success=0.9),
+               _row("prev", fed=True, offline=0.008, success=0.2, probe_unexplained=0.02)]
+    text = " ".join(history_findings(copycat))
+    assert "Feeding back the previous command hurts in closed loop here, although it predicts better offline: " \
+           "the copycat pattern." in text
+    assert "1 of 2 policies beat it offline" in text and "prev (0.0080)" in text
+    assert "prev (0.20)" in text  # steers more predictably from its own past than the expert (ratio 0.02 / 0.1)
+    helpful = [_row("frames", fed=False, offline=0.05, success=0.3),
+               _row("prev", fed=True, offline=0.04, success=0.8, probe_unexplained=0.9)]
+    text = " ".join(history_findings(helpful))
+    assert "Feeding back the previous command helps in closed loop here" in text and "copycat pattern (" in text
+    assert "None of the 2 policies beats it offline" in text
+    assert "No policy steers more predictably" in text
+    assert "| prev | cnn-lstm | frames + prev_steering | teacher forcing | 16 |" in history_table(helpful)
+
+
+def test_history_findings_compare_training_modes_and_sweep_lengths():
+    from steerloop.evaluation.report import history_findings
+
+    rows = [_row("teacher", fed=True, offline=0.01, success=0.4),
+            _row("scheduled", fed=True, offline=0.02, success=0.7, mode="scheduled"),
+            *[_row(f"t{t}", fed=False, offline=0.05, success=s, seq_len=t, recipe="sweep")
+              for t, s in ((1, 0.2), (4, 0.5), (16, 0.9))]]
+    text = " ".join(history_findings(rows))
+    assert "Best in closed loop: scheduled sampling, better than teacher forcing." in text
+    assert "Success at T = 1: 0.20, 4: 0.50, 16: 0.90 (Spearman rho 1.00): longer windows drive better." in text
+    rows[-1].closed["success_rate"] = 0.0
+    rows[0].closed["success_rate"] = 0.9
+    text = " ".join(history_findings(rows))
+    assert "no remedy beats plain teacher forcing here" in text and "longer windows drive" in text

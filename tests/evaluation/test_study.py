@@ -50,6 +50,19 @@ val_fraction = 0.5
 
 [policies.dagger]
 dagger = { init = "pilotnet", iterations = 1, episodes_per_iter = 1, beta_schedule = [0.0], epochs = 1, track_length = 60.0 }
+
+[policies.lstm-prev]
+model = "cnn-lstm"
+inputs = ["image", "prev_steering"]
+feedback_mode = "scheduled"
+data = ["clean"]
+seq_len = 4
+epochs = 1
+batch_frames = 32
+augment = []
+crop_top = 4
+input_size = [16, 48]
+val_fraction = 0.5
 """
 
 
@@ -78,7 +91,7 @@ def test_tiny_study_writes_the_report(tiny_study):
     for figure in ("rmse_vs_success.png", "compounding.png", "on_policy_vs_offline.png"):
         assert (out / "figures" / figure).stat().st_size > 1000
     summary = json.loads((out / "report.json").read_text())
-    assert [p["name"] for p in summary["policies"]] == ["pilotnet", "lstm", "dagger"]
+    assert [p["name"] for p in summary["policies"]] == ["pilotnet", "lstm", "dagger", "lstm-prev"]
     frames = {p["name"]: p["frames"] for p in summary["policies"]}
     assert frames["dagger"] > frames["pilotnet"], "DAgger's aggregate includes its init's data and its own"
     assert "## DAgger against behaviour cloning" in report and "(BC it started from)" in report
@@ -86,8 +99,16 @@ def test_tiny_study_writes_the_report(tiny_study):
         assert policy["frames"] > 0
         assert 0.0 <= policy["closed_loop"]["success_rate"] <= 1.0
         assert policy["offline"]["rmse"] >= 0 and policy["zeros"]["rmse"] > 0
-    assert 1 <= summary["best_offline_closed_loop_rank"] <= 3
+    assert 1 <= summary["best_offline_closed_loop_rank"] <= 4
     assert len(summary["correlations"]) == 6 * 4  # 6 offline x 4 closed-loop metrics on a plain suite
+    history = {p["name"]: p["history"] for p in summary["policies"]}
+    assert history["lstm-prev"]["fed_back"] and history["lstm-prev"]["mode"] == "scheduled"
+    assert history["lstm-prev"]["teacher_forced"]["rmse"] > 0 and history["lstm"]["teacher_forced"] is None
+    assert history["lstm"]["repeat_previous"]["rmse"] > 0 and history["lstm"]["probe"]["frames"] > 0
+    for needle in ("## History and copycat", "repeat the previous executed command", "| lstm-prev | cnn-lstm | "
+                   "frames + prev_steering | scheduled sampling | 4 |", "**The copycat's free offline score.**",
+                   "**Teacher forced vs free running, offline.**", "**Does feeding back the previous command help?**"):
+        assert needle in report, f"report.md lacks {needle!r}"
 
 
 def test_rerunning_a_finished_study_does_nothing(tiny_study, capsys):
@@ -102,7 +123,7 @@ def test_rerunning_a_finished_study_does_nothing(tiny_study, capsys):
 
 def test_changing_one_policy_reruns_only_what_depends_on_it(tiny_study, tmp_path):
     config, out = tiny_study
-    changed = write_study(tmp_path, TINY.replace("seq_len = 4", "seq_len = 2"))
+    changed = write_study(tmp_path, TINY.replace("seq_len = 4", "seq_len = 2", 1))
     plan = plan_study(load_study(str(changed)), out)
     todo = [(s.kind, s.name) for s in plan.stages if not (out / "stages" / s.marker).exists()]
     assert todo == [("train", "lstm"), ("offline", "lstm"), ("closed_loop", "lstm@smoke")]
