@@ -346,3 +346,24 @@ def test_komanda_single_step_rnn_equals_nn_rnn_and_feeds_back_three_outputs():
         out, state = model.outputs(images(batch=3, steps=1), None)
     assert set(out) == {"steering", "speed", "throttle"} and state[-1].shape == (3, 3)
     torch.testing.assert_close(state[-1], torch.stack([out["steering"], out["speed"], out["throttle"]], -1)[:, 0])
+
+
+def test_komanda_drives_through_evaluate_like_any_checkpoint(tmp_path):
+    """`steerloop evaluate` of a komanda checkpoint (three fed-back outputs and the speed
+    input): the same code path as every checkpoint, results bit-identical with 1 and 2 workers."""
+    from helpers import SHORT_SPEC
+
+    from steerloop.evaluation.runner import evaluate
+    from steerloop.evaluation.suites import load_suite
+
+    model = tiny("komanda", inputs=("image", "speed"))
+    path = save_checkpoint(tmp_path / "komanda", model, model.config)
+    (tmp_path / "short.json").write_text(json.dumps(SHORT_SPEC))
+    (tmp_path / "suite.json").write_text(json.dumps({
+        "name": "two", "tracks": ["short.json"], "conditions": ["default", "dusk"], "speed": 10.0,
+        "perturbations": "none", "interventions": True}))
+    suite = load_suite(str(tmp_path / "suite.json"))
+    one = evaluate(str(path), suite, tmp_path / "w1", resolution=RAW, progress=False, plots=False, batch=1)
+    two = evaluate(str(path), suite, tmp_path / "w2", resolution=RAW, progress=False, plots=False, batch=1, workers=2)
+    assert one["policy"]["fed_back"] == list(model.feedback) and one["aggregate"]["scenarios"] == 2
+    assert [s["metrics"] for s in one["scenarios"]] == [s["metrics"] for s in two["scenarios"]]
