@@ -713,20 +713,27 @@ def history_findings(rows: list[PolicyRow]) -> list[str]:
                      + (" (the more self-predictable, the worse it drives)." if rho > 0 else
                         " (self-predictability does not go with worse driving here)."))
         out.append(text)
-    modes = {}
+    by_arch: dict[str, dict[str, list[PolicyRow]]] = {}
     for r in fed:
-        modes.setdefault(r.history.get("mode", "teacher"), []).append(r)
-    if len(modes) > 1:
+        by_arch.setdefault(r.arch, {}).setdefault(r.history.get("mode", "teacher"), []).append(r)
+    for arch, modes in by_arch.items():
+        if len(modes) < 2:
+            continue
         parts = {m: (_mean(r.closed["success_rate"] for r in g), _mean(r.closed["recovery_rate"] for r in g), len(g))
                  for m, g in modes.items()}
-        best = max(parts, key=lambda m: (parts[m][0], parts[m][1] if not math.isnan(parts[m][1]) else -1))
-        teacher = parts.get("teacher")
-        out.append("**Training the fed-back inputs.** " + "; ".join(
+
+        def rank(mode: str) -> tuple[float, float]:  # success first, then recovery
+            success, recovery, _ = parts[mode]
+            return (success, -1.0 if math.isnan(recovery) else recovery)
+
+        best = max(sorted(parts), key=rank)
+        verdict = ("." if "teacher" not in parts else
+                   ", better than teacher forcing." if best != "teacher" and rank(best) > rank("teacher") else
+                   "; no remedy beats plain teacher forcing here.")
+        out.append(f"**Training the fed-back inputs ({arch}).** " + "; ".join(
             f"{MODE_LABELS.get(m, m)}: success {v[0]:.2f}, recovery {_fmt(v[1], 2)} (n={v[2]})"
-            for m, v in sorted(parts.items())) + f". Best in closed loop: {MODE_LABELS.get(best, best)}"
-            + ("." if teacher is None else
-               ", better than teacher forcing." if best != "teacher" and parts[best][0] > teacher[0] else
-               "; no remedy beats plain teacher forcing here."))
+            for m, v in sorted(parts.items())) + f". Best in closed loop (success, then recovery): "
+            f"{MODE_LABELS.get(best, best)}{verdict}")
     for group in sweep_groups(rows):
         lengths = [r.history["seq_len"] for r in group]
         success = [r.closed["success_rate"] or 0.0 for r in group]

@@ -172,7 +172,7 @@ def test_history_findings_compare_training_modes_and_sweep_lengths():
             *[_row(f"t{t}", fed=False, offline=0.05, success=s, seq_len=t, recipe="sweep")
               for t, s in ((1, 0.2), (4, 0.5), (16, 0.9))]]
     text = " ".join(history_findings(rows))
-    assert "Best in closed loop: scheduled sampling, better than teacher forcing." in text
+    assert "Best in closed loop (success, then recovery): scheduled sampling, better than teacher forcing." in text
     assert "Success at T = 1: 0.20, 4: 0.50, 16: 0.90 (Spearman rho 1.00): longer windows drive better." in text
     rows[-1].closed["success_rate"] = 0.0
     rows[0].closed["success_rate"] = 0.9
