@@ -223,7 +223,7 @@ def cmd_drive(args) -> int:
     from steerloop import ENV_ID
     from steerloop.agents import load_policy
     from steerloop.evaluation.rollout import rollout
-    from steerloop.evaluation.runner import json_safe
+    from steerloop.files import json_safe
     from steerloop.sim.env import load_track
 
     policy = load_policy(args.policy)

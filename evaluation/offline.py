@@ -9,13 +9,12 @@ an episode boundary.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from steerloop.files import atomic_write_json
 from steerloop.sim.log import DrivingLog, LogError
 
 WINDOW = 16  # [steps] window of the cumulative speed-weighted error
@@ -113,9 +112,7 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
     if out:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_json(path, result)
     return result
 
 

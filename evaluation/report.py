@@ -19,7 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from steerloop.evaluation.runner import json_safe, run_scenario  # noqa: E402
+from steerloop.evaluation.runner import run_scenario  # noqa: E402
+from steerloop.files import json_safe  # noqa: E402
 from steerloop.evaluation.suites import CONTROL_DT  # noqa: E402
 from steerloop.sim.env import load_track  # noqa: E402
 from steerloop.sim.paths import path_under, shorten  # noqa: E402
@@ -27,7 +28,6 @@ from steerloop.sim.paths import path_under, shorten  # noqa: E402
 OFFLINE_METRICS = ("rmse", "mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
 CLOSED_LOOP_METRICS = ("success_rate", "mean_abs_offset_m", "departures_per_km", "autonomy_pct", "recovery_rate",
                        "on_policy_rmse")
-HIGHER_IS_BETTER = {"success_rate", "autonomy_pct", "recovery_rate"}
 RECURRENT = ("cnn-lstm", "conv3d-lstm")
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -437,8 +437,8 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
                 f"RMSE gives r = {r_rmse:+.2f}. ")
         others = [abs(valid[k]) for k in ("mae", "qce", "tre") if k in valid]
         if not math.isnan(r_rmse) and others and max(others) > abs(r_rmse):
-            text += ("As in Codevilla et al. (MSE r = 0.39, MAE/QCE/TRE r > 0.6), a metric other than the squared "
-                     "error correlates better than RMSE" + (", and above 0.6." if max(others) > CODEVILLA_OTHER_R
+            text += (f"As in Codevilla et al. (MSE r = {CODEVILLA_MSE_R}, MAE/QCE/TRE r > {CODEVILLA_OTHER_R}), a "
+                     "metric other than the squared error correlates better than RMSE" + (", and above 0.6." if max(others) > CODEVILLA_OTHER_R
                                                             else ", though not above 0.6: reproduced only in part."))
         else:
             text += ("This does not reproduce Codevilla et al.'s finding that MAE, QCE or TRE correlate better than "

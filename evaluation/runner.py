@@ -19,14 +19,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 from gymnasium.wrappers import TimeLimit
 
+from steerloop.files import atomic_write_json, json_safe, software_versions
 from steerloop.errors import SteerloopError
 from steerloop.evaluation.metrics import autonomy_percent, bootstrap_ci, recovery_metrics
 from steerloop.evaluation.rollout import rollout_batch
@@ -41,16 +40,6 @@ RESULTS_SCHEMA_VERSION = "1.0.0"
 DEFAULT_BATCH = 4  # at most this many scenarios per lockstep group (batched inference; see lockstep_groups)
 AGGREGATE_KEYS = ("success", "mean_abs_offset_m", "max_abs_offset_m", "rms_heading_error_rad", "departures_per_km",
                   "time_outside_lane_s", "route_completion", "on_policy_rmse", "smoothness_per_s")
-
-
-def software_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for package in ("steerloop", "numpy", "torch", "gymnasium", "pybullet", "stable-baselines3"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 _ENV_POOL: dict[tuple, list[LaneKeepEnv]] = {}
@@ -170,19 +159,6 @@ def _worker_run(indices: list[int], scenarios: list[Scenario], resolution, video
     return [(i, metrics, trajectory) for i, (metrics, trajectory) in zip(indices, results)]
 
 
-def json_safe(value):
-    """NaN/inf -> None, numpy scalars -> Python, tuples -> lists: strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
-    return value
-
-
 def aggregate(scenario_metrics: list[dict], suite: Suite) -> dict:
     """Means over scenarios with 95% bootstrap intervals (seeded, deterministic)."""
     out = {}
@@ -274,9 +250,7 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
         scenario = suite.scenarios[index]
         np.savez_compressed(path_under(out, "trajectories", f"{scenario.name}.npz"), **trajectory)
         record = {"scenario": scenario.to_dict(), "metrics": json_safe(metrics)}
-        tmp = path_under(out, "scenarios", f"{scenario.name}.json.tmp")
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-        os.replace(tmp, path_under(out, "scenarios", f"{scenario.name}.json"))
+        atomic_write_json(path_under(out, "scenarios", f"{scenario.name}.json"), record)
         done[index] = record["metrics"]
         steps += metrics["steps"]
         bar.set_postfix(steps_per_s=f"{steps / (time.perf_counter() - started):.0f}")

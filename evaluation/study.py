@@ -43,12 +43,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steerloop.files import atomic_write_json
 from steerloop.errors import SteerloopError
 from steerloop.evaluation.suites import BUILTIN_SUITES, Suite, SuiteError, load_suite
 from steerloop.sim.paths import UnsafeNameError, path_under, safe_name, shorten
@@ -334,9 +334,7 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
 
 def _write_json(path: Path, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_json(path, value)
 
 
 def _run_stage(plan: StudyPlan, stage: Stage, *, workers: int, progress: bool, backend: str = "local",

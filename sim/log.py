@@ -105,10 +105,8 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import time
 from collections import OrderedDict
@@ -120,6 +118,7 @@ import h5py
 import numpy as np
 
 from steerloop.errors import SteerloopError
+from steerloop.files import TMP_SUFFIX, atomic_write, fsync_dir, software_versions, write_all
 
 try:  # advisory locks; unavailable on Windows, where a directory has one writer.
     import fcntl
@@ -129,7 +128,6 @@ except ImportError:  # pragma: no cover - platform dependent
 __all__ = [
     "SCHEMA_VERSION",
     "SCALAR_FIELDS",
-    "SERIES",
     "FieldSpec",
     "FRAME_COMPRESSION",
     "FRAME_COMPRESSION_LEVEL",
@@ -147,7 +145,6 @@ SCHEMA_VERSION = "1.0.0"
 """Semantic version of the on-disk format.  Readers refuse a newer MAJOR."""
 
 MANIFEST = "manifest.json"
-TMP_SUFFIX = ".tmp"
 FRAME_COMPRESSION = "gzip"
 FRAME_COMPRESSION_LEVEL = 1
 _LIBVER = ("earliest", "v110")
@@ -208,7 +205,6 @@ SCALAR_FIELDS: Mapping[str, FieldSpec] = MappingProxyType(
 )
 """The single definition of the per-step scalar series (writer and validator)."""
 
-SERIES = SCALAR_FIELDS
 """Alias of :data:`SCALAR_FIELDS` kept for existing callers."""
 
 
@@ -270,36 +266,6 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, allow_nan=False, separators=(",", ":"))
 
 
-def _fsync_dir(path: str) -> None:
-    if not hasattr(os, "O_DIRECTORY"):  # pragma: no cover - Windows
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via ``path.tmp`` + fsync + rename + dir fsync."""
-    tmp = path + TMP_SUFFIX
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
 @contextlib.contextmanager
 def _dir_lock(path: str) -> Iterator[None]:
     """Exclusive advisory lock on a directory (serialises manifest updates)."""
@@ -357,20 +323,6 @@ def _file_problem(path: str, size: int, sha256: str) -> str | None:
             while len(_VERIFIED) > VERIFIED_CACHE_SIZE:
                 _VERIFIED.popitem(last=False)
     return None
-
-
-def _software_versions() -> dict[str, str]:
-    try:
-        steerloop = importlib.metadata.version("steerloop")
-    except importlib.metadata.PackageNotFoundError:
-        steerloop = "unknown"
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "h5py": h5py.__version__,
-        "hdf5": h5py.version.hdf5_version,
-        "steerloop": steerloop,
-    }
 
 
 def _attr_value(value: Any) -> Any:
@@ -638,7 +590,7 @@ class DrivingLogWriter:
                 manifest = dict(header)
                 manifest.update(
                     created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    software=_software_versions(),
+                    software=software_versions(),
                     episodes={},
                     bytes_per_frame=None,
                 )
@@ -691,7 +643,7 @@ class DrivingLogWriter:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.path, name))
         os.remove(os.path.join(self.path, MANIFEST))
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def _remove_stale_tmp(self) -> None:
         """Remove ``*.tmp`` files no live writer holds (caller holds the dir lock)."""
@@ -719,7 +671,7 @@ class DrivingLogWriter:
 
     def _store_manifest(self, manifest: dict) -> None:
         text = json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False) + "\n"
-        _atomic_write(os.path.join(self.path, MANIFEST), text.encode("utf-8"))
+        atomic_write(os.path.join(self.path, MANIFEST), text.encode("utf-8"))
         self._manifest = manifest
 
     @property
@@ -886,12 +838,12 @@ class DrivingLogWriter:
             os.close(fd)
         try:
             os.ftruncate(fd, 0)
-            _write_all(fd, image)
+            write_all(fd, image)
             os.fsync(fd)
             os.replace(tmp, final)
         finally:
             os.close(fd)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
 
 # --------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
+from steerloop.files import atomic_write_json
 from steerloop.sim import ENV_ID
 from steerloop.sim.scene import CONDITIONS
 from steerloop.sim.track import split_seed
@@ -319,9 +319,7 @@ def _callbacks(cfg: RLConfig, out: Path, progress: bool):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 def train_rl(cfg: RLConfig, progress: bool = True) -> dict:
