@@ -330,7 +330,7 @@ def cmd_dagger(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from steerloop.sim.log import validate
+    from steerloop.driving_log import validate
 
     problems = validate(args.path)
     for line in problems:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from steerloop.files import atomic_write_json
-from steerloop.sim.log import DrivingLog, LogError
+from steerloop.driving_log import DrivingLog, LogError
 
 WINDOW = 16  # [steps] window of the cumulative speed-weighted error
 TRE_FRACTION = 0.1  # thresholded relative error: |a - a_hat| > 0.1 |a|

@@ -20,7 +20,7 @@ from typing import Callable
 from steerloop.files import atomic_write_json
 from steerloop.agents.checkpoint import load_checkpoint
 from steerloop.agents.mixture import MIXTURE_MODES
-from steerloop.sim.log import DrivingLog
+from steerloop.driving_log import DrivingLog
 from steerloop.sim.parallel import check_backend
 from steerloop.training.record import RecordConfig, record
 from steerloop.training.train import TrainConfig, train

@@ -21,7 +21,7 @@ from steerloop.agents.experts import NOISE_KINDS, ExpertPolicy, NoisyExpert
 from steerloop.agents.mixture import MixturePolicy
 from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from steerloop.sim.env import LaneKeepEnv, load_track
-from steerloop.sim.log import DrivingLogWriter, EpisodeBuffer, episode_file
+from steerloop.driving_log import DrivingLogWriter, EpisodeBuffer, episode_file
 from steerloop.sim.parallel import check_backend, connect_ray, run_tasks
 from steerloop.sim.scene import CONDITIONS
 from steerloop.sim.track import SPLIT_SEED_RANGES, split_seed
@@ -219,7 +219,7 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
                               suite=cfg.suite if cfg.track is None else None,
                               seeds={"seed": cfg.seed}, extra={"expert": {"law": cfg.expert}, **cfg.extra})
     damaged = writer.damaged()  # listed but missing or not matching the manifest: recorded again (deterministic)
-    done = writer.completed()  # damaged() cached the intact files' checks (see sim.log, Integrity)
+    done = writer.completed()  # damaged() cached the intact files' checks (docs/driving-log.md, Integrity)
     jobs = [job for job in episode_jobs(cfg) if job.index not in done]
     bar = tqdm(total=cfg.episodes, initial=cfg.episodes - len(jobs), unit="ep", desc=f"record {cfg.out}",
                disable=not progress, dynamic_ncols=True)
