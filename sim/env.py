@@ -249,19 +249,23 @@ class LaneKeepEnv(gym.Env):
         """Show ``track`` under ``condition`` and load a fresh car.
 
         The physics world (ground plane, sky) is created once per environment and road
-        meshes once per distinct track (PyBullet never frees mesh memory); the car is
-        removed and loaded again every reset so no physics state survives an episode.
+        meshes once per distinct track; when the world holds ``ROADS_PER_WORLD`` roads the
+        simulation is reset and a new world built, which frees their meshes (memory stays
+        bounded over any number of tracks). The car is removed and loaded again every
+        reset so no physics state survives an episode.
         """
         c = self.client
-        if self.world is None:
-            c.resetSimulation()
+        track_key = json.dumps(track.to_spec(), sort_keys=True)
+        if self.world is None or self.world.is_full_for(track_key, condition):
+            c.resetSimulation()  # removes every body and frees every shape
             c.setGravity(0, 0, -GRAVITY)
             c.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.config.physics_hz, numSubSteps=0,
                                         deterministicOverlappingPairs=1)
             self.world = World(c)
+            self.vehicle = None
         if self.vehicle is not None:
             c.removeBody(self.vehicle.body_id)
-        self.world.show(track, json.dumps(track.to_spec(), sort_keys=True), condition)
+        self.world.show(track, track_key, condition)
         self.world.paint(self.appearance)
         self.vehicle = Vehicle(c, self.vehicle_params, self.dt)
         self.track = track
