@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -238,10 +240,13 @@ def cmd_validate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from steerloop.evaluation.bench import bench_env, bench_eval, bench_record, bench_scale, bench_train, format_table
+    from steerloop.evaluation.bench import (bench_env, bench_eval, bench_record, bench_scale, bench_soak, bench_train,
+                                            format_table)
 
     if args.target == "env":
         result = bench_env(steps=args.steps, repeats=args.repeats, resolution=args.resolution)
+    elif args.target == "soak":
+        result = bench_soak(tracks=args.episodes or 1000, resolution=args.resolution)
     elif args.target == "record":
         result = bench_record(episodes=args.episodes or 8, repeats=args.repeats, resolution=args.resolution)
     elif args.target == "train":
@@ -260,7 +265,9 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
-        print(format_table(f"bench {args.target} (medians of {result['repeats']} repeats)", result))
+        title = "bench soak (RSS over distinct tracks)" if args.target == "soak" else \
+            f"bench {args.target} (medians of {result['repeats']} repeats)"
+        print(format_table(title, result))
     return 0
 
 
@@ -430,10 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=cmd_validate)
 
     bench = sub.add_parser("bench", help="throughput benchmarks, measured side by side")
-    bench.add_argument("target", choices=["env", "record", "train", "eval", "scale"],
-                       help="what to benchmark (scale: evaluation on 1 and 2 local workers and on Ray)")
+    bench.add_argument("target", choices=["env", "record", "train", "eval", "scale", "soak"],
+                       help="what to benchmark (scale: evaluation on 1 and 2 local workers and on Ray; soak: RSS "
+                            "growth of one environment over distinct tracks)")
     bench.add_argument("--episodes", type=int, default=0, help="record/eval/scale: episodes or scenarios per repeat "
-                       "(record 8, eval 20, scale 16)")
+                       "(record 8, eval 20, scale 16); soak: distinct tracks (1000)")
     bench.add_argument("--batch", type=int, default=None, help="eval: scenarios per lockstep group (default: as "
                        "steerloop evaluate)")
     bench.add_argument("--data", default=None, help="train: dataset to read (default: a small fresh recording)")
@@ -460,10 +468,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): completed work is kept, re-running resumes
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM): the same clean stop as Ctrl-C
+_TERMINATED: list[int] = []  # the SIGTERMs received by this process
+
+
+def _raise_interrupt(signum, frame) -> None:
+    """SIGTERM (timeout, CI cancellation, schedulers) stops a command the way Ctrl-C does;
+    further SIGTERMs are ignored while it shuts down (SIGKILL still ends it)."""
+    _TERMINATED.append(signum)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _run_command(args) -> int:
+    """Run the chosen command; Ctrl-C and SIGTERM exit 130 and 143 after its own clean-up."""
+    terminated = len(_TERMINATED)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        print(f"steerloop {args.command}: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    return EXIT_TERMINATED if code == EXIT_INTERRUPTED and len(_TERMINATED) > terminated else code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     np.set_printoptions(precision=4)
-    return args.func(args)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return args.func(args)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _run_command(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -104,11 +104,14 @@ def run_in_processes(fn: Callable, jobs: Iterable[tuple], on_result: Callable, *
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     on_result(future.result())
-        except BaseException as error:
+        except KeyboardInterrupt:
+            # No future is cancelled here: the pool, finding its workers gone, fails every
+            # pending future itself (it cannot fail a cancelled one and would raise).
+            _stop_workers(set(active_children()) - before)
+            raise
+        except BaseException:
             for future in pending:
                 future.cancel()
-            if isinstance(error, KeyboardInterrupt):
-                _stop_workers(set(active_children()) - before)
             raise
 
 
