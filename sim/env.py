@@ -19,7 +19,7 @@ from pybullet_utils import bullet_client
 from steerloop.sim import controllers
 from steerloop.sim.camera import CAMERA_NAMES, CameraSpec, body_camera_matrices, chase_camera_matrices, render
 from steerloop.sim.scene import CONDITIONS, World, draw_appearance
-from steerloop.sim.track import Track, generate_track, split_seed
+from steerloop.sim.track import Track, check_route_length, generate_track, split_seed
 from steerloop.sim.vehicle import Vehicle, VehicleParams
 
 GRAVITY = 9.81  # [m/s^2]
@@ -46,7 +46,7 @@ class LaneKeepConfig:
     split: str = "train"
     """Track split used when ``track`` is None: train, val or test (disjoint seed ranges)."""
     track_length: float = 400.0
-    """Length of procedural routes [m]."""
+    """Length of procedural routes [m], 10 to 4800 (``sim.track.MAX_ROUTE_LENGTH``)."""
     lane_width: float = 3.7
     """Lane width of procedural routes [m] (spec files give their own)."""
     condition: str | tuple[str, ...] = "default"
@@ -111,6 +111,7 @@ class LaneKeepConfig:
             raise ValueError(f"expert must be one of {sorted(controllers.CONTROLLERS)}, got {self.expert!r}")
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {self.split!r}")
+        check_route_length(self.track_length, "track_length")
 
     def to_dict(self) -> dict:
         return asdict(self)

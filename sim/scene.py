@@ -20,7 +20,7 @@ import numpy as np
 import pybullet as p
 
 from steerloop.sim.camera import Lighting
-from steerloop.sim.track import Track
+from steerloop.sim.track import WORLD_REACH, Track
 
 MESH_STEP = 1.0  # [m] resolution at which cross-sections are chosen
 MESH_MAX_TURN = 0.05  # [rad] heading change between road cross-sections (chord error < 2 cm at 8 m width)
@@ -30,7 +30,7 @@ SHOULDER = 0.6  # [m] asphalt beyond the edge lines
 DASH_LENGTH = 3.0  # [m]
 DASH_PERIOD = 9.0  # [m] dash + gap
 WORLD_HALF_SIZE = 3000.0  # [m] the ground and sky box span [-3 km, 3 km] around the origin
-GROUND_MARGIN = 600.0  # [m] tracks must stay this far inside the ground so the horizon looks right
+GROUND_MARGIN = WORLD_HALF_SIZE - WORLD_REACH  # [m] (600) roads stay this far inside the ground so the horizon looks right
 SKY_HEIGHT = 150.0  # [m]
 ROAD_Z, LINE_Z, GROUND_Z = 0.0, 0.01, -0.03  # [m] layer heights (avoid z-fighting)
 # PyBullet frees visual shapes only when the whole simulation is reset, so a world keeps the
@@ -250,10 +250,10 @@ class World:
     def show(self, track: Track, track_key: str, condition: str) -> None:
         """Make the road of ``track`` (identified by ``track_key``) under ``condition`` visible."""
         extent = max(np.abs(track.x).max(), np.abs(track.y).max())
-        if extent > WORLD_HALF_SIZE - GROUND_MARGIN:
+        if extent > WORLD_REACH:
             raise ValueError(
                 f"track {track.name!r} reaches {extent:.0f} m from the origin; the world is "
-                f"{WORLD_HALF_SIZE - GROUND_MARGIN:.0f} m across from the centre: move its start or shorten it")
+                f"{WORLD_REACH:.0f} m across from the centre: move its start or shorten it")
         key = (track_key, condition)
         if key == self.road_key:
             return
