@@ -132,7 +132,7 @@ def bench_soak(tracks: int = 1000, track_length: float = 400.0, resolution: tupl
     env.close()
     growth = max(peak, after) - before
     return {
-        "tracks": tracks, "track_length_m": track_length, "steps_per_track": steps, "repeats": 1,
+        "tracks": tracks, "track_length_m": track_length, "steps_per_track": steps,
         "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1), "rss_peak_mb": round(max(peak, after), 1),
         "rss_growth_mb": round(growth, 1), "growth_per_track_kb": round(growth * 1024 / tracks, 2),
         "allowed_growth_mb_per_1000_tracks": SOAK_ALLOWED_GROWTH_MB, "tracks_per_s": round(tracks / seconds, 1),
