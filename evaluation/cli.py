@@ -6,14 +6,17 @@ commands that are a single function call); :mod:`steerloop.evaluation.flags` tur
 fields into flags, so a field added to a config is a flag with no other edit.
 
 Exit codes: 0 done; 1 a check failed (``validate``, ``regress``); 2 a user error (one line
-on stderr naming the input and the fix); 130 interrupted (Ctrl-C), with completed work kept.
+on stderr naming the input and the fix); 130 interrupted (Ctrl-C) and 143 terminated
+(SIGTERM), both with completed work kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +24,10 @@ import numpy as np
 
 from steerloop.evaluation.flags import add_flags, config_from_args
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # user errors (bad flags, files, names) / Ctrl-C
+EXIT_USAGE = 2  # a user error: bad flags, files or names
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): completed work is kept, re-running resumes
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM): the same clean stop as Ctrl-C
+_TERMINATED: list[int] = []  # the SIGTERMs received by this process
 
 
 # ------------------------------------------------------------------------------- flag checks
@@ -169,10 +175,13 @@ class ValidateArgs:
 @dataclass
 class BenchArgs:
     target: str = field(default="env", metadata={"cli": {"positional": True,
-                                                         "choices": ("env", "record", "train", "eval", "scale")}})
-    """What to benchmark (scale: evaluation on 1 and 2 local workers and on Ray)."""
+                                                         "choices": ("env", "record", "train", "eval", "scale",
+                                                                     "soak")}})
+    """What to benchmark (scale: evaluation on 1 and 2 local workers and on Ray; soak: RSS growth of one environment
+    over distinct tracks)."""
     episodes: int = field(default=0, metadata={"cli": {"min": 0}})
-    """record/eval/scale: episodes or scenarios per repeat (0: record 8, eval 20, scale 16)."""
+    """record/eval/scale: episodes or scenarios per repeat (0: record 8, eval 20, scale 16); soak: distinct tracks (0:
+    1000)."""
     batch: int | None = field(default=None, metadata={"cli": AT_LEAST_ONE})
     """eval: scenarios per lockstep group (default: as steerloop evaluate)."""
     data: str | None = None
@@ -343,10 +352,13 @@ def cmd_validate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from steerloop.evaluation.bench import bench_env, bench_eval, bench_record, bench_scale, bench_train, format_table
+    from steerloop.evaluation.bench import (bench_env, bench_eval, bench_record, bench_scale, bench_soak, bench_train,
+                                            format_table)
 
     if args.target == "env":
         result = bench_env(steps=args.steps, repeats=args.repeats, resolution=args.resolution)
+    elif args.target == "soak":
+        result = bench_soak(tracks=args.episodes or 1000, resolution=args.resolution)
     elif args.target == "record":
         result = bench_record(episodes=args.episodes or 8, repeats=args.repeats, resolution=args.resolution)
     elif args.target == "train":
@@ -361,7 +373,9 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
-        print(format_table(f"bench {args.target} (medians of {result['repeats']} repeats)", result))
+        title = "bench soak (RSS over distinct tracks)" if args.target == "soak" else \
+            f"bench {args.target} (medians of {result['repeats']} repeats)"
+        print(format_table(title, result))
     return 0
 
 
@@ -444,7 +458,7 @@ def _commands():
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="steerloop", description=__doc__.split("\n\n")[0],
                      epilog="Exit codes: 0 done, 1 a check failed (validate, regress), 2 a user error, "
-                            "130 interrupted. Reference: docs/cli.md")
+                            "130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Reference: docs/cli.md")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, configs, handler, interrupted in _commands():
         command = sub.add_parser(name, help=help_text, description=help_text)
@@ -465,12 +479,20 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one command; see the module docstring for the exit codes."""
-    args = build_parser().parse_args(argv)
-    np.set_printoptions(precision=4)
+def _raise_interrupt(signum, frame) -> None:
+    """SIGTERM (timeout, CI cancellation, schedulers) stops a command the way Ctrl-C does;
+    further SIGTERMs are ignored while it shuts down (SIGKILL still ends it)."""
+    _TERMINATED.append(signum)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _run_command(args) -> int:
+    """Run the chosen command: a user error is one line (exit 2); Ctrl-C and SIGTERM exit 130
+    and 143 after the command's own clean-up, saying what was kept."""
     from steerloop.errors import SteerloopError
 
+    terminated = len(_TERMINATED)
     try:
         return args.func(args)
     except (SteerloopError, ValueError, OSError, RecursionError) as error:
@@ -479,7 +501,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = args.interrupted.replace("OUT", str(getattr(args, "out", "") or "the output directory"))
         print(f"steerloop {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if len(_TERMINATED) > terminated else EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; see the module docstring for the exit codes."""
+    args = build_parser().parse_args(argv)
+    np.set_printoptions(precision=4)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return _run_command(args)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _run_command(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from steerloop.sim import controllers
 from steerloop.sim.camera import (CAMERA_NAMES, FOV_RANGE_DEG, MIN_SIZE, PITCH_RANGE_DEG, CameraSpec,
                                   body_camera_matrices, chase_camera_matrices, render)
 from steerloop.sim.scene import CONDITIONS, World, draw_appearance
-from steerloop.sim.track import Track, generate_track, split_seed
+from steerloop.sim.track import Track, check_route_length, generate_track, split_seed
 from steerloop.sim.vehicle import Vehicle, VehicleParams
 
 GRAVITY = 9.81  # [m/s^2]
@@ -49,7 +49,7 @@ class LaneKeepConfig:
     split: str = "train"
     """Track split used when ``track`` is None: train, val or test (disjoint seed ranges)."""
     track_length: float = 400.0
-    """Length of procedural routes [m]."""
+    """Length of procedural routes [m], 10 to 4800 (``sim.track.MAX_ROUTE_LENGTH``)."""
     lane_width: float = 3.7
     """Lane width of procedural routes [m] (spec files give their own)."""
     condition: str | tuple[str, ...] = "default"
@@ -125,6 +125,7 @@ class LaneKeepConfig:
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {self.split!r}")
         self._check_cameras()
+        check_route_length(self.track_length, "track_length")
         if self.observation not in OBSERVATION_MODES:
             raise ValueError(f"observation must be one of {OBSERVATION_MODES}, got {self.observation!r}")
         if self.observation == "image" and self.privileged:
@@ -350,19 +351,23 @@ class LaneKeepEnv(gym.Env):
         """Show ``track`` under ``condition`` and load a fresh car.
 
         The physics world (ground plane, sky) is created once per environment and road
-        meshes once per distinct track (PyBullet never frees mesh memory); the car is
-        removed and loaded again every reset so no physics state survives an episode.
+        meshes once per distinct track; when the world holds ``ROADS_PER_WORLD`` roads the
+        simulation is reset and a new world built, which frees their meshes (memory stays
+        bounded over any number of tracks). The car is removed and loaded again every
+        reset so no physics state survives an episode.
         """
         c = self.client
-        if self.world is None:
-            c.resetSimulation()
+        track_key = json.dumps(track.to_spec(), sort_keys=True)
+        if self.world is None or self.world.is_full_for(track_key, condition):
+            c.resetSimulation()  # removes every body and frees every shape
             c.setGravity(0, 0, -GRAVITY)
             c.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.config.physics_hz, numSubSteps=0,
                                         deterministicOverlappingPairs=1)
             self.world = World(c)
+            self.vehicle = None
         if self.vehicle is not None:
             c.removeBody(self.vehicle.body_id)
-        self.world.show(track, json.dumps(track.to_spec(), sort_keys=True), condition)
+        self.world.show(track, track_key, condition)
         self.world.paint(self.appearance)
         self.vehicle = Vehicle(c, self.vehicle_params, self.dt)
         self.track = track

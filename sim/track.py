@@ -80,6 +80,10 @@ __all__ = [
     "CLEARANCE_LANE_WIDTHS",
     "SEGMENT_KINDS",
     "TRACKS_DIR",
+    "WORLD_REACH",
+    "MIN_ROUTE_LENGTH",
+    "MAX_ROUTE_LENGTH",
+    "check_route_length",
     "split_seed",
     "TrackSpecError",
     "Segment",
@@ -125,6 +129,31 @@ _SAMPLE_END_TOL = 1e-6  # [m] a last sample closer than this to the end is snapp
 # 5-point Gauss-Legendre nodes / weights on [-1, 1].
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(5)
 _GL_PAIRS = tuple(zip(_GL_NODES.tolist(), _GL_WEIGHTS.tolist()))
+
+# --------------------------------------------------------------------------- #
+# World limits (checked from the spec, before anything is built)
+# --------------------------------------------------------------------------- #
+WORLD_REACH = 2400.0  # [m] farthest a road may go from the origin along x or y (the ground of sim.scene spans
+# +-3 km and keeps a 600 m margin so the horizon looks right)
+MIN_ROUTE_LENGTH = 10.0  # [m] a shorter route ends before it begins: the environment ends every route 10 m
+# before the end of its road
+MAX_ROUTE_LENGTH = 2.0 * WORLD_REACH  # [m] the drivable world is this wide: a longer route cannot fit it
+# without winding back on itself, and building one costs seconds and hundreds of MB before it is refused
+
+
+def check_route_length(length: Any, field: str) -> float:
+    """``length`` [m] as a float if a route may be that long, else ``ValueError`` naming
+    ``field`` and the allowed range. Costs nothing: call it before building a route."""
+    if not _is_number(length):
+        raise ValueError(f"{field}: must be a route length in metres, got {length!r}")
+    if length < MIN_ROUTE_LENGTH:
+        raise ValueError(f"{field}: must be at least {MIN_ROUTE_LENGTH:g} m (a shorter route ends before the car "
+                         f"is under way), got {length:g}")
+    if length > MAX_ROUTE_LENGTH:
+        raise ValueError(f"{field}: must be at most {MAX_ROUTE_LENGTH:g} m (the width of the world's drivable "
+                         f"part: a longer route cannot fit it), got {length:g}")
+    return float(length)
+
 
 # --------------------------------------------------------------------------- #
 # Procedural generation constants
@@ -715,6 +744,16 @@ class Track:
         hit = self._find_self_intersection(float(clearance))
         return None if hit is None else hit[0]
 
+    def _check_world_reach(self, where: str = "") -> None:
+        """Raise TrackSpecError naming the first spec segment that leaves the world (cheap: dense samples)."""
+        outside = np.flatnonzero(np.maximum(np.abs(self.x), np.abs(self.y)) > WORLD_REACH)
+        if outside.size:
+            i = outside[0]
+            raise TrackSpecError(
+                f"segments[{self.spec_segment_at(self.s[i])}]: the road leaves the world at ({self.x[i]:.0f} m, "
+                f"{self.y[i]:.0f} m); it must stay within +-{WORLD_REACH:g} m of the origin along x and y: "
+                f"move its start, shorten it or turn it back{where}")
+
     # ------------------------------------------------------------------ specs
     def to_spec(self) -> dict[str, Any]:
         """JSON-serialisable spec that :meth:`from_spec` turns back into this track.
@@ -750,7 +789,9 @@ class Track:
                 (see :meth:`self_intersects`); ``None`` = ``2 * lane_width``; 0 skips the check.
 
         Raises:
-            TrackSpecError: Naming the offending field, e.g. ``segments[1].radius``.
+            TrackSpecError: Naming the offending field, e.g. ``segments[1].radius``; also when
+                the route is shorter than ``MIN_ROUTE_LENGTH`` or longer than ``MAX_ROUTE_LENGTH``
+                (checked before anything is built) or leaves the world (``WORLD_REACH``).
         """
         where = f" (in {source})"
         if not isinstance(spec, Mapping):
@@ -795,8 +836,17 @@ class Track:
         if len(raw) == 0:
             raise TrackSpecError(f"segments: must contain at least one segment, got an empty list{where}")
         segments = [_parse_segment(item, i, where) for i, item in enumerate(raw)]
+        try:
+            check_route_length(math.fsum(seg.length for seg in segments), "segments")
+        except ValueError as error:
+            raise TrackSpecError(f"{error} (the sum of the segment lengths){where}") from None
+        for axis, value in zip("xy", start_pose[:2]):
+            if abs(value) > WORLD_REACH:
+                raise TrackSpecError(f"start.{axis}: must be within +-{WORLD_REACH:g} m of the origin (the world's "
+                                     f"drivable part), got {value:g}{where}")
 
         track = cls(segments, lane_width, name, start_pose, transition_length=float(transition_length))
+        track._check_world_reach(where)
 
         if clearance is None:
             clearance = CLEARANCE_LANE_WIDTHS * lane_width
@@ -1001,7 +1051,9 @@ def generate_track(
 
     Args:
         seed: Non-negative integer seed (see :func:`split_seed`).
-        length: Route length [m] before the run-out, > 0.
+        length: Route length [m] before the run-out, in ``[MIN_ROUTE_LENGTH, MAX_ROUTE_LENGTH]``
+            (checked first, so an impossible length costs nothing). The route may still leave
+            the world (``WORLD_REACH``); the scene refuses it then.
         lane_width: Lane width [m], > 0.
         min_radius, max_radius: Arc radius range [m], ``0 < min_radius <= max_radius``.
         straight_range: ``(min, max)`` length of intermediate straights [m].
@@ -1019,8 +1071,7 @@ def generate_track(
         raise ValueError(f"generate_track: seed must be an integer, got {seed!r}") from None
     if seed < 0:
         raise ValueError(f"generate_track: seed must be >= 0, got {seed}")
-    if not (_is_number(length) and length > 0.0):
-        raise ValueError(f"generate_track: length must be a number > 0 [m], got {length!r}")
+    check_route_length(length, "generate_track: length")
     if not (_is_number(lane_width) and lane_width > 0.0):
         raise ValueError(f"generate_track: lane_width must be a number > 0 [m], got {lane_width!r}")
     if not (_is_number(min_radius) and min_radius > 0.0):

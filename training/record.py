@@ -24,7 +24,7 @@ from steerloop.sim.env import LaneKeepEnv, load_track
 from steerloop.driving_log import DrivingLogWriter, EpisodeBuffer, episode_file
 from steerloop.sim.parallel import check_backend, connect_ray, run_tasks
 from steerloop.sim.scene import CONDITIONS
-from steerloop.sim.track import SPLIT_SEED_RANGES, split_seed
+from steerloop.sim.track import SPLIT_SEED_RANGES, check_route_length, split_seed
 
 SUITES = tuple(SPLIT_SEED_RANGES)  # train, val, test
 MAX_EPISODE_STEPS = 3000  # [control steps] safety cap per episode (150 s at 20 Hz)
@@ -82,6 +82,7 @@ class RecordConfig:
         self.resolution = tuple(int(v) for v in self.resolution)
         if self.episodes < 1:
             raise ValueError(f"--episodes must be >= 1, got {self.episodes}")
+        check_route_length(self.track_length, "--track-length")  # before anything is built
         if self.suite not in SUITES:
             raise ValueError(f"--suite must be one of {SUITES}, got {self.suite!r}")
         if self.noise < 0:

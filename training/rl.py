@@ -39,7 +39,7 @@ import numpy as np
 from steerloop.files import atomic_write_json
 from steerloop.sim import ENV_ID
 from steerloop.sim.scene import CONDITIONS
-from steerloop.sim.track import split_seed
+from steerloop.sim.track import check_route_length, split_seed
 
 ALGOS = ("ppo",)
 RL_INSTALL_HINT = 'pip install "steerloop[rl]"'
@@ -110,6 +110,7 @@ class RLConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        check_route_length(self.track_length, "--track-length")
         if self.tracks > 100_000:
             raise ValueError(f"--tracks must be <= 100000 (the size of the training split), got {self.tracks}")
         unknown = [c for c in self.conditions if c not in CONDITIONS]

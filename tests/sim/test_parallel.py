@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -61,3 +63,65 @@ def test_an_unreachable_cluster_address_is_refused_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "127.0.0.1:1" in result.stderr and "ray start --head" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- process lifetime
+ORPHAN_SCRIPT = """
+import time
+from steerloop.sim.parallel import run_tasks
+run_tasks(time.sleep, [(60,)] * 4, print, workers=2)
+"""
+GONE_WITHIN_S = 5.0  # [s] every descendant of a killed run must be gone by then
+
+
+def _descendants_once_running(proc, count: int, timeout: float = 60.0) -> list:
+    """The process tree under ``proc`` once it has ``count`` descendants (forkserver, workers, resource tracker)."""
+    psutil = pytest.importorskip("psutil")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        if len(descendants) >= count:
+            return descendants
+        assert proc.poll() is None, f"the run ended early with exit code {proc.returncode}"
+        time.sleep(0.1)
+    raise AssertionError(f"no {count} descendants after {timeout:g} s")
+
+
+def _alive(processes: list) -> list:
+    psutil = pytest.importorskip("psutil")
+    alive = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _assert_all_gone(descendants: list) -> None:
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while _alive(descendants) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _alive(descendants)
+    for process in alive:  # do not leave them behind on failure either
+        process.kill()
+    assert not alive, f"still running {GONE_WITHIN_S:g} s after the parent died: " + \
+        "; ".join(" ".join(p.cmdline())[-70:] for p in alive)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_forkserver_and_resource_tracker_die_with_their_parent(sig):
+    """A run killed without any clean-up (SIGKILL, or SIGTERM with no handler) leaves no
+    process behind: the workers notice their parent is gone, and the forkserver and the
+    resource tracker, which live while any worker does, follow (before: all ran forever)."""
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT])
+    try:
+        descendants = _descendants_once_running(proc, 4)  # resource tracker, forkserver, 2 workers
+        time.sleep(1.0)  # the workers are inside their 60 s tasks
+        proc.send_signal(sig)
+        assert proc.wait(timeout=10) == -sig
+        _assert_all_gone(descendants)
+    finally:
+        proc.kill()
+        proc.wait()
