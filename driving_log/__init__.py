@@ -8,7 +8,7 @@ this package depends on nothing else of steerloop's but its error base and file 
 - :mod:`~steerloop.driving_log.integrity`: checksums (with a verification cache) and locks.
 - :mod:`~steerloop.driving_log.writer`: :class:`EpisodeBuffer`, :class:`DrivingLogWriter`.
 - :mod:`~steerloop.driving_log.reader`: :class:`DrivingLog`.
-- :mod:`~steerloop.driving_log.validate`: :func:`validate` (``steerloop validate``).
+- :mod:`~steerloop.driving_log.validation`: :func:`validate` (``steerloop validate``).
 """
 
 from steerloop.driving_log.reader import DrivingLog
@@ -23,7 +23,7 @@ from steerloop.driving_log.schema import (
     LogError,
     episode_file,
 )
-from steerloop.driving_log.validate import validate
+from steerloop.driving_log.validation import validate
 from steerloop.driving_log.writer import DrivingLogWriter, EpisodeBuffer
 
 __all__ = [

@@ -39,7 +39,7 @@ def sigterm_ignored():
 
 
 def test_sigterm_in_a_command_without_its_own_handler_exits_143(monkeypatch, capsys, sigterm_ignored):
-    monkeypatch.setattr("steerloop.sim.log.validate", _sigterm_self)
+    monkeypatch.setattr("steerloop.driving_log.validate", _sigterm_self)
     assert cli.main(["validate", "somewhere"]) == cli.EXIT_TERMINATED == 143
     assert "steerloop validate: interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is _ignore  # main() leaves the process's handler as it was
@@ -49,7 +49,7 @@ def test_sigterm_takes_the_commands_own_ctrl_c_path(monkeypatch, tmp_path, capsy
     monkeypatch.setattr("steerloop.training.record.record", _sigterm_self)
     assert cli.main(["record", "--out", str(tmp_path / "data"), "--episodes", "1", "--quiet"]) == 143
     err = capsys.readouterr().err
-    assert "completed episodes are kept" in err and "Re-run the same command" in err
+    assert "completed episodes are kept" in err and "re-run the same command" in err
 
 
 def _suite(tmp_path) -> str:
