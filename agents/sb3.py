@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from steerloop.agents.protocol import PolicyBase
+
 ALGORITHMS = ("PPO", "A2C", "SAC", "TD3", "DDPG")
 CONTRIB_ALGORITHMS = ("RecurrentPPO",)
 RL_INSTALL_HINT = 'pip install "steerloop[rl]"'
@@ -31,7 +33,7 @@ def _policy_module(path: Path) -> str:
     return str(data.get("policy_class", {}).get("__module__", ""))
 
 
-class SB3Policy:
+class SB3Policy(PolicyBase):
     requires_privileged = False
 
     def __init__(self, path: str | Path):

@@ -9,6 +9,37 @@ from pathlib import Path
 
 import numpy as np
 
+POLICIES_HELP = """\
+policies:
+  Every command that takes a policy (drive, evaluate, offline, regress, record --learner, study
+  files, the pytest fixture steerloop_evaluate) takes a policy spec:
+    expert, expert:LAW, zeros      built-in drivers (LAW: stanley, pure_pursuit)
+    DIR, MODEL.zip                 a steerloop checkpoint directory, a stable-baselines3 model
+    package.module:attr            your own policy: an instance, a class or a factory of it
+    path/to/file.py:attr           the same, from a file that is not an installed module
+  A class or factory gets keyword arguments from --policy-kwargs '{"weights": "w.pt"}'.
+  A policy implements steerloop.Policy: predict(observation, state=None, episode_start=None,
+  deterministic=True) -> (actions (N, 1) float, state) on a batch of observations, and reset();
+  optional: requires_privileged, initial_state(n), select_state(state, keep), describe(),
+  image_size, cache_key(). A plain torch model is one line: steerloop.ModelPolicy(net,
+  crop_top=20, resize=(66, 200), colour="yuv"). Your policy is trusted code: it runs in this
+  process and in every worker. Cached results (regress, pytest, study) are keyed by its
+  cache_key(), else by its module's source and the files its kwargs name; --no-cache re-runs.
+  Guide and a tested example: docs/policies.md, examples/own_model/.
+"""
+
+
+def _json_kwargs(text: str) -> dict:
+    """--policy-kwargs: a JSON object of keyword arguments for a user's policy class or factory."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}); give an object like "
+                                         "'{\"weights\": \"w.pt\"}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of keyword arguments, got {type(value).__name__}")
+    return value
+
 
 def _resolution(text: str) -> tuple[int, int]:
     try:
@@ -33,21 +64,28 @@ def cmd_drive(args) -> int:
     import gymnasium as gym
 
     import steerloop.sim  # noqa: F401  (registers the env)
-    from steerloop.agents import load_policy
+    from steerloop.agents import PolicyError, load_policy, policy_capabilities
     from steerloop.evaluation.rollout import rollout
     from steerloop.sim.env import load_track
     from steerloop.sim.track import TrackSpecError
 
     try:
-        policy = load_policy(args.policy)
+        policy = load_policy(args.policy, args.policy_kwargs)
         track = load_track(args.track)
     except (ValueError, TrackSpecError, FileNotFoundError) as error:
         print(f"steerloop drive: {error}", file=sys.stderr)
         return 2
     env = gym.make("steerloop/LaneKeep-v0", track=track, condition=args.condition, speed=args.speed,
-                   resolution=args.resolution, privileged=getattr(policy, "requires_privileged", False))
+                   resolution=args.resolution, privileged=policy_capabilities(policy).requires_privileged)
+    video_existed = args.video is not None and Path(args.video).exists()
     try:
-        episode = rollout(env, policy, seed=args.seed, video=args.video)
+        episode = rollout(env, policy, seed=args.seed, video=args.video, name=f"track {track.name}",
+                          policy_name=args.policy)
+    except PolicyError as error:
+        if args.video and not video_existed:
+            Path(args.video).unlink(missing_ok=True)  # no half-written video
+        print(f"steerloop drive: {error}", file=sys.stderr)
+        return 2
     finally:
         env.close()
     summary = {"policy": args.policy, "track": episode.info["track"], "condition": episode.info["condition"],
@@ -70,6 +108,12 @@ def _add_backend_args(parser: argparse.ArgumentParser) -> None:
                              "Ray instance with --workers CPUs)")
 
 
+def _add_kwargs_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy-kwargs", type=_json_kwargs, default=None, metavar="JSON",
+                        help="keyword arguments (a JSON object) for a package.module:attr or file.py:attr policy's "
+                             "class or factory")
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -84,8 +128,8 @@ def cmd_record(args) -> int:
                            track_length=args.track_length, noise=args.noise, noise_kind=args.noise_kind,
                            cameras=_csv(args.cameras), conditions=_csv(args.conditions),
                            resolution=args.resolution, speed=args.speed, expert=args.expert, workers=args.workers,
-                           backend=args.backend, address=args.address, learner=args.learner, beta=args.beta,
-                           mixture=args.mixture)
+                           backend=args.backend, address=args.address, learner=args.learner,
+                           learner_kwargs=args.learner_kwargs, beta=args.beta, mixture=args.mixture)
         summary = record(cfg, progress=not args.quiet)
     except (ValueError, TrackSpecError, FileNotFoundError, LogError) as error:
         print(f"steerloop record: {error}", file=sys.stderr)
@@ -152,7 +196,8 @@ def cmd_evaluate(args) -> int:
 
     try:
         suite = load_suite(args.suite)
-        results = evaluate(args.policy, suite, args.out, workers=args.workers, videos=args.video,
+        results = evaluate(args.policy, suite, args.out, policy_kwargs=args.policy_kwargs, workers=args.workers,
+                           videos=args.video,
                            resolution=args.resolution, progress=not args.quiet, batch=args.batch,
                            backend=args.backend, address=args.address)
     except (ValueError, SuiteError, ResultsError, CheckpointError, FileNotFoundError) as error:
@@ -173,7 +218,7 @@ def cmd_offline(args) -> int:
     from steerloop.sim.log import LogError
 
     try:
-        result = evaluate_offline(args.policy, args.data, args.out)
+        result = evaluate_offline(args.policy, args.data, args.out, policy_kwargs=args.policy_kwargs)
     except (ValueError, LogError, CheckpointError) as error:
         print(f"steerloop offline: {error}", file=sys.stderr)
         return 2
@@ -276,7 +321,7 @@ def cmd_study(args) -> int:
     try:
         cfg = load_study(args.config)
         run_study(cfg, args.out, workers=args.workers, progress=not args.quiet, backend=args.backend,
-                  address=args.address)
+                  address=args.address, no_cache=args.no_cache)
     except (StudyError, ResultsError, LogError, CheckpointError, ValueError) as error:
         print(f"steerloop study: {error}", file=sys.stderr)
         return 2
@@ -293,7 +338,8 @@ def cmd_regress(args) -> int:
     try:
         return regress(args.policy, args.baseline, suite=args.suite, tolerance=args.tolerance, out=args.out,
                        workers=args.workers, statistical=args.statistical, resolution=args.resolution,
-                       progress=not args.quiet, plots=args.plots)
+                       progress=not args.quiet, plots=args.plots, candidate_kwargs=args.policy_kwargs,
+                       baseline_kwargs=args.baseline_kwargs, no_cache=args.no_cache)
     except KeyboardInterrupt:
         print("steerloop regress: interrupted; finished scenarios are kept. Re-run the same command to finish.",
               file=sys.stderr)
@@ -301,11 +347,14 @@ def cmd_regress(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="steerloop", description=__doc__)
+    parser = argparse.ArgumentParser(prog="steerloop", description=__doc__, epilog=POLICIES_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     drive = sub.add_parser("drive", help="drive one episode and print its drift summary")
-    drive.add_argument("--policy", default="expert", help="expert, expert:pure_pursuit or zeros (default: expert)")
+    drive.add_argument("--policy", default="expert", help="policy spec: expert, expert:LAW, zeros, a checkpoint, "
+                       "a .zip, package.module:attr or file.py:attr (default: expert; see steerloop --help)")
+    _add_kwargs_arg(drive)
     drive.add_argument("--track", default="200000", help="procedural track seed or a JSON track spec path")
     drive.add_argument("--condition", default="default", help="visual condition (default, dusk, worn, desert)")
     drive.add_argument("--speed", type=float, default=10.0, help="cruise speed [m/s]")
@@ -330,7 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--speed", type=float, default=10.0, help="cruise speed [m/s]")
     rec.add_argument("--expert", default="stanley", help="expert law: stanley or pure_pursuit")
     rec.add_argument("--workers", type=int, default=1, help="worker processes (content does not depend on it)")
-    rec.add_argument("--learner", default=None, help="DAgger: checkpoint that drives when the expert does not")
+    rec.add_argument("--learner", default=None, help="DAgger: policy spec (checkpoint, .zip, package.module:attr, "
+                     "file.py:attr) that drives when the expert does not")
+    rec.add_argument("--learner-kwargs", type=_json_kwargs, default=None, metavar="JSON",
+                     help="keyword arguments (a JSON object) for a --learner class or factory")
     rec.add_argument("--beta", type=float, default=1.0, help="DAgger: probability that the expert drives")
     rec.add_argument("--mixture", default="step", help="DAgger: flip the expert/learner coin per step or episode")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -371,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     rl.set_defaults(func=cmd_train_rl)
 
     ev = sub.add_parser("evaluate", help="closed-loop evaluation of a policy over a scenario suite (resumable)")
-    ev.add_argument("--policy", required=True, help="checkpoint directory, expert, expert:LAW or zeros")
+    ev.add_argument("--policy", required=True, help="policy spec: checkpoint directory, .zip, expert, expert:LAW, "
+                    "zeros, package.module:attr or file.py:attr (see steerloop --help)")
+    _add_kwargs_arg(ev)
     ev.add_argument("--suite", default="test", help="smoke, test, recovery, shift, interventions or a suite JSON")
     ev.add_argument("--out", required=True, help="results directory")
     ev.add_argument("--workers", type=int, default=1, help="worker processes (results do not depend on it)")
@@ -384,7 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     off = sub.add_parser("offline", help="offline metrics on held-out logs, beside the all-zeros predictor")
-    off.add_argument("--policy", required=True, help="checkpoint directory or zeros")
+    off.add_argument("--policy", required=True, help="policy spec of a camera policy: checkpoint directory, .zip, "
+                     "zeros, package.module:attr or file.py:attr")
+    _add_kwargs_arg(off)
     off.add_argument("--data", required=True, help="held-out dataset directory")
     off.add_argument("--out", default=None, help="write the metrics as JSON here")
     off.set_defaults(func=cmd_offline)
@@ -408,9 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     rg = sub.add_parser("regress", help="regression gate: compare a candidate policy with a baseline; "
                         "exit 0 no regression, 1 regression, 2 could not compare")
-    rg.add_argument("--policy", required=True, help="candidate: a policy (checkpoint directory, .zip, expert, "
-                    "zeros) or a results directory / results.json")
-    rg.add_argument("--baseline", required=True, help="baseline: a policy or a results directory / results.json")
+    rg.add_argument("--policy", required=True, help="candidate: a policy spec (checkpoint directory, .zip, expert, "
+                    "zeros, package.module:attr, file.py:attr) or a results directory / results.json")
+    _add_kwargs_arg(rg)
+    rg.add_argument("--baseline", required=True, help="baseline: a policy spec or a results directory / results.json")
+    rg.add_argument("--baseline-kwargs", type=_json_kwargs, default=None, metavar="JSON",
+                    help="keyword arguments (a JSON object) for the baseline's class or factory")
+    rg.add_argument("--no-cache", action="store_true", help="evaluate the policies again, replacing their cached "
+                    "results (a user policy's cache key may miss a change: see steerloop --help)")
     rg.add_argument("--suite", default=None, help="suite name or JSON (default: the baseline results' suite, "
                     "else test)")
     rg.add_argument("--tolerance", default=None, help="per-metric tolerances, a .json or .toml file")
@@ -448,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True, help="study directory (stages cached by content, report.md)")
     st.add_argument("--workers", type=int, default=2, help="worker processes for recording and evaluation")
     st.add_argument("--quiet", action="store_true", help="no progress bars")
+    st.add_argument("--no-cache", action="store_true", help="run the stages of user policies ([policies.X] policy = "
+                    "SPEC) again, even when their cache key is unchanged")
     _add_backend_args(st)
     st.set_defaults(func=cmd_study)
 
@@ -456,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2, help="worker processes for recording and evaluation")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_backend_args(demo)
-    demo.set_defaults(func=cmd_study, config="demo")
+    demo.set_defaults(func=cmd_study, config="demo", no_cache=False)
     return parser
 
 

@@ -9,6 +9,7 @@ of the same command records only the missing ones.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ import numpy as np
 
 from steerloop.agents.experts import NOISE_KINDS, ExpertPolicy, NoisyExpert
 from steerloop.agents.mixture import MixturePolicy
+from steerloop.agents.protocol import checked_predict
 from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from steerloop.sim.env import LaneKeepEnv, load_track
 from steerloop.sim.log import DrivingLogWriter, EpisodeBuffer
@@ -60,7 +62,10 @@ class RecordConfig:
     expert: str = DEFAULT_EXPERT
     """Control law of the expert: stanley or pure_pursuit."""
     learner: str | None = None
-    """DAgger: a checkpoint that drives when the expert does not (the expert still labels every step)."""
+    """DAgger: a policy spec (a checkpoint, ``.zip``, ``package.module:attr`` or ``file.py:attr``) that drives
+    when the expert does not (the expert still labels every step)."""
+    learner_kwargs: dict | None = None
+    """DAgger: keyword arguments for a user learner's class or factory."""
     beta: float = 1.0
     """DAgger: probability that the expert drives (with a learner); 1 reproduces plain expert recording."""
     mixture: str = "step"
@@ -98,12 +103,16 @@ class RecordConfig:
             raise ValueError(f"--beta must be within [0, 1], got {self.beta}")
         if self.learner is not None and self.noise > 0:
             raise ValueError("use either a learner (DAgger) or DART noise, not both")
+        if self.learner_kwargs and self.learner is None:
+            raise ValueError("--learner-kwargs needs a --learner")
 
     def dataset_config(self) -> dict:
         """The fields that define the dataset's content (compared on resume)."""
         config = asdict(self)
         for key in ("out", "workers", "backend", "address", "extra"):
             config.pop(key)
+        if not self.learner_kwargs:
+            config.pop("learner_kwargs")  # datasets recorded before learner kwargs existed keep their identity
         config["cameras"], config["conditions"] = list(self.cameras), list(self.conditions)
         config["resolution"] = list(self.resolution)
         if self.track is not None:
@@ -157,7 +166,8 @@ def record_episode(cfg: RecordConfig, job: EpisodeJob) -> tuple[EpisodeJob, Epis
     env = _worker_env(cfg)
     expert = ExpertPolicy(cfg.expert, env.vehicle_params)
     if cfg.learner is not None:
-        policy = MixturePolicy(expert, _worker_learner(cfg.learner), cfg.beta, cfg.mixture, seed=job.noise_seed)
+        learner = _worker_learner(cfg.learner, cfg.learner_kwargs)
+        policy = MixturePolicy(expert, learner, cfg.beta, cfg.mixture, seed=job.noise_seed)
     elif cfg.noise > 0:
         policy = NoisyExpert(expert, cfg.noise, cfg.noise_kind, seed=job.noise_seed, dt=env.dt)
     else:
@@ -168,8 +178,12 @@ def record_episode(cfg: RecordConfig, job: EpisodeJob) -> tuple[EpisodeJob, Epis
     terminated = False
     steps = 0
     policy_state = None
+    name = cfg.learner or cfg.expert  # a misbehaving policy can only be the learner (or the expert's law)
+    where = [f"episode {job.index} (track {env.track.name})"]
     while not terminated and steps < MAX_EPISODE_STEPS:
-        action, policy_state = policy.predict(obs, state=policy_state, episode_start=start)
+        batch = {key: value[None] for key, value in obs.items()}  # the policy contract: a batch (of one)
+        actions, policy_state = checked_predict(policy, batch, policy_state, start, name=name, where=where)
+        action = actions[0]
         start = np.zeros(1, bool)
         frames = {name: info["frames"][name] for name in cfg.cameras}
         state = {key: info[key] for key in ("speed", "x", "y", "yaw", "lateral_offset", "heading_error", "progress",
@@ -188,14 +202,15 @@ def record_episode(cfg: RecordConfig, job: EpisodeJob) -> tuple[EpisodeJob, Epis
 _WORKER_LEARNER: dict = {}
 
 
-def _worker_learner(path: str):
-    """The DAgger learner of this process, loaded once."""
-    if path not in _WORKER_LEARNER:
+def _worker_learner(spec: str, kwargs: dict | None):
+    """The DAgger learner of this process, loaded once (re-created from its spec in every worker)."""
+    key = (spec, json.dumps(kwargs or {}, sort_keys=True))
+    if key not in _WORKER_LEARNER:
         from steerloop.agents import load_policy
 
         _WORKER_LEARNER.clear()
-        _WORKER_LEARNER[path] = load_policy(path)
-    return _WORKER_LEARNER[path]
+        _WORKER_LEARNER[key] = load_policy(spec, kwargs)
+    return _WORKER_LEARNER[key]
 
 
 def _init_worker() -> None:
@@ -208,6 +223,8 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
     """Record the missing episodes of ``cfg`` into ``cfg.out``; returns a summary."""
     from tqdm import tqdm
 
+    if cfg.learner is not None:
+        _worker_learner(cfg.learner, cfg.learner_kwargs)  # a bad learner spec fails before any file is made
     if cfg.backend == "ray":
         connect_ray(cfg.address, num_cpus=cfg.workers)  # an unreachable cluster fails before any file is made
     writer = DrivingLogWriter(cfg.out, config=cfg.dataset_config(), cameras=cfg.cameras, resolution=cfg.resolution,
