@@ -125,14 +125,15 @@ def _import_module(spec: str, name: str):
         raise PolicyError(f"policy {spec!r}: importing module {name} raised {_one_line(error)}") from None
 
 
-def _attribute(spec: str, module, attr: str):
-    obj = module
+def _attribute(spec: str, module, attr: str, label: str):
+    """``module.attr`` (dotted); ``label`` names the module in errors."""
+    obj, owner = module, label
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise PolicyError(f"policy {spec!r}: {module.__name__ if obj is module else attr} has no attribute "
-                              f"{part!r}") from None
+            raise PolicyError(f"policy {spec!r}: {owner} has no attribute {part!r}") from None
+        owner = f"{owner}.{part}" if owner != label else part
     return obj
 
 
@@ -155,11 +156,11 @@ def _instantiate(spec: str, attr: str, obj, kwargs: dict):
 def _load_user(spec: str, kind: str, kwargs: dict) -> Policy:
     if kind == "file":
         match = FILE_SPEC.match(spec)
-        module = _import_file(spec, match["file"])
+        module, label = _import_file(spec, match["file"]), match["file"]
     else:
         match = MODULE_SPEC.match(spec)
-        module = _import_module(spec, match["module"])
-    policy = _instantiate(spec, match["attr"], _attribute(spec, module, match["attr"]), kwargs)
+        module, label = _import_module(spec, match["module"]), f"module {match['module']}"
+    policy = _instantiate(spec, match["attr"], _attribute(spec, module, match["attr"], label), kwargs)
     return check_policy(policy, spec)
 
 

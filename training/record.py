@@ -183,7 +183,7 @@ def record_episode(cfg: RecordConfig, job: EpisodeJob) -> tuple[EpisodeJob, Epis
     while not terminated and steps < MAX_EPISODE_STEPS:
         batch = {key: value[None] for key, value in obs.items()}  # the policy contract: a batch (of one)
         actions, policy_state = checked_predict(policy, batch, policy_state, start, name=name, where=where)
-        action = actions[0]
+        action = np.clip(actions[0], -1.0, 1.0)  # the command executed (the environment clips it too)
         start = np.zeros(1, bool)
         frames = {name: info["frames"][name] for name in cfg.cameras}
         state = {key: info[key] for key in ("speed", "x", "y", "yaw", "lateral_offset", "heading_error", "progress",
