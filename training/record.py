@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from steerloop.agents.experts import NOISE_KINDS, ExpertPolicy, NoisyExpert
 from steerloop.agents.mixture import MixturePolicy
-from steerloop.agents.protocol import checked_predict
+from steerloop.agents.protocol import PolicyError, checked_predict
 from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from steerloop.sim.env import LaneKeepEnv, load_track
 from steerloop.sim.log import DrivingLogWriter, EpisodeBuffer
@@ -227,6 +228,7 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
         _worker_learner(cfg.learner, cfg.learner_kwargs)  # a bad learner spec fails before any file is made
     if cfg.backend == "ray":
         connect_ray(cfg.address, num_cpus=cfg.workers)  # an unreachable cluster fails before any file is made
+    created = not os.path.exists(cfg.out)
     writer = DrivingLogWriter(cfg.out, config=cfg.dataset_config(), cameras=cfg.cameras, resolution=cfg.resolution,
                               suite=cfg.suite if cfg.track is None else None,
                               seeds={"seed": cfg.seed}, extra={"expert": {"law": cfg.expert}, **cfg.extra})
@@ -248,6 +250,10 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
     try:
         run_tasks(record_episode, [(cfg, job) for job in jobs], finish, workers=cfg.workers, backend=cfg.backend,
                   address=cfg.address, initializer=_init_worker)
+    except PolicyError:
+        if created and not writer.completed():
+            shutil.rmtree(cfg.out, ignore_errors=True)  # the learner failed at once: leave no empty dataset
+        raise
     finally:
         bar.close()
     elapsed = time.perf_counter() - started

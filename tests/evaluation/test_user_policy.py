@@ -395,6 +395,7 @@ def test_a_bad_learner_is_exit_2_before_any_file(user, tmp_path, capsys):
                  "--beta", "0", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "on episode 0 (track short): predict returned a non-finite" in err, err
+    assert not out.exists(), "no empty dataset is left behind"
 
 
 def test_bad_policy_kwargs_json_is_a_usage_error(capsys):
@@ -416,3 +417,19 @@ def test_evaluation_and_training_never_probe_policies_with_hasattr_or_getattr():
                     if target != "self":  # an object reading its own fields is not probing a policy
                         probes.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
     assert not probes, "use steerloop.agents.protocol.policy_capabilities instead:\n" + "\n".join(probes)
+
+
+# ----------------------------------------------------------------------------- Ray
+def test_ray_workers_re_create_a_spec_with_the_same_results(user, evaluated, tmp_path, ray_local):
+    evaluate(spec_of(user), load_suite(str(user / "suite.json")), tmp_path / "ray", policy_kwargs=KWARGS,
+             workers=2, backend="ray", resolution=RESOLUTION, progress=False)
+    same_results(evaluated, tmp_path / "ray")
+
+
+def test_a_policy_failing_in_a_ray_task_is_one_line(user, tmp_path, ray_local):
+    with pytest.raises(PolicyError) as error:
+        evaluate(spec_of(user, "Bad"), load_suite(str(user / "suite.json")), tmp_path / "ray",
+                 policy_kwargs={"mode": "raise"}, workers=2, backend="ray", resolution=RESOLUTION, progress=False)
+    assert str(error.value).startswith(f"policy '{spec_of(user, 'Bad')}' on scenario tiny-0")
+    assert "\n" not in str(error.value) and "predict raised RuntimeError: CUDA out of memory" in str(error.value)
+    assert not (tmp_path / "ray").exists()
