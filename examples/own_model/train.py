@@ -39,7 +39,7 @@ def train(data: str, out: str, steps: int = 300, batch: int = 64, seed: int = 0)
         loss.backward()
         optimiser.step()
     save_file(net.state_dict(), out)
-    return float(loss)
+    return loss.item()
 
 
 if __name__ == "__main__":
