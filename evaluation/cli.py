@@ -67,6 +67,28 @@ def _video_file(text: str) -> str:
     return text
 
 
+POLICIES_HELP = """\
+policies:
+  Every command that takes a policy (drive, evaluate, offline, regress, record --learner, study
+  files, the pytest fixture steerloop_evaluate) takes a policy spec:
+    expert, expert:LAW, zeros      built-in drivers (LAW: stanley, pure_pursuit)
+    DIR, MODEL.zip                 a steerloop checkpoint directory, a stable-baselines3 model
+    package.module:attr            your own policy: an instance, a class or a factory of it
+    path/to/file.py:attr           the same, from a file that is not an installed module
+  A class or factory gets keyword arguments from --policy-kwargs '{"weights": "w.pt"}'.
+  A policy implements steerloop.Policy: predict(observation, state=None, episode_start=None,
+  deterministic=True) -> (actions (N, 1) float, state) on a batch of observations, and reset();
+  optional: requires_privileged, initial_state(n), select_state(state, keep), describe(),
+  image_size, cache_key(). A plain torch model is one line: steerloop.ModelPolicy(net,
+  crop_top=20, resize=(66, 200), colour="yuv"). Your policy is trusted code: it runs in this
+  process and in every worker. Cached results (regress, pytest, study) are keyed by its
+  cache_key(), else by its module's source and the files its kwargs name; --no-cache re-runs.
+  Guide and a tested example: docs/policies.md, examples/own_model/.
+
+Exit codes: 0 done, 1 a check failed (validate, regress), 2 a user error, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM). Every flag: docs/cli.md.
+"""
+
 OUT_DIR = {"type": _out_dir}
 REQUIRED_OUT_DIR = {"type": _out_dir, "required": True}
 AT_LEAST_ONE = {"min": 1}
@@ -92,7 +114,10 @@ class Backend:
 @dataclass
 class DriveArgs:
     policy: str = "expert"
-    """The driver: expert, expert:pure_pursuit, zeros, a checkpoint directory or an SB3 .zip."""
+    """Policy spec: expert, expert:LAW, zeros, a checkpoint, a .zip, package.module:attr or file.py:attr (see
+    steerloop --help)."""
+    policy_kwargs: dict | None = None
+    """Keyword arguments (a JSON object) for a package.module:attr or file.py:attr policy's class or factory."""
     track: str = "200000"
     """Procedural track seed or a JSON track spec path."""
     condition: str = "default"
@@ -112,7 +137,10 @@ class DriveArgs:
 @dataclass
 class EvaluateArgs(Backend, Progress):
     policy: str = field(default="", metadata={"cli": {"required": True}})
-    """The policy: a checkpoint directory, an SB3 .zip, expert, expert:LAW or zeros."""
+    """Policy spec: a checkpoint directory, .zip, expert, expert:LAW, zeros, package.module:attr or file.py:attr (see
+    steerloop --help)."""
+    policy_kwargs: dict | None = None
+    """Keyword arguments (a JSON object) for a package.module:attr or file.py:attr policy's class or factory."""
     suite: str = "test"
     """smoke, val, test, recovery, shift, interventions or a suite JSON file."""
     out: str = field(default="", metadata={"cli": REQUIRED_OUT_DIR})
@@ -130,7 +158,9 @@ class EvaluateArgs(Backend, Progress):
 @dataclass
 class OfflineArgs:
     policy: str = field(default="", metadata={"cli": {"required": True}})
-    """The policy: a checkpoint directory, an SB3 .zip or zeros."""
+    """Policy spec of a camera policy: checkpoint directory, .zip, zeros, package.module:attr or file.py:attr."""
+    policy_kwargs: dict | None = None
+    """Keyword arguments (a JSON object) for a package.module:attr or file.py:attr policy's class or factory."""
     data: str = field(default="", metadata={"cli": {"required": True}})
     """Held-out driving-log directory."""
     out: str | None = field(default=None, metadata={"cli": {"type": _out_file}})
@@ -146,9 +176,17 @@ class DaggerArgs(Progress):
 @dataclass
 class RegressArgs(Progress):
     policy: str = field(default="", metadata={"cli": {"required": True}})
-    """Candidate: a policy (checkpoint directory, .zip, expert, zeros) or a results directory / results.json."""
+    """Candidate: a policy spec (checkpoint directory, .zip, expert, zeros, package.module:attr, file.py:attr) or a
+    results directory / results.json."""
+    policy_kwargs: dict | None = None
+    """Keyword arguments (a JSON object) for the candidate's class or factory."""
     baseline: str = field(default="", metadata={"cli": {"required": True}})
-    """Baseline: a policy or a results directory / results.json."""
+    """Baseline: a policy spec or a results directory / results.json."""
+    baseline_kwargs: dict | None = None
+    """Keyword arguments (a JSON object) for the baseline's class or factory."""
+    no_cache: bool = False
+    """Evaluate the policies again, replacing their cached results (a user policy's cache key may miss a change:
+    see steerloop --help)."""
     suite: str | None = None
     """Suite name or JSON (default: the baseline results' suite, else test)."""
     tolerance: str | None = None
@@ -204,6 +242,8 @@ class StudyArgs(Backend, Progress):
     """Study directory (stages cached by content, report.md)."""
     workers: int = field(default=2, metadata={"cli": AT_LEAST_ONE})
     """Worker processes for recording and evaluation."""
+    no_cache: bool = False
+    """Run the stages of user policies ([policies.X] policy = SPEC) again, even when their cache key is unchanged."""
 
 
 @dataclass
@@ -230,17 +270,23 @@ def cmd_drive(args) -> int:
     import gymnasium as gym
 
     from steerloop import ENV_ID
-    from steerloop.agents import load_policy
+    from steerloop.agents import PolicyError, load_policy, policy_capabilities
     from steerloop.evaluation.rollout import rollout
     from steerloop.files import json_safe
     from steerloop.sim.env import load_track
 
-    policy = load_policy(args.policy)
+    policy = load_policy(args.policy, args.policy_kwargs)
     track = load_track(args.track)
     env = gym.make(ENV_ID, track=track, condition=args.condition, speed=args.speed, resolution=args.resolution,
-                   privileged=getattr(policy, "requires_privileged", False))
+                   privileged=policy_capabilities(policy).requires_privileged)
+    video_existed = args.video is not None and Path(args.video).exists()
     try:
-        episode = rollout(env, policy, seed=args.seed, video=args.video)
+        episode = rollout(env, policy, seed=args.seed, video=args.video, name=f"track {track.name}",
+                          policy_name=args.policy)
+    except PolicyError:
+        if args.video and not video_existed:
+            Path(args.video).unlink(missing_ok=True)  # no half-written video
+        raise
     finally:
         env.close()
     summary = {"policy": args.policy, "track": episode.info["track"], "condition": episode.info["condition"],
@@ -292,7 +338,8 @@ def cmd_evaluate(args) -> int:
     from steerloop.evaluation.suites import load_suite
 
     suite = load_suite(args.suite)
-    results = evaluate(args.policy, suite, args.out, workers=args.workers, videos=args.video,
+    results = evaluate(args.policy, suite, args.out, policy_kwargs=args.policy_kwargs, workers=args.workers,
+                       videos=args.video,
                        resolution=args.resolution, progress=not args.quiet, batch=args.batch,
                        backend=args.backend, address=args.address)
     print(summary_table(results))
@@ -303,7 +350,7 @@ def cmd_evaluate(args) -> int:
 def cmd_offline(args) -> int:
     from steerloop.evaluation.offline import evaluate_offline, offline_table
 
-    result = evaluate_offline(args.policy, args.data, args.out)
+    result = evaluate_offline(args.policy, args.data, args.out, policy_kwargs=args.policy_kwargs)
     print(offline_table(result))
     if args.out:
         print(f"written: {args.out}")
@@ -384,7 +431,7 @@ def cmd_study(args) -> int:
 
     cfg = load_study(args.config)
     run_study(cfg, args.out, workers=args.workers, progress=not args.quiet, backend=args.backend,
-              address=args.address)
+              address=args.address, no_cache=args.no_cache)
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -394,7 +441,8 @@ def cmd_regress(args) -> int:
 
     return regress(args.policy, args.baseline, suite=args.suite, tolerance=args.tolerance, out=args.out,
                    workers=args.workers, statistical=args.statistical, resolution=args.resolution,
-                   progress=not args.quiet, plots=args.plots)
+                   progress=not args.quiet, plots=args.plots, candidate_kwargs=args.policy_kwargs,
+                   baseline_kwargs=args.baseline_kwargs, no_cache=args.no_cache)
 
 
 # ------------------------------------------------------------------------------------ parser
@@ -456,16 +504,15 @@ def _commands():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="steerloop", description=__doc__.split("\n\n")[0],
-                     epilog="Exit codes: 0 done, 1 a check failed (validate, regress), 2 a user error, "
-                            "130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Reference: docs/cli.md")
+    parser = _Parser(prog="steerloop", description=__doc__.split("\n\n")[0], epilog=POLICIES_HELP,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, configs, handler, interrupted in _commands():
         command = sub.add_parser(name, help=help_text, description=help_text)
         for config, details in configs:
             add_flags(command, config, skip=("extra",), cli=details)
         command.set_defaults(func=handler, interrupted=interrupted)
-    sub.choices["demo"].set_defaults(config="demo")
+    sub.choices["demo"].set_defaults(config="demo", no_cache=False)
     return parser
 
 

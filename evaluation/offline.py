@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from steerloop.files import atomic_write_json
+from steerloop.agents.protocol import Policy, PolicyError, checked_predict, policy_capabilities
 from steerloop.driving_log import DrivingLog, LogError
+from steerloop.files import atomic_write_json
 
 WINDOW = 16  # [steps] window of the cumulative speed-weighted error
 TRE_FRACTION = 0.1  # thresholded relative error: |a - a_hat| > 0.1 |a|
@@ -50,32 +51,40 @@ def offline_metrics(predictions: list[np.ndarray], labels: list[np.ndarray], spe
     }
 
 
-def replay(policy, log: DrivingLog, index: int, camera: str = "center") -> np.ndarray:
-    """The policy's predictions along logged episode ``index``, step by step, state carried."""
+def replay(policy: Policy, log: DrivingLog, index: int, camera: str = "center", name: str | None = None) -> np.ndarray:
+    """The policy's predictions along logged episode ``index``, step by step (a batch of one
+    observation per step), state carried. ``name`` names the policy in errors."""
+    name = name or type(policy).__qualname__
+    if policy_capabilities(policy).requires_privileged:
+        raise PolicyError(f"policy {name!r}: offline replay needs a camera policy; a privileged policy (such as "
+                          "the expert) cannot be replayed from logs")
     data = log.read_episode(index, cameras=[camera])
     frames, speed = data[f"frames/{camera}"], data["speed"]
-    if getattr(policy, "requires_privileged", False):
-        raise ValueError("offline replay needs a camera policy; the privileged expert cannot be replayed from logs")
+    where = [f"episode {index} of {log.path}"]
     out = np.empty(len(frames), dtype=np.float32)
     state = None
+    policy.reset()
     for t in range(len(frames)):
-        obs = {"image": frames[t], "speed": np.array([speed[t]], np.float32)}
-        action, state = policy.predict(obs, state=state, episode_start=np.array([t == 0]), deterministic=True)
-        out[t] = float(np.asarray(action).reshape(-1)[0])
+        obs = {"image": frames[t][None], "speed": np.array([[speed[t]]], np.float32)}  # a batch of one
+        action, state = checked_predict(policy, obs, state, np.array([t == 0]), name=name, where=where)
+        out[t] = action[0, 0]
     return out
 
 
-def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: float | None = None,
-                     series: str | None = None) -> dict:
-    """Offline metrics of ``policy_name`` on every episode of ``data``, beside all-zeros.
+def evaluate_offline(policy: str | Policy, data: str, out: str | None = None, dt: float | None = None,
+                     series: str | None = None, *, policy_kwargs: dict | None = None, name: str | None = None) -> dict:
+    """Offline metrics of ``policy`` (a policy spec, with ``policy_kwargs`` for a user's class
+    or factory, or a policy object) on every episode of ``data``, beside all-zeros. ``name``
+    is what the result calls the policy (default: the spec or the class name).
 
     ``series``: also save the open-loop replay as an ``.npz`` holding, per episode ``i``,
     ``prediction_i``, ``label_i`` and ``time_i`` ((N_i,) arrays; load with ``np.load``)."""
     import torch
 
-    from steerloop.agents import load_policy
+    from steerloop.agents.spec import policy_ref
 
-    policy = load_policy(policy_name)
+    ref = policy_ref(policy, policy_kwargs, name)
+    policy = ref.load()
     log = DrivingLog(data, verify=True)  # a corrupted label would silently skew every metric
     if not log.episodes:
         log.close()
@@ -86,7 +95,7 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one frame at a time: more threads only spin (20x slower on a busy machine)
     try:
-        preds = [replay(policy, log, index) for index in log.episodes]
+        preds = [replay(policy, log, index, name=ref.name) for index in log.episodes]
     finally:
         torch.set_num_threads(threads)
     for index, pred in zip(log.episodes, preds):
@@ -97,7 +106,7 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
         times.append(episode["time"])
         per_episode.append({"episode": index, "rmse": float(np.sqrt(np.mean((pred - episode["expert_steering"]) ** 2)))})
     result = {
-        "policy": policy_name, "data": str(data), "episodes": len(log.episodes),
+        "policy": ref.name, "data": str(data), "episodes": len(log.episodes),
         "model": offline_metrics(predictions, labels, speeds, dt),
         "zeros": offline_metrics([np.zeros_like(p) for p in predictions], labels, speeds, dt),
         "per_episode": per_episode,

@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -641,15 +642,16 @@ def code_fingerprint() -> str:
     return _hash_files(root, files)
 
 
-def policy_fingerprint(policy: str) -> str:
-    """The content of a checkpoint directory or ``.zip`` (so retrained weights at the same path
-    are evaluated again); a built-in policy is its name (its code is in :func:`code_fingerprint`)."""
-    path = Path(policy)
-    if path.is_file():
-        return _hash_files(path.parent, [path])
-    if path.is_dir():
-        return _hash_files(path, [p for p in path.rglob("*") if p.is_file()])
-    return policy
+def policy_fingerprint(policy, kwargs: dict | None = None) -> str:
+    """The cache key of a policy (a spec with ``kwargs``, or an object): the content of a
+    checkpoint directory or ``.zip`` (so retrained weights at the same path are evaluated
+    again); a built-in policy is its name (its code is in :func:`code_fingerprint`); a user
+    policy, its ``cache_key()``, else a hash of its module's source and of the files its
+    kwargs name (:func:`steerloop.agents.spec.policy_fingerprint`)."""
+    from steerloop.agents.spec import policy_fingerprint as fingerprint
+    from steerloop.agents.spec import policy_ref
+
+    return fingerprint(policy_ref(policy, kwargs))
 
 
 def _json_key(value) -> str:
@@ -666,27 +668,43 @@ class PolicyEvaluator:
     workers: int = 1
     progress: bool = False
     plots: bool = False
+    no_cache: bool = False
+    """Evaluate again, replacing cached results (once per policy and suite for this object)."""
     _memory: dict = field(default_factory=dict, repr=False)
 
-    def run_dir(self, policy: str, suite: Suite, resolution=(66, 200)) -> Path:
-        key = hashlib.sha256(_json_key({
-            "policy": policy, "content": policy_fingerprint(policy), "suite": suite.to_dict(),
-            "resolution": list(resolution), "batch": DEFAULT_BATCH, "code": code_fingerprint()}).encode())
-        # The policy (often a checkpoint path) is slugged for the directory name; results.json keeps it as given.
-        return path_under(self.root, f"{slug(policy)}-{slug(suite.name, default='suite')}-{key.hexdigest()[:16]}")
+    def run_dir(self, policy, suite: Suite, resolution=(66, 200), *, policy_kwargs: dict | None = None,
+                name: str | None = None) -> Path:
+        """The results directory of ``policy`` (a spec or an object) on ``suite``: keyed by the
+        policy's name and cache key (:func:`policy_fingerprint`), the suite, the resolution and
+        steerloop's source."""
+        from steerloop.agents.spec import policy_fingerprint as fingerprint
+        from steerloop.agents.spec import policy_ref
 
-    def __call__(self, policy: str | os.PathLike, suite: str | os.PathLike | Suite = "test", *,
-                 resolution=(66, 200)) -> EvaluationResult:
-        """Evaluate ``policy`` (checkpoint directory, ``.zip``, ``expert``, ``zeros``) on ``suite``
-        (a built-in name, a suite JSON file or a :class:`Suite`)."""
-        policy = str(policy)
+        ref = policy_ref(policy, policy_kwargs, name)
+        identity = {"policy": ref.name, "content": fingerprint(ref), "suite": suite.to_dict(),
+                    "resolution": list(resolution), "batch": DEFAULT_BATCH, "code": code_fingerprint()}
+        if ref.kwargs:
+            identity["policy_kwargs"] = ref.kwargs
+        key = hashlib.sha256(_json_key(identity).encode())
+        # The policy (often a checkpoint path) is slugged for the directory name; results.json keeps it as given.
+        return path_under(self.root, f"{slug(ref.name)}-{slug(suite.name, default='suite')}-{key.hexdigest()[:16]}")
+
+    def __call__(self, policy, suite: str | os.PathLike | Suite = "test", *, resolution=(66, 200),
+                 policy_kwargs: dict | None = None, name: str | None = None) -> EvaluationResult:
+        """Evaluate ``policy`` on ``suite`` (a built-in name, a suite JSON file or a
+        :class:`Suite`). ``policy`` is a policy spec (``expert``, ``zeros``, a checkpoint
+        directory, a ``.zip``, ``package.module:attr``, ``path/to/file.py:attr``; a user's class
+        or factory gets ``policy_kwargs``) or a policy object; ``name`` is what results call it."""
+        policy = os.fspath(policy) if isinstance(policy, os.PathLike) else policy
         suite = suite if isinstance(suite, Suite) else load_suite(str(suite))
         resolution = tuple(int(v) for v in resolution)
-        memo = (policy, _json_key(suite.to_dict()), resolution)
+        out = self.run_dir(policy, suite, resolution, policy_kwargs=policy_kwargs, name=name)
+        memo = (out, id(policy) if not isinstance(policy, str) else policy)
         if memo not in self._memory:
-            out = self.run_dir(policy, suite, resolution)
-            data = evaluate(policy, suite, out, workers=self.workers, resolution=resolution,
-                            progress=self.progress, plots=self.plots)
+            if self.no_cache and out.exists():
+                shutil.rmtree(out)
+            data = evaluate(policy, suite, out, policy_kwargs=policy_kwargs, name=name, workers=self.workers,
+                            resolution=resolution, progress=self.progress, plots=self.plots)
             self._memory[memo] = EvaluationResult(json.loads(json.dumps(data)), out / "results.json")
         return self._memory[memo]
 
@@ -721,9 +739,12 @@ def _suite_of(results: EvaluationResult) -> Suite | None:
 
 def regress(candidate: str, baseline: str, *, suite: str | None = None, tolerance: str | None = None,
             out: str | None = None, workers: int = 1, statistical: bool = False, resolution=None,
-            progress: bool = True, plots: bool = False, stdout=None, stderr=None) -> int:
+            progress: bool = True, plots: bool = False, stdout=None, stderr=None,
+            candidate_kwargs: dict | None = None, baseline_kwargs: dict | None = None, no_cache: bool = False) -> int:
     """``steerloop regress``: print the diff table and return 0 (no regression), 1 (regression)
-    or 2 (could not compare; the reason goes to ``stderr``)."""
+    or 2 (could not compare; the reason goes to ``stderr``). Either side is a policy spec
+    (a user's class or factory gets ``candidate_kwargs`` / ``baseline_kwargs``) or results;
+    ``no_cache`` evaluates the policies again instead of reusing cached results."""
     from steerloop.agents.checkpoint import CheckpointError
 
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
@@ -735,7 +756,12 @@ def regress(candidate: str, baseline: str, *, suite: str | None = None, toleranc
     try:
         tolerances = load_tolerances(tolerance) if tolerance else Tolerances()
         sides = {"candidate": candidate, "baseline": baseline}
+        kwargs = {"candidate": candidate_kwargs, "baseline": baseline_kwargs}
         given = {label: load_results(source) for label, source in sides.items() if results_path(source)}
+        for label in given:
+            if kwargs[label]:
+                flag = "--policy-kwargs" if label == "candidate" else "--baseline-kwargs"
+                return fail(f"{flag} applies to a policy, but the {label} {sides[label]} is a results location")
         if suite is not None:
             chosen = load_suite(suite)
             for label, results in given.items():
@@ -753,13 +779,13 @@ def regress(candidate: str, baseline: str, *, suite: str | None = None, toleranc
             resolution = next((tuple(r.data["resolution"]) for r in given.values() if r.data.get("resolution")),
                               (66, 200))
         evaluator = PolicyEvaluator(Path(out) if out else default_cache_dir(), workers=workers, progress=progress,
-                                    plots=plots)
+                                    plots=plots, no_cache=no_cache)
         loaded = {}
         for label, source in sides.items():
             if label in given:
                 loaded[label] = given[label]
             else:
-                loaded[label] = evaluator(source, chosen, resolution=resolution)
+                loaded[label] = evaluator(source, chosen, resolution=resolution, policy_kwargs=kwargs[label])
                 print(f"{label} {source}: results in {loaded[label].path.parent}", file=stdout)
         comparison = compare(loaded["candidate"], loaded["baseline"], tolerances, statistical=statistical)
     except IncomparableError as error:

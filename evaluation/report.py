@@ -48,10 +48,11 @@ class PolicyRow:
     family: str
     arch: str
     regime: str
-    frames: int
+    frames: int | None  # expert-labelled training frames (None for a user's policy: not known)
     val_rmse: float | None
     offline: dict
     zeros: dict
+    recurrent: bool = False
     closed: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)  # suite name -> (results.json dict, results directory)
 
@@ -106,6 +107,8 @@ def _frames(dirs: list[str]) -> int:
 
 def _regime(plan, name: str) -> str:
     stage = plan.policies[name]
+    if stage.kind == "user":
+        return "user"
     if stage.kind == "dagger":
         return "dagger"
     config = stage.params["config"]
@@ -126,16 +129,20 @@ def collect(plan) -> list[PolicyRow]:
     primary = suites[0]
     rows = []
     for name, stage in plan.policies.items():
-        checkpoint = Path(plan.checkpoint(name))
-        meta = _read_json(checkpoint / "config.json")
         offline = _read_json(plan.offline[name].out / "offline.json")
-        row = PolicyRow(name=name, family=plan.config.policies[name].family, arch=meta["model"]["arch"],
-                        regime=_regime(plan, name), frames=_frames(plan.dataset_dirs(name)),
-                        val_rmse=meta.get("metrics", {}).get("val_rmse"),
-                        offline=offline["model"], zeros=offline["zeros"])
-        for suite in suites:
-            out = plan.closed_loop[(name, suite.name)].out
-            row.results[suite.name] = (_read_json(out / "results.json"), out)
+        results = {suite.name: (_read_json(plan.closed_loop[(name, suite.name)].out / "results.json"),
+                                plan.closed_loop[(name, suite.name)].out) for suite in suites}
+        if stage.kind == "user":  # what the policy says about itself (its describe() in results.json)
+            described = results[primary.name][0]["policy"]
+            arch, recurrent = str(described.get("arch", "user")), bool(described.get("recurrent", False))
+            frames, val_rmse = None, None
+        else:
+            meta = _read_json(Path(plan.checkpoint(name)) / "config.json")
+            arch, frames = meta["model"]["arch"], _frames(plan.dataset_dirs(name))
+            recurrent, val_rmse = arch in RECURRENT, meta.get("metrics", {}).get("val_rmse")
+        row = PolicyRow(name=name, family=plan.config.policies[name].family, arch=arch, regime=_regime(plan, name),
+                        frames=frames, val_rmse=val_rmse, offline=offline["model"], zeros=offline["zeros"],
+                        recurrent=recurrent, results=results)
         agg = row.results[primary.name][0]["aggregate"]
         row.closed = {key: agg.get(key) for key in ("success_rate", "mean_abs_offset_m", "departures_per_km",
                                                      "on_policy_rmse")}
@@ -160,7 +167,7 @@ def policy_table(rows: list[PolicyRow]) -> str:
     lines = [head, "|" + "|".join(["---"] * 16) + "|"]
     for r in rows:
         ratio = r.closed["on_policy_rmse"] / r.offline["rmse"] if r.offline["rmse"] else math.nan
-        lines.append(f"| {r.name} | {r.family} | {r.regime} | {r.frames} | {_fmt(r.offline['rmse'], 4)} | "
+        lines.append(f"| {r.name} | {r.family} | {r.regime} | {_fmt(r.frames, 0)} | {_fmt(r.offline['rmse'], 4)} | "
                      f"{_fmt(r.zeros['rmse'], 4)} | {_fmt(r.offline['mae'], 4)} | {_fmt(r.offline['qce'])} | "
                      f"{_fmt(r.offline['tre'])} | {_fmt(r.closed['success_rate'], 2)} | "
                      f"{_fmt(r.closed['mean_abs_offset_m'])} | {_fmt(r.closed['departures_per_km'], 2)} | "
@@ -381,8 +388,8 @@ def contrast_video(plan, primary: str, index: int, fail: PolicyRow, ok: PolicyRo
     parts = []
     for row in (fail, ok):
         part = path_under(path.parent, shorten(f"{path.stem}-{row.name}", VIDEO_STEM_MAX) + ".mp4")
-        run_scenario(load_policy(plan.checkpoint(row.name)), scenario, resolution=plan.config.resolution,
-                     video=str(part))
+        run_scenario(load_policy(plan.checkpoint(row.name), plan.policy_kwargs(row.name)), scenario,
+                     resolution=plan.config.resolution, video=str(part), name=row.name)
         parts.append(part)
     close_env_pool()
     readers = [cv2.VideoCapture(str(p)) for p in parts]
@@ -464,8 +471,8 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
                "strictly higher success rate. "
                + ("The published finding reproduces." if better else
                   "None drives better: the published finding does not reproduce in this population."))
-    recurrent = [r for r in rows if r.arch in RECURRENT]
-    single = [r for r in rows if r.arch not in RECURRENT]
+    recurrent = [r for r in rows if r.recurrent]
+    single = [r for r in rows if not r.recurrent]
     if recurrent and single:
         s_rec, s_single = _mean(r.closed["success_rate"] for r in recurrent), _mean(r.closed["success_rate"]
                                                                                   for r in single)
@@ -478,7 +485,8 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
                       s_rec < s_single else "."))
     regimes = {}
     for r in rows:
-        regimes.setdefault(r.regime, []).append(r)
+        if r.regime != "user":  # a user's policy is not a data regime of the study
+            regimes.setdefault(r.regime, []).append(r)
     if len(regimes) > 1:
         parts = [f"{name}: success {_mean(x.closed['success_rate'] for x in members):.2f}, recovery "
                  f"{_fmt(_mean(x.closed['recovery_rate'] for x in members), 2)}, on-policy RMSE "

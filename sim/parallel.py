@@ -207,6 +207,17 @@ def _accepts_connections(address: str) -> bool:
         return False
 
 
+def _ray_result(ray, ref):
+    """``ray.get(ref)``; a task's user error (a ValueError, whose message is the whole story)
+    is raised as itself, not wrapped in Ray's multi-line remote traceback, as a local worker's is."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, ValueError):
+            raise error.cause from None
+        raise
+
+
 def _run_on_ray(fn: Callable, jobs: list[tuple], on_result: Callable, *, workers: int, address: str | None,
                 initializer: Callable | None, initargs: tuple) -> None:
     if not jobs:
@@ -224,7 +235,7 @@ def _run_on_ray(fn: Callable, jobs: list[tuple], on_result: Callable, *, workers
                 pending.append(task.remote(fn, initializer, initargs, run, queue.pop()))
             finished, pending = ray.wait(pending, num_returns=1)
             for ref in finished:
-                on_result(ray.get(ref))
+                on_result(_ray_result(ray, ref))
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)

@@ -204,9 +204,10 @@ def collect_teacher_frames(cfg: RLConfig, progress: bool = True) -> dict[str, np
     from tqdm import tqdm
 
     from steerloop.agents import load_policy
+    from steerloop.agents.policy import LearnedPolicy
 
     teacher = load_policy(cfg.init)
-    if getattr(teacher, "requires_privileged", False) or not hasattr(teacher, "config"):
+    if not isinstance(teacher, LearnedPolicy):  # distillation needs the checkpoint's model configuration
         raise ValueError(f"--init must be a behaviour-cloning checkpoint directory, got {cfg.init!r}")
     env = make_training_env(cfg)
     rng = np.random.default_rng([cfg.seed, 1])
