@@ -546,7 +546,7 @@ def _run_command(args) -> int:
         print(f"steerloop {args.command}: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        hint = args.interrupted.replace("OUT", str(getattr(args, "out", "") or "the output directory"))
+        hint = args.interrupted.replace("OUT", str(vars(args).get("out") or "the output directory"))
         print(f"steerloop {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return EXIT_TERMINATED if len(_TERMINATED) > terminated else EXIT_INTERRUPTED
 

@@ -195,10 +195,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
 def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
     """The dataclass ``cls`` from the parsed flags (fields not on the command line keep their
     defaults); ``overrides`` win."""
-    values = {}
+    values, given = {}, vars(args)
     for field in dataclasses.fields(cls):
-        if hasattr(args, field.name):
-            value = getattr(args, field.name)
+        if field.name in given:
+            value = given[field.name]
             if value is None and field.default_factory is not dataclasses.MISSING:
                 continue  # an unrepeated append flag: the field's own default
             values[field.name] = value
