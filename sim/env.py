@@ -305,12 +305,16 @@ class LaneKeepEnv(gym.Env):
         """Translate the car ``delta`` [m] sideways (+ = left of the road) keeping its velocity.
 
         Used by the lateral-push perturbation; the camera frames are refreshed by the next step.
+        PyBullet's ``resetBasePositionAndOrientation`` zeroes a multibody's base velocity, so the
+        velocity is put back (without that the push would stop the car).
         """
         c, body = self.client, self.vehicle.body_id
         position, orientation = c.getBasePositionAndOrientation(body)
+        linear, angular = c.getBaseVelocity(body)
         heading = self.lane.road_heading
         moved = [position[0] - delta * math.sin(heading), position[1] + delta * math.cos(heading), position[2]]
         c.resetBasePositionAndOrientation(body, moved, orientation)
+        c.resetBaseVelocity(body, linear, angular)
         self.vehicle.refresh()
         self._update_state(render_cameras=False)
 
