@@ -1,4 +1,4 @@
-"""Offline metrics on held-out driving logs (``steerloop offline``), as defined in DESIGN.md.
+"""Offline metrics on held-out driving logs (``steerloop offline``), as defined in docs/metrics.md.
 
 The policy is replayed open loop along each logged episode: it sees the logged frames
 one step at a time, its recurrent state carried across the episode, and its predictions

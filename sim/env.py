@@ -180,11 +180,13 @@ class LaneKeepEnv(gym.Env):
     TimeLimit (``max_episode_steps``, 3000 steps = 150 s by default).
 
     ## Info
-    Privileged truth: ``lateral_offset`` [m, + left], ``heading_error`` [rad], ``progress``
-    [m], ``curvature`` [1/m], ``speed`` [m/s], ``wheel_angle`` [rad], ``departure`` (this
-    step is beyond ``departure_threshold``), ``departures`` (events so far),
-    ``expert_steering`` (the expert's command for the current state), pose ``x``, ``y``,
-    ``yaw``, ``time`` [s], ``steering`` and ``throttle`` executed, and ``frames`` (all cameras).
+    Privileged truth: ``lateral_offset`` [m, + left] and ``heading_error`` [rad] of the
+    wheelbase midpoint, ``rear_heading_error`` [rad] (car yaw minus the road heading at the
+    rear axle's projection: 0 in steady turning on any arc), ``progress`` [m], ``curvature``
+    [1/m], ``speed`` [m/s], ``wheel_angle`` [rad], ``departure`` (this step is beyond
+    ``departure_threshold``), ``departures`` (events so far), ``expert_steering`` (the
+    expert's command for the current state), pose ``x``, ``y``, ``yaw``, ``time`` [s],
+    ``steering`` and ``throttle`` executed, and ``frames`` (all cameras).
 
     ## Arguments
     Every field of :class:`LaneKeepConfig` as a keyword, plus ``render_mode`` (``rgb_array``:
@@ -240,6 +242,7 @@ class LaneKeepEnv(gym.Env):
         self.in_departure = False
         self.last_command = 0.0
         self.lane = None
+        self.rear_lane = None  # lane state of the rear axle centre (see _update_state)
         self.features: controllers.LaneFeatures | None = None
         self.frames: dict[str, np.ndarray] = {}
         self.trail: list[tuple[float, float]] = []
@@ -422,9 +425,12 @@ class LaneKeepEnv(gym.Env):
         half = params.wheelbase / 2
         c, s_ = math.cos(yaw), math.sin(yaw)
         front = track.lane_state(x + half * c, y + half * s_, yaw, s_hint=self.s + half)
+        # The rear axle centre: in steady turning its velocity, hence the car's heading, is
+        # tangent to the road (the recovery metric's heading criterion; docs/metrics.md).
+        rear = track.lane_state(x - half * c, y - half * s_, yaw, s_hint=max(self.s - half, 0.0))
+        self.rear_lane = rear
         lookahead = None
         if self.needs_lookahead:
-            rear = track.lane_state(x - half * c, y - half * s_, yaw, s_hint=max(self.s - half, 0.0))
             px, py, _ = track.pose(rear.s + controllers.LOOKAHEAD_DISTANCES)
             dx, dy = px - (x - half * c), py - (y - half * s_)
             lookahead = np.stack([c * dx + s_ * dy, -s_ * dx + c * dy], axis=1)
@@ -465,6 +471,7 @@ class LaneKeepEnv(gym.Env):
         return {
             "lateral_offset": lane.offset,
             "heading_error": lane.heading_error,
+            "rear_heading_error": self.rear_lane.heading_error,
             "progress": self.s,
             "route_length": self.route_length,
             "curvature": lane.curvature,
