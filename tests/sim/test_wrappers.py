@@ -166,6 +166,7 @@ def test_interventions_put_car_back_and_episode_goes_on(make_env):
             assert info["offset_before_intervention"] > 1.0  # steering left drifted it out to the left
             assert info["lateral_offset"] == pytest.approx(0.0, abs=0.02)
             assert info["heading_error"] == pytest.approx(0.0, abs=0.01)
+            assert info["rear_heading_error"] == pytest.approx(0.0, abs=0.01)
             assert info["speed"] > 5.0
         assert info["interventions"] == count
         previous_intervened = info["intervention"]
