@@ -138,16 +138,15 @@ def test_perfect_tracker_on_a_25m_arc_recovers(sign):
     j = np.arange(N - RELEASE)
     tail = 0.1096 + 0.3904 * np.exp(-j / 10.0)  # from the 0.5 m push to the steady offset, on its side
     push = Perturbation("lateral_push", PUSH.start_step, sign * 0.5, PUSH.duration)
-    for rear, recovered in ((0.0, True), (heading, False)):  # rear axle (this definition), midpoint (the old one)
+    records = {}
+    for point, rear in (("rear axle", 0.0), ("midpoint", heading)):  # this definition, the old one
         data = trajectory(tail, heading_deg=heading, rear_heading_deg=rear)
         data["lateral_offset"] *= sign
-        (record,) = recovery_metrics(data, [push], dt=DT)
-        assert record["recovered"] is recovered
+        (records[point],) = recovery_metrics(data, [push], dt=DT)
+    assert records["rear axle"]["recovered"] is True and records["midpoint"]["recovered"] is False
     # first |offset| <= 0.25 m at j = ceil(10 ln(0.3904 / 0.1404)) = 11 (0.2396 m; j = 10 gives 0.2532 m)
-    data = trajectory(tail, heading_deg=heading, rear_heading_deg=0.0)
-    data["lateral_offset"] *= sign
-    (record,) = recovery_metrics(data, [push], dt=DT)
-    assert record["recovery_time_s"] == pytest.approx(11 * DT) and record["overshoot_m"] == 0.0
+    assert records["rear axle"]["recovery_time_s"] == pytest.approx(11 * DT)
+    assert records["rear axle"]["overshoot_m"] == 0.0
 
 
 @pytest.mark.parametrize("sign", [1, -1])
