@@ -124,5 +124,5 @@ def test_expert_recovers_from_every_standard_perturbation_on_tight_tracks(name):
     events = recovery_events(sweep_scenarios(name, track, phase_step))
     assert len(events) >= 24
     assert_all_recovered(events)
-    if name != "test-0":  # the sweep reaches the tight curves: perturbations end inside 25 m arcs
-        assert sum(abs(t["curvature"][q.end_step - 1]) == pytest.approx(1 / RADIUS) for q, _, t in events) >= 6
+    if name != "test-0":  # the sweep reaches the tightest curve: perturbations end inside its 25 m arc
+        assert sum(abs(t["curvature"][q.end_step - 1]) == pytest.approx(1 / RADIUS) for q, _, t in events) >= 2
