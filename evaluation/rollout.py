@@ -11,9 +11,9 @@ from steerloop.evaluation.metrics import drift_metrics
 from steerloop.evaluation.video import VideoWriter, compose_frame
 
 # Per-step series kept in a trajectory (all (T,) arrays; T = number of control steps).
-TRAJECTORY_KEYS = ("time", "x", "y", "yaw", "progress", "lateral_offset", "heading_error", "curvature", "speed",
-                   "steering", "expert_steering", "wheel_angle", "perturbation_phase", "policy_overridden",
-                   "intervention")
+TRAJECTORY_KEYS = ("time", "x", "y", "yaw", "progress", "lateral_offset", "heading_error", "rear_heading_error",
+                   "curvature", "speed", "steering", "expert_steering", "wheel_angle", "perturbation_phase",
+                   "policy_overridden", "intervention")
 
 
 @dataclass

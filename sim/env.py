@@ -230,11 +230,13 @@ class LaneKeepEnv(gym.Env):
     TimeLimit (``max_episode_steps``, 3000 steps = 150 s by default).
 
     ## Info
-    Privileged truth: ``lateral_offset`` [m, + left], ``heading_error`` [rad], ``progress``
-    [m], ``curvature`` [1/m], ``speed`` [m/s], ``wheel_angle`` [rad], ``departure`` (this
-    step is beyond ``departure_threshold``), ``departures`` (events so far),
-    ``expert_steering`` (the expert's command for the current state), pose ``x``, ``y``,
-    ``yaw``, ``time`` [s], ``steering`` and ``throttle`` executed, and, when ``cameras`` lists
+    Privileged truth: ``lateral_offset`` [m, + left] and ``heading_error`` [rad] of the
+    wheelbase midpoint, ``rear_heading_error`` [rad] (car yaw minus the road heading at the
+    rear axle's projection: 0 in steady turning on any arc), ``progress`` [m], ``curvature``
+    [1/m], ``speed`` [m/s], ``wheel_angle`` [rad], ``departure`` (this step is beyond
+    ``departure_threshold``), ``departures`` (events so far), ``expert_steering`` (the
+    expert's command for the current state), pose ``x``, ``y``, ``yaw``, ``time`` [s],
+    ``steering`` and ``throttle`` executed, and, when ``cameras`` lists
     more than one camera, ``frames``: the other cameras' images by name (the first camera's
     image is the observation's, and is not repeated).
 
@@ -294,6 +296,7 @@ class LaneKeepEnv(gym.Env):
         self.in_departure = False
         self.last_command = 0.0
         self.lane = None
+        self.rear_lane = None  # lane state of the rear axle centre (see _update_state)
         self.features: controllers.LaneFeatures | None = None
         self.frames: dict[str, np.ndarray] = {}
         self.trail: list[tuple[float, float]] = []
@@ -412,13 +415,17 @@ class LaneKeepEnv(gym.Env):
         """Translate the car ``delta`` [m] sideways (+ = left of the road) keeping its velocity.
 
         Used by the lateral-push perturbation; the camera frames are refreshed by the next step.
+        PyBullet's ``resetBasePositionAndOrientation`` zeroes a multibody's base velocity, so the
+        velocity is put back (without that the push would stop the car).
         """
         self._require_episode("shift_lateral")
         c, body = self.client, self.vehicle.body_id
         position, orientation = c.getBasePositionAndOrientation(body)
+        linear, angular = c.getBaseVelocity(body)
         heading = self.lane.road_heading
         moved = [position[0] - delta * math.sin(heading), position[1] + delta * math.cos(heading), position[2]]
         c.resetBasePositionAndOrientation(body, moved, orientation)
+        c.resetBaseVelocity(body, linear, angular)
         self.vehicle.refresh()
         self._update_state(render_cameras=False)
 
@@ -539,9 +546,12 @@ class LaneKeepEnv(gym.Env):
         half = params.wheelbase / 2
         c, s_ = math.cos(yaw), math.sin(yaw)
         front = track.lane_state(x + half * c, y + half * s_, yaw, s_hint=self.s + half)
+        # The rear axle centre: in steady turning its velocity, hence the car's heading, is
+        # tangent to the road (the recovery metric's heading criterion; docs/metrics.md).
+        rear = track.lane_state(x - half * c, y - half * s_, yaw, s_hint=max(self.s - half, 0.0))
+        self.rear_lane = rear
         lookahead = None
         if self.needs_lookahead:
-            rear = track.lane_state(x - half * c, y - half * s_, yaw, s_hint=max(self.s - half, 0.0))
             px, py, _ = track.pose(rear.s + controllers.LOOKAHEAD_DISTANCES)
             dx, dy = px - (x - half * c), py - (y - half * s_)
             lookahead = np.stack([c * dx + s_ * dy, -s_ * dx + c * dy], axis=1)
@@ -589,6 +599,7 @@ class LaneKeepEnv(gym.Env):
         info = {
             "lateral_offset": lane.offset,
             "heading_error": lane.heading_error,
+            "rear_heading_error": self.rear_lane.heading_error,
             "progress": self.s,
             "route_length": self.route_length,
             "curvature": lane.curvature,
