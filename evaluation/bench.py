@@ -401,7 +401,7 @@ def bench_scale(scenarios: int = 16, track_length: float = 200.0, repeats: int =
     from tqdm import tqdm
 
     from steerloop.evaluation.runner import evaluate
-    from steerloop.sim.parallel import connect_ray
+    from steerloop.parallel import connect_ray
 
     torch.set_num_threads(1)
     suite = _whole_route_suite(scenarios, track_length)

@@ -360,7 +360,7 @@ def cmd_offline(args) -> int:
 def cmd_dagger(args) -> int:
     from steerloop.evaluation.runner import evaluate
     from steerloop.evaluation.suites import load_suite
-    from steerloop.sim.paths import path_under
+    from steerloop.paths import path_under
     from steerloop.training.dagger import DaggerConfig, run_dagger
 
     cfg = config_from_args(DaggerConfig, args)
@@ -411,7 +411,7 @@ def cmd_bench(args) -> int:
     elif args.target == "train":
         result = bench_train(data=args.data, repeats=args.repeats)
     elif args.target == "scale":
-        from steerloop.sim.parallel import check_backend
+        from steerloop.parallel import check_backend
 
         check_backend("ray")
         result = bench_scale(scenarios=args.episodes or 16, repeats=args.repeats)

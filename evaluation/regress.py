@@ -34,7 +34,7 @@ from steerloop.errors import SteerloopError
 from steerloop.evaluation.metrics import bootstrap_ci
 from steerloop.evaluation.runner import DEFAULT_BATCH, RESULTS_SCHEMA_VERSION, ResultsError, evaluate
 from steerloop.evaluation.suites import Scenario, Suite, SuiteError, check_scenario_names, load_suite
-from steerloop.sim.paths import path_under, slug
+from steerloop.paths import path_under, slug
 from steerloop.sim.wrappers import Perturbation
 
 EXIT_OK = 0

@@ -23,7 +23,7 @@ from steerloop.evaluation.runner import run_scenario  # noqa: E402
 from steerloop.files import json_safe  # noqa: E402
 from steerloop.evaluation.suites import CONTROL_DT  # noqa: E402
 from steerloop.sim.env import load_track  # noqa: E402
-from steerloop.sim.paths import path_under, shorten  # noqa: E402
+from steerloop.paths import path_under, shorten  # noqa: E402
 
 OFFLINE_METRICS = ("rmse", "mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
 CLOSED_LOOP_METRICS = ("success_rate", "mean_abs_offset_m", "departures_per_km", "autonomy_pct", "recovery_rate",

@@ -35,8 +35,8 @@ from steerloop.evaluation.rollout import rollout_batch
 from steerloop.evaluation.suites import Scenario, Suite, check_scenario_names
 from steerloop.sim import MAX_EPISODE_STEPS
 from steerloop.sim.env import LaneKeepEnv
-from steerloop.sim.parallel import check_backend, connect_ray, run_tasks
-from steerloop.sim.paths import path_under
+from steerloop.parallel import check_backend, connect_ray, run_tasks
+from steerloop.paths import path_under
 from steerloop.sim.wrappers import InterventionWrapper, PerturbationWrapper
 
 RESULTS_SCHEMA_VERSION = "1.0.0"

@@ -61,7 +61,7 @@ from pathlib import Path
 from steerloop.files import atomic_write_json
 from steerloop.errors import SteerloopError
 from steerloop.evaluation.suites import BUILTIN_SUITES, Suite, SuiteError, load_suite
-from steerloop.sim.paths import UnsafeNameError, path_under, safe_name, shorten
+from steerloop.paths import UnsafeNameError, path_under, safe_name, shorten
 from steerloop.training.dagger import DaggerConfig
 from steerloop.training.record import RecordConfig
 from steerloop.training.train import TrainConfig

@@ -21,7 +21,7 @@ import numpy as np
 
 from steerloop.errors import SteerloopError, check_keys, read_json
 from steerloop.sim.env import load_track
-from steerloop.sim.paths import UnsafeNameError, safe_name
+from steerloop.paths import UnsafeNameError, safe_name
 from steerloop.sim.scene import CONDITIONS
 from steerloop.sim.track import MAX_ROUTE_LENGTH, TRACKS_DIR, Track, TrackSpecError, split_seed
 from steerloop.sim.wrappers import Perturbation

@@ -21,7 +21,7 @@ from steerloop.files import atomic_write_json
 from steerloop.agents.checkpoint import load_checkpoint
 from steerloop.agents.mixture import MIXTURE_MODES
 from steerloop.driving_log import DrivingLog
-from steerloop.sim.parallel import check_backend
+from steerloop.parallel import check_backend
 from steerloop.training.record import RecordConfig, record
 from steerloop.training.train import TrainConfig, train
 

@@ -25,7 +25,7 @@ from steerloop.agents.protocol import PolicyError, checked_predict
 from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from steerloop.sim.env import LaneKeepEnv, load_track
 from steerloop.driving_log import DrivingLogWriter, EpisodeBuffer, episode_file
-from steerloop.sim.parallel import check_backend, connect_ray, run_tasks
+from steerloop.parallel import check_backend, connect_ray, run_tasks
 from steerloop.sim.scene import CONDITIONS
 from steerloop.sim.track import SPLIT_SEED_RANGES, check_route_length, split_seed
 

@@ -1,6 +1,6 @@
 """Names become paths: every user-chosen name that names a file or directory (suite, track,
 scenario, study dataset and policy, condition) is refused unless safe, before anything is
-written, and every write stays under its output directory (sim.paths)."""
+written, and every write stays under its output directory (steerloop.paths)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from steerloop.evaluation.regress import PolicyEvaluator
 from steerloop.evaluation.runner import RESULTS_SCHEMA_VERSION, evaluate
 from steerloop.evaluation.study import Stage, load_study, plan_study
 from steerloop.evaluation.suites import Scenario, Suite, SuiteError, load_suite, load_suite_file
-from steerloop.sim.paths import (MAX_NAME_LENGTH, NAME_MAX_BYTES, UnsafeNameError, UnsafePathError, is_safe_name,
+from steerloop.paths import (MAX_NAME_LENGTH, NAME_MAX_BYTES, UnsafeNameError, UnsafePathError, is_safe_name,
                                  path_under, safe_name, shorten, slug)
 
 from helpers import SHORT_SPEC

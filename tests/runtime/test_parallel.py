@@ -1,4 +1,4 @@
-"""The task backends of sim.parallel: local processes and Ray tasks, and their refusals."""
+"""The task backends of steerloop.parallel: local processes and Ray tasks, and their refusals."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import pytest
 
 from steerloop.evaluation.cli import main
-from steerloop.sim.parallel import BackendError, RAY_INSTALL_HINT, check_backend, run_tasks, set_threads_from_allotment
+from steerloop.parallel import BackendError, RAY_INSTALL_HINT, check_backend, run_tasks, set_threads_from_allotment
 
 
 def test_local_backend_runs_every_job_in_process_or_in_workers():
@@ -68,7 +68,7 @@ def test_an_unreachable_cluster_address_is_refused_before_any_work(tmp_path):
 # ----------------------------------------------------------------------------- process lifetime
 ORPHAN_SCRIPT = """
 import time
-from steerloop.sim.parallel import run_tasks
+from steerloop.parallel import run_tasks
 run_tasks(time.sleep, [(60,)] * 4, print, workers=2)
 """
 GONE_WITHIN_S = 5.0  # [s] every descendant of a killed run must be gone by then
