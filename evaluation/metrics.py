@@ -115,17 +115,3 @@ def autonomy_percent(interventions: int, elapsed_s: float, penalty_s: float = 6.
         raise ValueError(f"elapsed time must be > 0 s, got {elapsed_s}")
     return max(0.0, (1.0 - interventions * penalty_s / elapsed_s) * 100.0)
 
-
-def bootstrap_ci(values, *, statistic=np.mean, resamples: int = 2000, level: float = 0.95, seed: int = 0):
-    """Percentile bootstrap interval of ``statistic`` over scenarios (seeded: deterministic)."""
-    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
-    if len(values) == 0:
-        return None, None, None
-    point = float(statistic(values))
-    if len(values) == 1:
-        return point, point, point
-    rng = np.random.default_rng(seed)
-    samples = values[rng.integers(0, len(values), (resamples, len(values)))]
-    stats = np.apply_along_axis(statistic, 1, samples)
-    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return point, float(lo), float(hi)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steerloop.errors import SteerloopError
-from steerloop.evaluation.metrics import bootstrap_ci
+from steerloop.evaluation.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, bootstrap_ci
 from steerloop.evaluation.runner import DEFAULT_BATCH, RESULTS_SCHEMA_VERSION, ResultsError, evaluate
 from steerloop.evaluation.suites import Scenario, Suite, SuiteError, check_scenario_names, load_suite
 from steerloop.paths import path_under, slug
@@ -41,9 +41,6 @@ EXIT_OK = 0
 EXIT_REGRESSION = 1
 EXIT_INCOMPARABLE = 2
 
-BOOTSTRAP_SEED = 0  # the paired bootstrap is seeded: the same inputs give the same interval
-BOOTSTRAP_RESAMPLES = 2000
-CONFIDENCE = 0.95
 NEWLY_FAILING = "newly_failing_scenarios"  # tolerance-file key for per-scenario pass -> fail flips
 _FLOAT_SLACK = 1e-9  # relative; keeps "exactly at the tolerance" from failing on rounding
 

@@ -19,18 +19,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from steerloop.evaluation.regress import load_results  # noqa: E402
 from steerloop.evaluation.runner import run_scenario  # noqa: E402
-from steerloop.files import json_safe  # noqa: E402
+from steerloop.evaluation.stats import BOOTSTRAP_RESAMPLES, correlation_ci, pearson, spearman  # noqa: E402
 from steerloop.evaluation.suites import CONTROL_DT  # noqa: E402
-from steerloop.sim.env import load_track  # noqa: E402
+from steerloop.files import json_safe  # noqa: E402
 from steerloop.paths import path_under, shorten  # noqa: E402
+from steerloop.sim.env import load_track  # noqa: E402
 
 OFFLINE_METRICS = ("rmse", "mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
 CLOSED_LOOP_METRICS = ("success_rate", "mean_abs_offset_m", "departures_per_km", "autonomy_pct", "recovery_rate",
                        "on_policy_rmse")
 RECURRENT = ("cnn-lstm", "conv3d-lstm")
-BOOTSTRAP_SAMPLES = 2000
-BOOTSTRAP_SEED = 0
 SMOOTHING_S = 1.0  # [s] moving-average window of the compounding-error curves
 AFTER_PERTURBATION_S = 8.0  # [s] window plotted after a perturbation starts
 CODEVILLA_MSE_R = 0.39  # Codevilla et al. 2018: MSE vs success rate
@@ -55,45 +55,6 @@ class PolicyRow:
     recurrent: bool = False
     closed: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)  # suite name -> (results.json dict, results directory)
-
-
-# ----------------------------------------------------------------------------- statistics
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1, ties given their average rank."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x))
-    for value in np.unique(x):
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def pearson(x, y) -> float:
-    """Pearson correlation; nan when either variable is constant."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan
-    x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / math.sqrt((x * x).sum() * (y * y).sum()))
-
-
-def spearman(x, y) -> float:
-    """Spearman rank correlation (Pearson on average ranks); nan when either is constant."""
-    return pearson(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
-
-
-def correlation_ci(x, y, fn, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED):
-    """(point, lo, hi): ``fn`` over the policies with a 95% percentile bootstrap interval
-    (policies resampled with replacement; resamples with a constant variable are dropped)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    point = fn(x, y)
-    rng = np.random.default_rng(seed)
-    values = [fn(x[i], y[i]) for i in rng.integers(0, len(x), size=(samples, len(x)))]
-    values = np.asarray([v for v in values if not math.isnan(v)])
-    if math.isnan(point) or len(values) < samples // 10:
-        return point, math.nan, math.nan
-    return point, float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
 # ----------------------------------------------------------------------------- collection
@@ -130,7 +91,7 @@ def collect(plan) -> list[PolicyRow]:
     rows = []
     for name, stage in plan.policies.items():
         offline = _read_json(plan.offline[name].out / "offline.json")
-        results = {suite.name: (_read_json(plan.closed_loop[(name, suite.name)].out / "results.json"),
+        results = {suite.name: (load_results(plan.closed_loop[(name, suite.name)].out).data,
                                 plan.closed_loop[(name, suite.name)].out) for suite in suites}
         if stage.kind == "user":  # what the policy says about itself (its describe() in results.json)
             described = results[primary.name][0]["policy"]
@@ -572,7 +533,7 @@ def write_report(plan) -> Path:
           "## Policies: offline beside closed loop", "", policy_table(rows), "",
           "Offline metrics on held-out logs, with the all-zeros predictor:", "", offline_table(rows), "",
           "## Correlation across the population (Codevilla et al. style)", "",
-          f"Pearson r and Spearman ρ with 95% bootstrap intervals over policies ({BOOTSTRAP_SAMPLES} resamples). "
+          f"Pearson r and Spearman ρ with 95% bootstrap intervals over policies ({BOOTSTRAP_RESAMPLES} resamples). "
           "Lower is better for every offline metric; for success, autonomy and recovery a useful offline metric "
           "correlates negatively.", "",
           correlation_table(corr) if corr else "Correlations need at least 3 policies with the metric.", "",

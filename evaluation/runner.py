@@ -30,7 +30,8 @@ from steerloop.agents.protocol import Policy, PolicyError, describe_policy, poli
 from steerloop.agents.spec import PolicyRef, policy_ref
 from steerloop.errors import SteerloopError
 from steerloop.files import atomic_write_json, json_safe, software_versions
-from steerloop.evaluation.metrics import autonomy_percent, bootstrap_ci, recovery_metrics
+from steerloop.evaluation.metrics import autonomy_percent, recovery_metrics
+from steerloop.evaluation.stats import bootstrap_ci
 from steerloop.evaluation.rollout import rollout_batch
 from steerloop.evaluation.suites import Scenario, Suite, check_scenario_names
 from steerloop.sim import MAX_EPISODE_STEPS

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from steerloop.evaluation.metrics import (RECOVERY_DEADLINE, RECOVERY_HEADING, RECOVERY_HOLD, RECOVERY_OFFSET,
-                                          autonomy_percent, bootstrap_ci, recovery_metrics)
+                                          autonomy_percent, recovery_metrics)
+from steerloop.evaluation.stats import bootstrap_ci
 from steerloop.sim.vehicle import VehicleParams
 from steerloop.sim.wrappers import Perturbation
 
