@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from steerloop.agents.protocol import PolicyBase
 
-class ZerosPolicy:
+
+class ZerosPolicy(PolicyBase):
     """Predicts steering 0 everywhere; the reference row in every offline table."""
 
     requires_privileged = False

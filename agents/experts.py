@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from steerloop.agents.protocol import PolicyBase
 from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT, LaneFeatures
 from steerloop.sim.vehicle import VehicleParams
 
@@ -29,7 +30,7 @@ def _as_batch(observation: dict) -> tuple[np.ndarray, bool]:
     return (features if batched else features[None]), batched
 
 
-class ExpertPolicy:
+class ExpertPolicy(PolicyBase):
     """Stanley or pure pursuit on the true lane geometry; deterministic, stateless."""
 
     requires_privileged = True
@@ -59,7 +60,7 @@ class ExpertPolicy:
         return {"kind": "expert", "law": self.law_name}
 
 
-class NoisyExpert:
+class NoisyExpert(PolicyBase):
     """Executes expert + noise (Gaussian or Ornstein-Uhlenbeck) and keeps the clean label.
 
     After each ``predict`` call, ``last_labels`` holds the clean expert commands (N,) for

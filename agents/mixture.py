@@ -10,22 +10,27 @@ from __future__ import annotations
 import numpy as np
 
 from steerloop.agents.experts import ExpertPolicy
+from steerloop.agents.protocol import Policy, PolicyBase, check_actions, policy_capabilities
 
 MIXTURE_MODES = ("step", "episode")
 
 
-class MixturePolicy:
+class MixturePolicy(PolicyBase):
+    """Expert with probability ``beta``, else ``learner`` (any :class:`Policy`); called on a
+    batch. A learner that returns a wrong shape, dtype or NaN raises ``ActionError``."""
+
     requires_privileged = True  # the expert needs observation["privileged"]
 
-    def __init__(self, expert: ExpertPolicy, learner, beta: float, mode: str = "step", seed: int = 0):
+    def __init__(self, expert: ExpertPolicy, learner: Policy, beta: float, mode: str = "step", seed: int = 0):
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be within [0, 1] (probability that the expert drives), got {beta}")
         if mode not in MIXTURE_MODES:
             raise ValueError(f"mixture mode must be one of {MIXTURE_MODES}, got {mode!r}")
         self.expert, self.learner = expert, learner
+        self.learner_capabilities = policy_capabilities(learner)
         self.beta, self.mode = float(beta), mode
         self.rng = np.random.default_rng(seed)
-        self.recurrent = bool(getattr(learner, "recurrent", False))
+        self.recurrent = self.learner_capabilities.recurrent
         self._episode_coin = np.zeros(0, bool)
         self.last_expert_drove = np.zeros(0, bool)
 
@@ -35,11 +40,11 @@ class MixturePolicy:
     def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
         """(actions, learner state); ``last_expert_drove`` (N,) tells who steered each env."""
         expert_actions, _ = self.expert.predict(observation)
+        expert_actions = np.asarray(expert_actions, np.float32)
+        n = expert_actions.shape[0] if expert_actions.ndim == 2 else 1
         learner_actions, state = self.learner.predict(observation, state=state, episode_start=episode_start,
                                                       deterministic=True)
-        expert_actions = np.asarray(expert_actions, np.float32)
-        learner_actions = np.asarray(learner_actions, np.float32).reshape(expert_actions.shape)
-        n = expert_actions.shape[0] if expert_actions.ndim == 2 else 1
+        learner_actions = check_actions(learner_actions, n)
         if self.mode == "step":
             coin = self.rng.uniform(size=n) < self.beta
         else:
@@ -54,6 +59,5 @@ class MixturePolicy:
         return (chosen if expert_actions.ndim == 2 else chosen[0]), state
 
     def describe(self) -> dict:
-        learner = self.learner.describe() if hasattr(self.learner, "describe") else {}
         return {"kind": "mixture", "beta": self.beta, "mode": self.mode, "expert": self.expert.describe(),
-                "learner": learner}
+                "learner": self.learner_capabilities.describe()}

@@ -18,9 +18,10 @@ import torch
 
 from steerloop.agents.models import ModelConfig, SteeringModel, count_parameters
 from steerloop.agents.preprocess import preprocess_channels_last
+from steerloop.agents.protocol import PolicyBase
 
 
-class LearnedPolicy:
+class LearnedPolicy(PolicyBase):
     """SB3-style predictor around a :class:`agents.models.SteeringModel`."""
 
     requires_privileged = False

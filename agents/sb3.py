@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from steerloop.agents.protocol import PolicyBase
+
 ALGORITHMS = ("PPO", "A2C", "SAC", "TD3", "DDPG")
 CONTRIB_ALGORITHMS = ("RecurrentPPO",)
 RL_INSTALL_HINT = 'pip install "steerloop[rl]"'
@@ -322,7 +324,7 @@ def safe_sb3_load(path: str | Path, algorithm: str | None = None, env=None, **kw
     return model, name
 
 
-class SB3Policy:
+class SB3Policy(PolicyBase):
     requires_privileged = False
 
     def __init__(self, path: str | Path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import statistics
 import time
 
@@ -79,6 +81,61 @@ def bench_env(steps: int = 300, repeats: int = 5, resolution: tuple[int, int] = 
         "render_plus_physics_steps_per_s": round(render_plus_physics, 1),
         "env_overhead_ratio": round(render_plus_physics / med["env_steps_per_s"], 3),
         "target_env_overhead_ratio_max": 1.15,
+    }
+
+
+SOAK_WARMUP_TRACKS = 50  # distinct tracks driven before the baseline RSS is read
+SOAK_ALLOWED_GROWTH_MB = 50.0  # [MB] bound on RSS growth over 1,000 distinct tracks
+
+
+def _rss_mb() -> float:
+    """Resident set size of this process [MB] (psutil, else /proc/self/statm)."""
+    try:
+        import psutil
+    except ImportError:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    return psutil.Process().memory_info().rss / 2 ** 20
+
+
+def bench_soak(tracks: int = 1000, track_length: float = 400.0, resolution: tuple[int, int] = (66, 200),
+               steps: int = 3) -> dict:
+    """RSS growth of one environment over ``tracks`` distinct procedural training tracks.
+
+    Every reset shows a new track (its road meshes are built) and drives ``steps``
+    rendered steps. The baseline is read after ``SOAK_WARMUP_TRACKS`` other tracks, so
+    one-off allocations (imports, the renderer's buffers) are not counted.
+    """
+    from steerloop.sim.track import split_seed
+
+    env = LaneKeepEnv(resolution=resolution, track_length=track_length)
+    zero = np.zeros(1, np.float32)
+
+    def drive(index: int, seed: int) -> None:
+        env.reset(seed=seed, options={"track": split_seed("train", index)})
+        for _ in range(steps):
+            env.step(zero)
+
+    for i in range(SOAK_WARMUP_TRACKS):
+        drive(99_999 - i, i)  # the last training tracks, never among the soaked ones
+    gc.collect()
+    before = _rss_mb()
+    peak = before
+    start = time.perf_counter()
+    for i in range(tracks):
+        drive(i, i)
+        if (i + 1) % 100 == 0:
+            peak = max(peak, _rss_mb())
+    gc.collect()
+    after = _rss_mb()
+    seconds = time.perf_counter() - start
+    env.close()
+    growth = max(peak, after) - before
+    return {
+        "tracks": tracks, "track_length_m": track_length, "steps_per_track": steps,
+        "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1), "rss_peak_mb": round(max(peak, after), 1),
+        "rss_growth_mb": round(growth, 1), "growth_per_track_kb": round(growth * 1024 / tracks, 2),
+        "allowed_growth_mb_per_1000_tracks": SOAK_ALLOWED_GROWTH_MB, "tracks_per_s": round(tracks / seconds, 1),
     }
 
 
@@ -373,7 +430,7 @@ def bench_scale(scenarios: int = 16, track_length: float = 200.0, repeats: int =
     from tqdm import tqdm
 
     from steerloop.evaluation.runner import evaluate
-    from steerloop.sim.parallel import connect_ray
+    from steerloop.parallel import connect_ray
 
     torch.set_num_threads(1)
     suite = _whole_route_suite(scenarios, track_length)

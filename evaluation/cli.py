@@ -6,14 +6,17 @@ commands that are a single function call); :mod:`steerloop.evaluation.flags` tur
 fields into flags, so a field added to a config is a flag with no other edit.
 
 Exit codes: 0 done; 1 a check failed (``validate``, ``regress``); 2 a user error (one line
-on stderr naming the input and the fix); 130 interrupted (Ctrl-C), with completed work kept.
+on stderr naming the input and the fix); 130 interrupted (Ctrl-C) and 143 terminated
+(SIGTERM), both with completed work kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +24,10 @@ import numpy as np
 
 from steerloop.evaluation.flags import add_flags, config_from_args
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # user errors (bad flags, files, names) / Ctrl-C
+EXIT_USAGE = 2  # a user error: bad flags, files or names
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): completed work is kept, re-running resumes
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM): the same clean stop as Ctrl-C
+_TERMINATED: list[int] = []  # the SIGTERMs received by this process
 
 
 # ------------------------------------------------------------------------------- flag checks
@@ -61,6 +67,28 @@ def _video_file(text: str) -> str:
     return text
 
 
+POLICIES_HELP = """\
+policies:
+  Every command that takes a policy (drive, evaluate, offline, regress, record --learner, study
+  files, the pytest fixture steerloop_evaluate) takes a policy spec:
+    expert, expert:LAW, zeros      built-in drivers (LAW: stanley, pure_pursuit)
+    DIR, MODEL.zip                 a steerloop checkpoint directory, a stable-baselines3 model
+    package.module:attr            your own policy: an instance, a class or a factory of it
+    path/to/file.py:attr           the same, from a file that is not an installed module
+  A class or factory gets keyword arguments from --policy-kwargs '{"weights": "w.pt"}'.
+  A policy implements steerloop.Policy: predict(observation, state=None, episode_start=None,
+  deterministic=True) -> (actions (N, 1) float, state) on a batch of observations, and reset();
+  optional: requires_privileged, initial_state(n), select_state(state, keep), describe(),
+  image_size, cache_key(). A plain torch model is one line: steerloop.ModelPolicy(net,
+  crop_top=20, resize=(66, 200), colour="yuv"). Your policy is trusted code: it runs in this
+  process and in every worker. Cached results (regress, pytest, study) are keyed by its
+  cache_key(), else by its module's source and the files its kwargs name; --no-cache re-runs.
+  Guide and a tested example: docs/policies.md, examples/own_model/.
+
+Exit codes: 0 done, 1 a check failed (validate, regress), 2 a user error, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM). Every flag: docs/cli.md.
+"""
+
 OUT_DIR = {"type": _out_dir}
 REQUIRED_OUT_DIR = {"type": _out_dir, "required": True}
 AT_LEAST_ONE = {"min": 1}
@@ -86,7 +114,10 @@ class Backend:
 @dataclass
 class DriveArgs:
     policy: str = "expert"
-    """The driver: expert, expert:pure_pursuit, zeros, a checkpoint directory or an SB3 .zip."""
+    """Policy spec: expert, expert:LAW, zeros, a checkpoint, a .zip, package.module:attr or file.py:attr (see
+    steerloop --help)."""
+    policy_kwargs: dict | None = None
+    """Keyword arguments (a JSON object) for a package.module:attr or file.py:attr policy's class or factory."""
     track: str = "200000"
     """Procedural track seed or a JSON track spec path."""
     condition: str = "default"
@@ -106,7 +137,10 @@ class DriveArgs:
 @dataclass
 class EvaluateArgs(Backend, Progress):
     policy: str = field(default="", metadata={"cli": {"required": True}})
-    """The policy: a checkpoint directory, an SB3 .zip, expert, expert:LAW or zeros."""
+    """Policy spec: a checkpoint directory, .zip, expert, expert:LAW, zeros, package.module:attr or file.py:attr (see
+    steerloop --help)."""
+    policy_kwargs: dict | None = None
+    """Keyword arguments (a JSON object) for a package.module:attr or file.py:attr policy's class or factory."""
     suite: str = "test"
     """smoke, val, test, recovery, shift, interventions or a suite JSON file."""
     out: str = field(default="", metadata={"cli": REQUIRED_OUT_DIR})
@@ -124,7 +158,9 @@ class EvaluateArgs(Backend, Progress):
 @dataclass
 class OfflineArgs:
     policy: str = field(default="", metadata={"cli": {"required": True}})
-    """The policy: a checkpoint directory, an SB3 .zip or zeros."""
+    """Policy spec of a camera policy: checkpoint directory, .zip, zeros, package.module:attr or file.py:attr."""
+    policy_kwargs: dict | None = None
+    """Keyword arguments (a JSON object) for a package.module:attr or file.py:attr policy's class or factory."""
     data: str = field(default="", metadata={"cli": {"required": True}})
     """Held-out driving-log directory."""
     out: str | None = field(default=None, metadata={"cli": {"type": _out_file}})
@@ -140,9 +176,17 @@ class DaggerArgs(Progress):
 @dataclass
 class RegressArgs(Progress):
     policy: str = field(default="", metadata={"cli": {"required": True}})
-    """Candidate: a policy (checkpoint directory, .zip, expert, zeros) or a results directory / results.json."""
+    """Candidate: a policy spec (checkpoint directory, .zip, expert, zeros, package.module:attr, file.py:attr) or a
+    results directory / results.json."""
+    policy_kwargs: dict | None = None
+    """Keyword arguments (a JSON object) for the candidate's class or factory."""
     baseline: str = field(default="", metadata={"cli": {"required": True}})
-    """Baseline: a policy or a results directory / results.json."""
+    """Baseline: a policy spec or a results directory / results.json."""
+    baseline_kwargs: dict | None = None
+    """Keyword arguments (a JSON object) for the baseline's class or factory."""
+    no_cache: bool = False
+    """Evaluate the policies again, replacing their cached results (a user policy's cache key may miss a change:
+    see steerloop --help)."""
     suite: str | None = None
     """Suite name or JSON (default: the baseline results' suite, else test)."""
     tolerance: str | None = None
@@ -169,10 +213,13 @@ class ValidateArgs:
 @dataclass
 class BenchArgs:
     target: str = field(default="env", metadata={"cli": {"positional": True,
-                                                         "choices": ("env", "record", "train", "eval", "scale")}})
-    """What to benchmark (scale: evaluation on 1 and 2 local workers and on Ray)."""
+                                                         "choices": ("env", "record", "train", "eval", "scale",
+                                                                     "soak")}})
+    """What to benchmark (scale: evaluation on 1 and 2 local workers and on Ray; soak: RSS growth of one environment
+    over distinct tracks)."""
     episodes: int = field(default=0, metadata={"cli": {"min": 0}})
-    """record/eval/scale: episodes or scenarios per repeat (0: record 8, eval 20, scale 16)."""
+    """record/eval/scale: episodes or scenarios per repeat (0: record 8, eval 20, scale 16); soak: distinct tracks (0:
+    1000)."""
     batch: int | None = field(default=None, metadata={"cli": AT_LEAST_ONE})
     """eval: scenarios per lockstep group (default: as steerloop evaluate)."""
     data: str | None = None
@@ -195,6 +242,8 @@ class StudyArgs(Backend, Progress):
     """Study directory (stages cached by content, report.md)."""
     workers: int = field(default=2, metadata={"cli": AT_LEAST_ONE})
     """Worker processes for recording and evaluation."""
+    no_cache: bool = False
+    """Run the stages of user policies ([policies.X] policy = SPEC) again, even when their cache key is unchanged."""
 
 
 @dataclass
@@ -221,17 +270,23 @@ def cmd_drive(args) -> int:
     import gymnasium as gym
 
     from steerloop import ENV_ID
-    from steerloop.agents import load_policy
+    from steerloop.agents import PolicyError, load_policy, policy_capabilities
     from steerloop.evaluation.rollout import rollout
-    from steerloop.evaluation.runner import json_safe
+    from steerloop.files import json_safe
     from steerloop.sim.env import load_track
 
-    policy = load_policy(args.policy)
+    policy = load_policy(args.policy, args.policy_kwargs)
     track = load_track(args.track)
     env = gym.make(ENV_ID, track=track, condition=args.condition, speed=args.speed, resolution=args.resolution,
-                   privileged=getattr(policy, "requires_privileged", False))
+                   privileged=policy_capabilities(policy).requires_privileged)
+    video_existed = args.video is not None and Path(args.video).exists()
     try:
-        episode = rollout(env, policy, seed=args.seed, video=args.video)
+        episode = rollout(env, policy, seed=args.seed, video=args.video, name=f"track {track.name}",
+                          policy_name=args.policy)
+    except PolicyError:
+        if args.video and not video_existed:
+            Path(args.video).unlink(missing_ok=True)  # no half-written video
+        raise
     finally:
         env.close()
     summary = {"policy": args.policy, "track": episode.info["track"], "condition": episode.info["condition"],
@@ -283,7 +338,8 @@ def cmd_evaluate(args) -> int:
     from steerloop.evaluation.suites import load_suite
 
     suite = load_suite(args.suite)
-    results = evaluate(args.policy, suite, args.out, workers=args.workers, videos=args.video,
+    results = evaluate(args.policy, suite, args.out, policy_kwargs=args.policy_kwargs, workers=args.workers,
+                       videos=args.video,
                        resolution=args.resolution, progress=not args.quiet, batch=args.batch,
                        backend=args.backend, address=args.address)
     print(summary_table(results))
@@ -294,7 +350,7 @@ def cmd_evaluate(args) -> int:
 def cmd_offline(args) -> int:
     from steerloop.evaluation.offline import evaluate_offline, offline_table
 
-    result = evaluate_offline(args.policy, args.data, args.out)
+    result = evaluate_offline(args.policy, args.data, args.out, policy_kwargs=args.policy_kwargs)
     print(offline_table(result))
     if args.out:
         print(f"written: {args.out}")
@@ -304,7 +360,7 @@ def cmd_offline(args) -> int:
 def cmd_dagger(args) -> int:
     from steerloop.evaluation.runner import evaluate
     from steerloop.evaluation.suites import load_suite
-    from steerloop.sim.paths import path_under
+    from steerloop.paths import path_under
     from steerloop.training.dagger import DaggerConfig, run_dagger
 
     cfg = config_from_args(DaggerConfig, args)
@@ -330,7 +386,7 @@ def cmd_dagger(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from steerloop.sim.log import validate
+    from steerloop.driving_log import validate
 
     problems = validate(args.path)
     for line in problems:
@@ -343,16 +399,19 @@ def cmd_validate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from steerloop.evaluation.bench import bench_env, bench_eval, bench_record, bench_scale, bench_train, format_table
+    from steerloop.evaluation.bench import (bench_env, bench_eval, bench_record, bench_scale, bench_soak, bench_train,
+                                            format_table)
 
     if args.target == "env":
         result = bench_env(steps=args.steps, repeats=args.repeats, resolution=args.resolution)
+    elif args.target == "soak":
+        result = bench_soak(tracks=args.episodes or 1000, resolution=args.resolution)
     elif args.target == "record":
         result = bench_record(episodes=args.episodes or 8, repeats=args.repeats, resolution=args.resolution)
     elif args.target == "train":
         result = bench_train(data=args.data, repeats=args.repeats)
     elif args.target == "scale":
-        from steerloop.sim.parallel import check_backend
+        from steerloop.parallel import check_backend
 
         check_backend("ray")
         result = bench_scale(scenarios=args.episodes or 16, repeats=args.repeats)
@@ -361,7 +420,9 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
-        print(format_table(f"bench {args.target} (medians of {result['repeats']} repeats)", result))
+        title = "bench soak (RSS over distinct tracks)" if args.target == "soak" else \
+            f"bench {args.target} (medians of {result['repeats']} repeats)"
+        print(format_table(title, result))
     return 0
 
 
@@ -370,7 +431,7 @@ def cmd_study(args) -> int:
 
     cfg = load_study(args.config)
     run_study(cfg, args.out, workers=args.workers, progress=not args.quiet, backend=args.backend,
-              address=args.address)
+              address=args.address, no_cache=args.no_cache)
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -380,7 +441,8 @@ def cmd_regress(args) -> int:
 
     return regress(args.policy, args.baseline, suite=args.suite, tolerance=args.tolerance, out=args.out,
                    workers=args.workers, statistical=args.statistical, resolution=args.resolution,
-                   progress=not args.quiet, plots=args.plots)
+                   progress=not args.quiet, plots=args.plots, candidate_kwargs=args.policy_kwargs,
+                   baseline_kwargs=args.baseline_kwargs, no_cache=args.no_cache)
 
 
 # ------------------------------------------------------------------------------------ parser
@@ -442,16 +504,15 @@ def _commands():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="steerloop", description=__doc__.split("\n\n")[0],
-                     epilog="Exit codes: 0 done, 1 a check failed (validate, regress), 2 a user error, "
-                            "130 interrupted. Reference: docs/cli.md")
+    parser = _Parser(prog="steerloop", description=__doc__.split("\n\n")[0], epilog=POLICIES_HELP,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, configs, handler, interrupted in _commands():
         command = sub.add_parser(name, help=help_text, description=help_text)
         for config, details in configs:
             add_flags(command, config, skip=("extra",), cli=details)
         command.set_defaults(func=handler, interrupted=interrupted)
-    sub.choices["demo"].set_defaults(config="demo")
+    sub.choices["demo"].set_defaults(config="demo", no_cache=False)
     return parser
 
 
@@ -465,21 +526,42 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one command; see the module docstring for the exit codes."""
-    args = build_parser().parse_args(argv)
-    np.set_printoptions(precision=4)
+def _raise_interrupt(signum, frame) -> None:
+    """SIGTERM (timeout, CI cancellation, schedulers) stops a command the way Ctrl-C does;
+    further SIGTERMs are ignored while it shuts down (SIGKILL still ends it)."""
+    _TERMINATED.append(signum)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _run_command(args) -> int:
+    """Run the chosen command: a user error is one line (exit 2); Ctrl-C and SIGTERM exit 130
+    and 143 after the command's own clean-up, saying what was kept."""
     from steerloop.errors import SteerloopError
 
+    terminated = len(_TERMINATED)
     try:
         return args.func(args)
     except (SteerloopError, ValueError, OSError, RecursionError) as error:
         print(f"steerloop {args.command}: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        hint = args.interrupted.replace("OUT", str(getattr(args, "out", "") or "the output directory"))
+        hint = args.interrupted.replace("OUT", str(vars(args).get("out") or "the output directory"))
         print(f"steerloop {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if len(_TERMINATED) > terminated else EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; see the module docstring for the exit codes."""
+    args = build_parser().parse_args(argv)
+    np.set_printoptions(precision=4)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return _run_command(args)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _run_command(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ Per-field command-line details go into the field's metadata under ``"cli"``:
 
 Types understood: ``bool`` (``--x`` / ``--no-x`` when the default is true), ``int``,
 ``float``, ``str``, ``X | None``, ``tuple[str, ...]`` and ``tuple[float, ...]`` (comma
-separated), ``tuple[int, int]`` (``HxW``), ``list[str]`` (repeat the flag).
+separated), ``tuple[int, int]`` (``HxW``), ``list[str]`` (repeat the flag), ``dict`` (a JSON
+object).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import json
 import textwrap
 import types
 import typing
@@ -101,6 +103,18 @@ def height_by_width(text: str) -> tuple[int, int]:
     return height, width
 
 
+def json_object(text: str) -> dict:
+    """A JSON object given on the command line, e.g. ``'{"weights": "w.pt"}'``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}); give an object like "
+                                         "'{\"weights\": \"w.pt\"}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
     """(X, True) for ``X | None``, else (annotation, False)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -137,6 +151,8 @@ def _argparse_kwargs(field: dataclasses.Field, annotation: Any, default: Any, cl
         kind = {"type": csv, "metavar": "A,B"}
     elif origin is tuple and args == (float, ...):
         kind = {"type": csv_floats, "metavar": "X,Y"}
+    elif inner is dict or origin is dict:
+        kind = {"type": json_object, "metavar": "JSON"}
     elif origin is list and args == (str,):
         return {"action": "append", "type": str, "default": None}
     else:
@@ -179,10 +195,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
 def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
     """The dataclass ``cls`` from the parsed flags (fields not on the command line keep their
     defaults); ``overrides`` win."""
-    values = {}
+    values, given = {}, vars(args)
     for field in dataclasses.fields(cls):
-        if hasattr(args, field.name):
-            value = getattr(args, field.name)
+        if field.name in given:
+            value = given[field.name]
             if value is None and field.default_factory is not dataclasses.MISSING:
                 continue  # an unrepeated append flag: the field's own default
             values[field.name] = value

@@ -1,8 +1,9 @@
-"""Closed-loop drift metrics of one episode, exactly as defined in DESIGN.md.
+"""Closed-loop drift and recovery metrics of one episode, as defined in docs/metrics.md.
 
 A trajectory is a dict of equal-length 1-D arrays, one entry per control step after the
-reset (the reset state itself is not counted): ``lateral_offset`` [m], ``heading_error``
-[rad], ``progress`` [m], ``steering`` and ``expert_steering`` (normalised commands).
+reset (the reset state itself is not counted): ``lateral_offset`` [m] and ``heading_error``
+[rad] of the wheelbase midpoint, ``rear_heading_error`` [rad] (at the rear axle; recovery
+only), ``progress`` [m], ``steering`` and ``expert_steering`` (normalised commands).
 """
 
 from __future__ import annotations
@@ -59,25 +60,31 @@ def drift_metrics(trajectory: dict, *, dt: float, route_length: float, reached_e
     }
 
 
-RECOVERY_OFFSET = 0.25  # [m] back within this of the centre line ...
-RECOVERY_HEADING = 3.0  # [deg] ... and this heading error ...
+RECOVERY_OFFSET = 0.25  # [m] back within this of the centre line (wheelbase midpoint) ...
+RECOVERY_HEADING = 3.0  # [deg] ... and this heading error at the rear axle (0 in steady turning) ...
 RECOVERY_DEADLINE = 5.0  # [s] ... within this time after the perturbation ends ...
 RECOVERY_HOLD = 1.0  # [s] ... and staying there this long, with no departure
 
 
 def recovery_metrics(trajectory: dict, perturbations, *, dt: float,
                      departure_threshold: float = DEFAULT_DEPARTURE_THRESHOLD) -> list[dict]:
-    """One record per perturbation: recovered, recovery time [s], overshoot [m].
+    """One record per perturbation: recovered, recovery time [s], overshoot [m] (docs/metrics.md).
 
     Trajectory index i holds the state after control step i + 1; a perturbation acts on
     steps ``start_step .. end_step - 1``, so the policy is back in control from index
-    ``end_step - 1`` on. Recovered = within RECOVERY_OFFSET m and RECOVERY_HEADING deg of the
-    centre line within RECOVERY_DEADLINE s, staying there RECOVERY_HOLD s, with no departure
-    from the perturbation's start until then. Overshoot = the largest excursion to the
-    other side of the centre line during the deadline window.
+    ``end_step - 1`` on. Recovered = |lateral_offset| <= RECOVERY_OFFSET m and
+    |rear_heading_error| <= RECOVERY_HEADING deg within RECOVERY_DEADLINE s, staying there
+    RECOVERY_HOLD s, with no departure from the perturbation's start until then. The heading
+    is taken at the rear axle because that is where it is zero in steady turning on any arc
+    (at the midpoint a perfect tracker holds about atan(1.35 / R): 3.1 deg on a 25 m arc).
+    Overshoot = the largest excursion to the other side of the centre line during the
+    deadline window.
     """
+    if "rear_heading_error" not in trajectory:
+        raise KeyError("recovery_metrics needs the trajectory's 'rear_heading_error' (info['rear_heading_error'] "
+                       "of the env; record it with evaluation.rollout, whose TRAJECTORY_KEYS include it)")
     offset = np.asarray(trajectory["lateral_offset"], dtype=np.float64)
-    heading = np.degrees(np.asarray(trajectory["heading_error"], dtype=np.float64))
+    heading = np.degrees(np.asarray(trajectory["rear_heading_error"], dtype=np.float64))
     n = len(offset)
     deadline, hold = int(round(RECOVERY_DEADLINE / dt)), int(round(RECOVERY_HOLD / dt))
     inside = (np.abs(offset) <= RECOVERY_OFFSET) & (np.abs(heading) <= RECOVERY_HEADING)
@@ -108,17 +115,3 @@ def autonomy_percent(interventions: int, elapsed_s: float, penalty_s: float = 6.
         raise ValueError(f"elapsed time must be > 0 s, got {elapsed_s}")
     return max(0.0, (1.0 - interventions * penalty_s / elapsed_s) * 100.0)
 
-
-def bootstrap_ci(values, *, statistic=np.mean, resamples: int = 2000, level: float = 0.95, seed: int = 0):
-    """Percentile bootstrap interval of ``statistic`` over scenarios (seeded: deterministic)."""
-    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
-    if len(values) == 0:
-        return None, None, None
-    point = float(statistic(values))
-    if len(values) == 1:
-        return point, point, point
-    rng = np.random.default_rng(seed)
-    samples = values[rng.integers(0, len(values), (resamples, len(values)))]
-    stats = np.apply_along_axis(statistic, 1, samples)
-    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return point, float(lo), float(hi)

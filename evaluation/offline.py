@@ -15,15 +15,15 @@ command, speed and throttle of the step before: ``teacher_forced``).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from steerloop.agents.protocol import Policy, PolicyError, checked_predict, policy_capabilities
+from steerloop.driving_log import DrivingLog, LogError
 from steerloop.evaluation.copycat import CHANGE_MARGIN, change_points, event_errors, repeat_previous
-from steerloop.sim.log import DrivingLog, LogError
+from steerloop.files import atomic_write_json
 from steerloop.training.copycat import copycat_probe
 
 WINDOW = 16  # [steps] window of the cumulative speed-weighted error
@@ -60,18 +60,23 @@ def offline_metrics(predictions: list[np.ndarray], labels: list[np.ndarray], spe
     }
 
 
-def replay(policy, log: DrivingLog, index: int, camera: str = "center") -> np.ndarray:
-    """The policy's predictions along logged episode ``index``, step by step, state carried."""
+def replay(policy: Policy, log: DrivingLog, index: int, camera: str = "center", name: str | None = None) -> np.ndarray:
+    """The policy's predictions along logged episode ``index``, step by step (a batch of one
+    observation per step), state carried. ``name`` names the policy in errors."""
+    name = name or type(policy).__qualname__
+    if policy_capabilities(policy).requires_privileged:
+        raise PolicyError(f"policy {name!r}: offline replay needs a camera policy; a privileged policy (such as "
+                          "the expert) cannot be replayed from logs")
     data = log.read_episode(index, cameras=[camera])
     frames, speed = data[f"frames/{camera}"], data["speed"]
-    if getattr(policy, "requires_privileged", False):
-        raise ValueError("offline replay needs a camera policy; the privileged expert cannot be replayed from logs")
+    where = [f"episode {index} of {log.path}"]
     out = np.empty(len(frames), dtype=np.float32)
     state = None
+    policy.reset()
     for t in range(len(frames)):
-        obs = {"image": frames[t], "speed": np.array([speed[t]], np.float32)}
-        action, state = policy.predict(obs, state=state, episode_start=np.array([t == 0]), deterministic=True)
-        out[t] = float(np.asarray(action).reshape(-1)[0])
+        obs = {"image": frames[t][None], "speed": np.array([[speed[t]]], np.float32)}  # a batch of one
+        action, state = checked_predict(policy, obs, state, np.array([t == 0]), name=name, where=where)
+        out[t] = action[0, 0]
     return out
 
 
@@ -100,17 +105,20 @@ def replay_teacher_forced(policy, log: DrivingLog, index: int, camera: str = "ce
     return np.clip(np.concatenate(out), -1.0, 1.0).astype(np.float32)
 
 
-def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: float | None = None,
-                     series: str | None = None) -> dict:
-    """Offline metrics of ``policy_name`` on every episode of ``data``, beside all-zeros.
+def evaluate_offline(policy: str | Policy, data: str, out: str | None = None, dt: float | None = None,
+                     series: str | None = None, *, policy_kwargs: dict | None = None, name: str | None = None) -> dict:
+    """Offline metrics of ``policy`` (a policy spec, with ``policy_kwargs`` for a user's class
+    or factory, or a policy object) on every episode of ``data``, beside all-zeros. ``name``
+    is what the result calls the policy (default: the spec or the class name).
 
     ``series``: also save the open-loop replay as an ``.npz`` holding, per episode ``i``,
     ``prediction_i``, ``label_i`` and ``time_i`` ((N_i,) arrays; load with ``np.load``)."""
     import torch
 
-    from steerloop.agents import load_policy
+    from steerloop.agents.spec import policy_ref
 
-    policy = load_policy(policy_name)
+    ref = policy_ref(policy, policy_kwargs, name)
+    policy = ref.load()
     log = DrivingLog(data, verify=True)  # a corrupted label would silently skew every metric
     if not log.episodes:
         log.close()
@@ -118,11 +126,11 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
     if dt is None:
         dt = 1.0 / float(log.manifest.get("config", {}).get("control_hz", 20))
     predictions, labels, speeds, times, executed, per_episode = [], [], [], [], [], []
-    fed_back = tuple(getattr(getattr(policy, "model", None), "feedback", ()))
+    fed_back = tuple(getattr(getattr(policy, "model", None), "feedback", ()) or ())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one frame at a time: more threads only spin (20x slower on a busy machine)
     try:
-        preds = [replay(policy, log, index) for index in log.episodes]
+        preds = [replay(policy, log, index, name=ref.name) for index in log.episodes]
         forced = [replay_teacher_forced(policy, log, index) for index in log.episodes] if fed_back else None
     finally:
         torch.set_num_threads(threads)
@@ -137,7 +145,7 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
     baselines = {"zeros": [np.zeros_like(p) for p in predictions], "repeat_previous": [repeat_previous(e)
                                                                                        for e in executed]}
     result = {
-        "policy": policy_name, "data": str(data), "episodes": len(log.episodes), "fed_back": list(fed_back),
+        "policy": ref.name, "data": str(data), "episodes": len(log.episodes), "fed_back": list(fed_back),
         "model": offline_metrics(predictions, labels, speeds, dt),
         **{name: offline_metrics(values, labels, speeds, dt) for name, values in baselines.items()},
         "per_episode": per_episode,
@@ -162,9 +170,7 @@ def evaluate_offline(policy_name: str, data: str, out: str | None = None, dt: fl
     if out:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_json(path, result)
     return result
 
 

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from steerloop.evaluation.metrics import departure_events  # noqa: E402
 from steerloop.sim.env import load_track  # noqa: E402
-from steerloop.sim.paths import path_under  # noqa: E402
+from steerloop.paths import path_under  # noqa: E402
 
 PHASE_COLOURS = {1: "tab:red", 2: "tab:orange"}  # perturbation acting / recovery window
 

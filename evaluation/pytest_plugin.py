@@ -6,13 +6,18 @@ It lets users test their own policies in their own repositories::
         result = steerloop_evaluate("runs/pilotnet/best", "smoke")
         assert result.success_rate >= 0.95
 
-``steerloop_evaluate(policy, suite="test", *, resolution=(66, 200))`` evaluates a policy once
-per session for each (policy, suite, resolution) and returns an
-:class:`evaluation.regress.EvaluationResult`; results are kept in a directory keyed by the
-policy's content, the suite and steerloop's source, so an unchanged policy is not driven
-again in later sessions either. Options: ``--steerloop-out DIR`` (ini ``steerloop_out``;
-default ``$STEERLOOP_CACHE`` or ``~/.cache/steerloop``) and ``--steerloop-workers N``
-(ini ``steerloop_workers``; results do not depend on it).
+``steerloop_evaluate(policy, suite="test", *, resolution=(66, 200), policy_kwargs=None,
+name=None)`` evaluates a policy once per session for each (policy, suite, resolution) and
+returns an :class:`evaluation.regress.EvaluationResult`. ``policy`` is any policy spec
+(``expert``, ``zeros``, a checkpoint directory, a ``.zip``, ``package.module:attr``,
+``path/to/file.py:attr``, with ``policy_kwargs`` for a class or factory) or a policy object
+(your own model, e.g. ``steerloop.ModelPolicy(net, ...)``). Results are kept in a directory
+keyed by the policy's content (a user policy's ``cache_key()``, else its module's source
+and the files its kwargs name), the suite and steerloop's source, so an unchanged policy is
+not driven again in later sessions either. Options: ``--steerloop-out DIR`` (ini
+``steerloop_out``; default ``$STEERLOOP_CACHE`` or ``~/.cache/steerloop``),
+``--steerloop-workers N`` (ini ``steerloop_workers``; results do not depend on it) and
+``--steerloop-no-cache`` (evaluate again, replacing cached results).
 
 Nothing heavy is imported until the fixture is used: the plugin is loaded by every pytest
 run in the environment.
@@ -32,6 +37,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "~/.cache/steerloop)")
     group.addoption("--steerloop-workers", type=int, default=None, metavar="N",
                     help="worker processes for steerloop_evaluate (default 1; results do not depend on it)")
+    group.addoption("--steerloop-no-cache", action="store_true", default=False,
+                    help="evaluate policies again instead of reusing cached steerloop_evaluate results")
     parser.addini("steerloop_out", "directory for steerloop_evaluate results", default="")
     parser.addini("steerloop_workers", "worker processes for steerloop_evaluate", default="1")
 
@@ -59,9 +66,11 @@ def _out(config: pytest.Config) -> Path | None:
 
 @pytest.fixture(scope="session")
 def steerloop_evaluate(pytestconfig: pytest.Config):
-    """``steerloop_evaluate(policy, suite="test", *, resolution=(66, 200))`` -> EvaluationResult
-    (``.success_rate``, ``.mean_abs_offset_m``, ``.scenarios``, ``.failed_scenarios``, ...),
-    evaluated once per session for each (policy, suite, resolution)."""
+    """``steerloop_evaluate(policy, suite="test", *, resolution=(66, 200), policy_kwargs=None,
+    name=None)`` -> EvaluationResult (``.success_rate``, ``.mean_abs_offset_m``, ``.scenarios``,
+    ``.failed_scenarios``, ...), evaluated once per session for each (policy, suite,
+    resolution); ``policy`` is a policy spec or a policy object."""
     from steerloop.evaluation.regress import PolicyEvaluator, default_cache_dir
 
-    return PolicyEvaluator(_out(pytestconfig) or default_cache_dir(), workers=_workers(pytestconfig))
+    return PolicyEvaluator(_out(pytestconfig) or default_cache_dir(), workers=_workers(pytestconfig),
+                           no_cache=pytestconfig.getoption("steerloop_no_cache"))

@@ -18,334 +18,42 @@ an existing ``steerloop evaluate`` results directory / ``results.json``.
 
 from __future__ import annotations
 
-import functools
-import hashlib
+from __future__ import annotations
+
 import json
 import math
 import numbers
-import os
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from steerloop.errors import SteerloopError
-from steerloop.evaluation.metrics import bootstrap_ci
-from steerloop.evaluation.runner import DEFAULT_BATCH, RESULTS_SCHEMA_VERSION, ResultsError, evaluate
+from steerloop.evaluation.cache import (
+    PolicyEvaluator, code_fingerprint, default_cache_dir, policy_fingerprint)
+from steerloop.evaluation.results import (
+    EvaluationResult, IncomparableError, ScenarioResult, check_comparable, check_results_match_suite, load_results,
+    results_path)
+from steerloop.evaluation.tolerances import (
+    GATE_METRICS, NEWLY_FAILING, GateMetric, Tolerance, ToleranceError, Tolerances, as_tolerances, load_tolerances,
+    parse_tolerances)
+from steerloop.evaluation.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, bootstrap_ci
+from steerloop.evaluation.runner import ResultsError
 from steerloop.evaluation.suites import Scenario, Suite, SuiteError, check_scenario_names, load_suite
-from steerloop.sim.paths import path_under, slug
+from steerloop.paths import path_under
 from steerloop.sim.wrappers import Perturbation
+
+__all__ = [  # the gate's public API, including what it builds on (results, tolerances, the cache)
+    "EXIT_OK", "EXIT_REGRESSION", "EXIT_INCOMPARABLE", "GATE_METRICS", "NEWLY_FAILING", "Comparison", "EvaluationResult",
+    "GateMetric", "IncomparableError", "MetricComparison", "PolicyEvaluator", "ScenarioResult", "Tolerance",
+    "ToleranceError", "Tolerances", "as_tolerances", "assert_no_regression", "check_comparable",
+    "check_results_match_suite", "code_fingerprint", "compare", "default_cache_dir", "load_results", "load_tolerances",
+    "parse_tolerances", "policy_fingerprint", "regress", "results_path",
+]
 
 EXIT_OK = 0
 EXIT_REGRESSION = 1
 EXIT_INCOMPARABLE = 2
 
-BOOTSTRAP_SEED = 0  # the paired bootstrap is seeded: the same inputs give the same interval
-BOOTSTRAP_RESAMPLES = 2000
-CONFIDENCE = 0.95
-NEWLY_FAILING = "newly_failing_scenarios"  # tolerance-file key for per-scenario pass -> fail flips
 _FLOAT_SLACK = 1e-9  # relative; keeps "exactly at the tolerance" from failing on rounding
-
-
-class ToleranceError(SteerloopError):
-    """A tolerance file or mapping is malformed; the message names the file and the field."""
-
-
-class IncomparableError(ResultsError):
-    """Two results cannot be compared (different suite, scenarios, seeds, resolution or schema)."""
-
-
-# ----------------------------------------------------------------------------- tolerances
-@dataclass(frozen=True)
-class Tolerance:
-    """How much worse a metric may get: the larger of ``absolute`` (in the metric's unit)
-    and ``relative`` x |baseline value|. (0, 0) means it may not get worse at all."""
-
-    absolute: float = 0.0
-    relative: float = 0.0
-
-    def allowed(self, baseline: float) -> float:
-        return max(self.absolute, self.relative * abs(baseline))
-
-
-@dataclass(frozen=True)
-class GateMetric:
-    """An aggregate of ``results.json`` the gate compares, its direction and default tolerance.
-
-    ``per_scenario`` is the per-scenario metric the statistical mode pairs (None: the
-    aggregate has no per-scenario counterpart and is reported, not tested, in that mode)."""
-
-    name: str
-    higher_is_better: bool
-    tolerance: Tolerance
-    unit: str
-    per_scenario: str | None
-
-
-GATE_METRICS: tuple[GateMetric, ...] = (
-    GateMetric("success_rate", True, Tolerance(0.0, 0.0), "fraction", "success"),
-    GateMetric("route_completion", True, Tolerance(0.01, 0.0), "fraction", "route_completion"),
-    GateMetric("mean_abs_offset_m", False, Tolerance(0.005, 0.10), "m", "mean_abs_offset_m"),
-    GateMetric("max_abs_offset_m", False, Tolerance(0.02, 0.10), "m", "max_abs_offset_m"),
-    GateMetric("rms_heading_error_rad", False, Tolerance(0.002, 0.10), "rad", "rms_heading_error_rad"),
-    GateMetric("departures_per_km", False, Tolerance(0.1, 0.10), "1/km", "departures_per_km"),
-    GateMetric("time_outside_lane_s", False, Tolerance(0.1, 0.10), "s", "time_outside_lane_s"),
-    GateMetric("on_policy_rmse", False, Tolerance(0.002, 0.10), "steering", "on_policy_rmse"),
-    GateMetric("smoothness_per_s", False, Tolerance(0.01, 0.25), "1/s", "smoothness_per_s"),
-    GateMetric("recovery_rate", True, Tolerance(0.0, 0.0), "fraction", "recovery_rate"),
-    GateMetric("median_recovery_time_s", False, Tolerance(0.1, 0.20), "s", None),
-    GateMetric("mean_overshoot_m", False, Tolerance(0.02, 0.20), "m", None),
-    GateMetric("autonomy_pct", True, Tolerance(0.0, 0.0), "%", "autonomy_pct"),
-)
-METRICS: dict[str, GateMetric] = {m.name: m for m in GATE_METRICS}
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    """Per-metric tolerances plus how many scenarios may go from pass to fail
-    (``newly_failing``: absolute = a count, relative = a fraction of the suite's scenarios)."""
-
-    metrics: Mapping[str, Tolerance] = field(default_factory=lambda: {m.name: m.tolerance for m in GATE_METRICS})
-    newly_failing: Tolerance = Tolerance(0.0, 0.0)
-
-    def for_metric(self, name: str) -> Tolerance:
-        return self.metrics.get(name, METRICS[name].tolerance)
-
-
-def parse_tolerances(spec: Mapping, source: str = "tolerances") -> Tolerances:
-    """Tolerances from a mapping ``{"metric": {"abs": A, "rel": R}, ...}``; an entry replaces
-    that metric's default (a missing ``abs`` or ``rel`` is 0), other metrics keep theirs."""
-    if not isinstance(spec, Mapping):
-        raise ToleranceError(f"{source}: must be a table of metric -> {{abs, rel}}, got {type(spec).__name__}")
-    known = sorted([*METRICS, NEWLY_FAILING])
-    metrics = {m.name: m.tolerance for m in GATE_METRICS}
-    newly_failing = Tolerance()
-    for name, entry in spec.items():
-        if name not in METRICS and name != NEWLY_FAILING:
-            raise ToleranceError(f"{source}: unknown metric {name!r}; known metrics: {', '.join(known)}")
-        if not isinstance(entry, Mapping):
-            raise ToleranceError(f"{source}: {name} must be a table like {{\"abs\": 0.01}} or {{\"rel\": 0.05}}, "
-                                 f"got {entry!r}")
-        if not entry:
-            raise ToleranceError(f"{source}: {name} is empty; give 'abs' and/or 'rel'")
-        values = {}
-        for key, value in entry.items():
-            if key not in ("abs", "rel"):
-                raise ToleranceError(f"{source}: {name}.{key} is not a tolerance field; use 'abs' (in the metric's "
-                                     "unit) and/or 'rel' (a fraction of the baseline value)")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                raise ToleranceError(f"{source}: {name}.{key} must be a finite number >= 0, got {value!r}")
-            values[key] = float(value)
-        tolerance = Tolerance(values.get("abs", 0.0), values.get("rel", 0.0))
-        if name == NEWLY_FAILING:
-            newly_failing = tolerance
-        else:
-            metrics[name] = tolerance
-    return Tolerances(metrics, newly_failing)
-
-
-def load_tolerances(path: str | os.PathLike) -> Tolerances:
-    """Tolerances from a JSON (``.json``) or TOML (``.toml``) file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ToleranceError(f"tolerance file {path} does not exist")
-    text = path.read_text()
-    if path.suffix == ".json":
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ToleranceError(f"{path}: not valid JSON ({error})") from None
-    elif path.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:
-            raise ToleranceError(f"{path}: TOML tolerance files need Python >= 3.11 (tomllib); "
-                                 "write the same table as JSON instead") from None
-        try:
-            spec = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise ToleranceError(f"{path}: not valid TOML ({error})") from None
-    else:
-        raise ToleranceError(f"tolerance file {path} must end in .json or .toml")
-    return parse_tolerances(spec, str(path))
-
-
-def as_tolerances(tolerances) -> Tolerances:
-    """None (defaults), a :class:`Tolerances`, a mapping in the file format or a file path."""
-    if tolerances is None:
-        return Tolerances()
-    if isinstance(tolerances, Tolerances):
-        return tolerances
-    if isinstance(tolerances, (str, os.PathLike)):
-        return load_tolerances(tolerances)
-    return parse_tolerances(tolerances)
-
-
-# ----------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class ScenarioResult:
-    """One scenario of a results file; its metrics are attributes too (``s.mean_abs_offset_m``)."""
-
-    name: str
-    track: int | str | None
-    condition: str
-    seed: int
-    metrics: dict
-
-    @property
-    def success(self) -> bool:
-        return bool(self.metrics.get("success"))
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name == "metrics":
-            raise AttributeError(name)
-        try:
-            return self.metrics[name]
-        except KeyError:
-            raise AttributeError(f"scenario {self.name} has no metric {name!r}; "
-                                 f"metrics: {', '.join(sorted(self.metrics))}") from None
-
-
-@dataclass(frozen=True)
-class EvaluationResult:
-    """A ``results.json`` with attribute access: ``result.success_rate``, ``result.scenarios``,
-    ``result.failed_scenarios``, any aggregate by name; ``result.data`` is the whole dict."""
-
-    data: dict
-    path: Path | None = None
-
-    @property
-    def policy(self) -> str:
-        return self.data["policy"]["name"]
-
-    @property
-    def suite(self) -> str:
-        return self.data["suite"]
-
-    @property
-    def aggregate(self) -> dict:
-        return self.data["aggregate"]
-
-    @property
-    def scenarios(self) -> tuple[ScenarioResult, ...]:
-        return tuple(ScenarioResult(s["name"], s.get("track"), s.get("condition", "default"), s.get("seed", 0),
-                                    s["metrics"]) for s in self.data["scenarios"])
-
-    @property
-    def failed_scenarios(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.scenarios if not s.success)
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("data", "path"):
-            raise AttributeError(name)
-        aggregate = self.data["aggregate"]
-        if name in aggregate:
-            return aggregate[name]
-        raise AttributeError(f"results of {self.policy} on {self.suite} have no aggregate {name!r}; "
-                             f"aggregates: {', '.join(sorted(aggregate))}")
-
-
-def _validated(data, where: str) -> dict:
-    if not isinstance(data, dict):
-        raise IncomparableError(f"{where}: not a steerloop results object (expected a JSON object)")
-    for key in ("schema_version", "policy", "suite", "seeds", "scenarios", "aggregate"):
-        if key not in data:
-            raise IncomparableError(f"{where}: not a steerloop results.json (missing {key!r}); "
-                                    "give a results directory written by `steerloop evaluate`")
-    if not isinstance(data["scenarios"], list) or not all(isinstance(s, dict) and "name" in s and "metrics" in s
-                                                          for s in data["scenarios"]):
-        raise IncomparableError(f"{where}: 'scenarios' must be a list of objects with 'name' and 'metrics'")
-    return data
-
-
-def results_path(source: str | os.PathLike) -> Path | None:
-    """The ``results.json`` that ``source`` names (the file or a directory holding it), or None
-    when ``source`` is not a results location (then it is a policy). An interrupted results
-    directory (``run.json`` but no ``results.json``) is refused."""
-    path = Path(source)
-    if path.is_file() and path.suffix == ".json":
-        return path
-    if path.is_dir():
-        if (path / "results.json").is_file():
-            return path / "results.json"
-        if (path / "run.json").is_file():
-            raise IncomparableError(f"{path} is an unfinished results directory (run.json but no results.json); "
-                                    "finish it by re-running the same `steerloop evaluate` command")
-    return None
-
-
-def load_results(source) -> EvaluationResult:
-    """An :class:`EvaluationResult` from a results dict, a ``results.json`` or a results directory."""
-    if isinstance(source, EvaluationResult):
-        return source
-    if isinstance(source, dict):
-        return EvaluationResult(_validated(source, "results"))
-    path = results_path(source)
-    if path is None:
-        raise IncomparableError(f"{source} is neither a results directory nor a results.json")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise IncomparableError(f"{path}: not valid JSON ({error})") from None
-    return EvaluationResult(_validated(data, str(path)), path)
-
-
-def _scenario_identity(entry: dict) -> tuple:
-    return entry["name"], entry.get("track"), entry.get("condition"), entry.get("seed")
-
-
-def _suite_scenario_identity(scenario: Scenario) -> tuple:
-    track = scenario.track if isinstance(scenario.track, int) else scenario.track.get("name")
-    return scenario.name, track, scenario.condition, scenario.seed
-
-
-def _first_difference(a: list, b: list, what: str, label_a: str, label_b: str) -> str:
-    if len(a) != len(b):
-        return f"{what}: {label_a} has {len(a)}, {label_b} has {len(b)}"
-    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    return f"{what} differ at scenario {i}: {label_a} {a[i]!r}, {label_b} {b[i]!r}"
-
-
-def check_results_match_suite(results: EvaluationResult, suite: Suite, label: str) -> None:
-    """Raise :class:`IncomparableError` unless ``results`` were evaluated on ``suite``."""
-    if results.suite != suite.name:
-        raise IncomparableError(f"different suites: the {label} results are on {results.suite!r}, "
-                                f"--suite is {suite.name!r}")
-    got = [_scenario_identity(s) for s in results.data["scenarios"]]
-    want = [_suite_scenario_identity(s) for s in suite.scenarios]
-    if got != want:
-        raise IncomparableError("different scenarios in suite " + repr(suite.name) + ": "
-                                + _first_difference(got, want, "(name, track, condition, seed)", label, "--suite"))
-
-
-def check_comparable(candidate: EvaluationResult, baseline: EvaluationResult) -> None:
-    """Raise :class:`IncomparableError` (with the reason) unless both results come from the
-    same suite, scenarios, seeds, resolution and schema version."""
-    versions = candidate.data["schema_version"], baseline.data["schema_version"]
-    if versions[0] != versions[1]:
-        raise IncomparableError(f"different results schema versions: candidate {versions[0]}, baseline "
-                                f"{versions[1]}; re-evaluate the older one with this steerloop")
-    if str(versions[0]).split(".")[0] != RESULTS_SCHEMA_VERSION.split(".")[0]:
-        raise IncomparableError(f"results schema version {versions[0]} is not readable by this steerloop "
-                                f"(schema {RESULTS_SCHEMA_VERSION})")
-    if candidate.suite != baseline.suite:
-        raise IncomparableError(f"different suites: candidate {candidate.suite!r}, baseline {baseline.suite!r}")
-    names = [s["name"] for s in candidate.data["scenarios"]], [s["name"] for s in baseline.data["scenarios"]]
-    if names[0] != names[1]:
-        raise IncomparableError(_first_difference(*names, "different scenario names", "candidate", "baseline"))
-    if list(candidate.data["seeds"]) != list(baseline.data["seeds"]):
-        raise IncomparableError(_first_difference(list(candidate.data["seeds"]), list(baseline.data["seeds"]),
-                                                  "different seeds", "candidate", "baseline"))
-    identity = ([_scenario_identity(s) for s in candidate.data["scenarios"]],
-                [_scenario_identity(s) for s in baseline.data["scenarios"]])
-    if identity[0] != identity[1]:
-        raise IncomparableError(_first_difference(*identity, "different scenarios (name, track, condition, seed)",
-                                                  "candidate", "baseline"))
-    resolutions = candidate.data.get("resolution"), baseline.data.get("resolution")
-    if resolutions[0] != resolutions[1]:
-        raise IncomparableError(f"different camera resolutions: candidate {resolutions[0]}, baseline "
-                                f"{resolutions[1]}")
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -614,83 +322,6 @@ def assert_no_regression(result, baseline, tolerances=None, *, statistical: bool
     return comparison
 
 
-# ----------------------------------------------------------------------------- evaluation cache
-def default_cache_dir() -> Path:
-    """``$STEERLOOP_CACHE``, else ``$XDG_CACHE_HOME/steerloop``, else ``~/.cache/steerloop``."""
-    if os.environ.get("STEERLOOP_CACHE"):
-        return Path(os.environ["STEERLOOP_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "steerloop"
-
-
-def _hash_files(root: Path, files) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """A hash of steerloop's own source (sim, agents, training, evaluation): cached results
-    are reused only by the code that produced them."""
-    root = Path(__file__).resolve().parents[1]
-    files = [p for package in ("sim", "agents", "training", "evaluation") for p in (root / package).rglob("*")
-             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"]
-    return _hash_files(root, files)
-
-
-def policy_fingerprint(policy: str) -> str:
-    """The content of a checkpoint directory or ``.zip`` (so retrained weights at the same path
-    are evaluated again); a built-in policy is its name (its code is in :func:`code_fingerprint`)."""
-    path = Path(policy)
-    if path.is_file():
-        return _hash_files(path.parent, [path])
-    if path.is_dir():
-        return _hash_files(path, [p for p in path.rglob("*") if p.is_file()])
-    return policy
-
-
-def _json_key(value) -> str:
-    return json.dumps(value, sort_keys=True, default=list)
-
-
-@dataclass
-class PolicyEvaluator:
-    """Evaluates policies on suites into ``root`` (one directory per policy content, suite,
-    resolution and steerloop source) and remembers results for the life of the object, so
-    each (policy, suite) is evaluated once; an unchanged policy is never re-driven."""
-
-    root: Path = field(default_factory=default_cache_dir)
-    workers: int = 1
-    progress: bool = False
-    plots: bool = False
-    _memory: dict = field(default_factory=dict, repr=False)
-
-    def run_dir(self, policy: str, suite: Suite, resolution=(66, 200)) -> Path:
-        key = hashlib.sha256(_json_key({
-            "policy": policy, "content": policy_fingerprint(policy), "suite": suite.to_dict(),
-            "resolution": list(resolution), "batch": DEFAULT_BATCH, "code": code_fingerprint()}).encode())
-        # The policy (often a checkpoint path) is slugged for the directory name; results.json keeps it as given.
-        return path_under(self.root, f"{slug(policy)}-{slug(suite.name, default='suite')}-{key.hexdigest()[:16]}")
-
-    def __call__(self, policy: str | os.PathLike, suite: str | os.PathLike | Suite = "test", *,
-                 resolution=(66, 200)) -> EvaluationResult:
-        """Evaluate ``policy`` (checkpoint directory, ``.zip``, ``expert``, ``zeros``) on ``suite``
-        (a built-in name, a suite JSON file or a :class:`Suite`)."""
-        policy = str(policy)
-        suite = suite if isinstance(suite, Suite) else load_suite(str(suite))
-        resolution = tuple(int(v) for v in resolution)
-        memo = (policy, _json_key(suite.to_dict()), resolution)
-        if memo not in self._memory:
-            out = self.run_dir(policy, suite, resolution)
-            data = evaluate(policy, suite, out, workers=self.workers, resolution=resolution,
-                            progress=self.progress, plots=self.plots)
-            self._memory[memo] = EvaluationResult(json.loads(json.dumps(data)), out / "results.json")
-        return self._memory[memo]
-
-
 # ----------------------------------------------------------------------------- the command
 def suite_from_dict(spec: dict) -> Suite:
     """A :class:`Suite` from ``Suite.to_dict()`` (as stored in a results directory's run.json)."""
@@ -721,9 +352,12 @@ def _suite_of(results: EvaluationResult) -> Suite | None:
 
 def regress(candidate: str, baseline: str, *, suite: str | None = None, tolerance: str | None = None,
             out: str | None = None, workers: int = 1, statistical: bool = False, resolution=None,
-            progress: bool = True, plots: bool = False, stdout=None, stderr=None) -> int:
+            progress: bool = True, plots: bool = False, stdout=None, stderr=None,
+            candidate_kwargs: dict | None = None, baseline_kwargs: dict | None = None, no_cache: bool = False) -> int:
     """``steerloop regress``: print the diff table and return 0 (no regression), 1 (regression)
-    or 2 (could not compare; the reason goes to ``stderr``)."""
+    or 2 (could not compare; the reason goes to ``stderr``). Either side is a policy spec
+    (a user's class or factory gets ``candidate_kwargs`` / ``baseline_kwargs``) or results;
+    ``no_cache`` evaluates the policies again instead of reusing cached results."""
     from steerloop.agents.checkpoint import CheckpointError
 
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
@@ -735,7 +369,12 @@ def regress(candidate: str, baseline: str, *, suite: str | None = None, toleranc
     try:
         tolerances = load_tolerances(tolerance) if tolerance else Tolerances()
         sides = {"candidate": candidate, "baseline": baseline}
+        kwargs = {"candidate": candidate_kwargs, "baseline": baseline_kwargs}
         given = {label: load_results(source) for label, source in sides.items() if results_path(source)}
+        for label in given:
+            if kwargs[label]:
+                flag = "--policy-kwargs" if label == "candidate" else "--baseline-kwargs"
+                return fail(f"{flag} applies to a policy, but the {label} {sides[label]} is a results location")
         if suite is not None:
             chosen = load_suite(suite)
             for label, results in given.items():
@@ -753,13 +392,13 @@ def regress(candidate: str, baseline: str, *, suite: str | None = None, toleranc
             resolution = next((tuple(r.data["resolution"]) for r in given.values() if r.data.get("resolution")),
                               (66, 200))
         evaluator = PolicyEvaluator(Path(out) if out else default_cache_dir(), workers=workers, progress=progress,
-                                    plots=plots)
+                                    plots=plots, no_cache=no_cache)
         loaded = {}
         for label, source in sides.items():
             if label in given:
                 loaded[label] = given[label]
             else:
-                loaded[label] = evaluator(source, chosen, resolution=resolution)
+                loaded[label] = evaluator(source, chosen, resolution=resolution, policy_kwargs=kwargs[label])
                 print(f"{label} {source}: results in {loaded[label].path.parent}", file=stdout)
         comparison = compare(loaded["candidate"], loaded["baseline"], tolerances, statistical=statistical)
     except IncomparableError as error:

@@ -20,19 +20,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from steerloop.evaluation.copycat import closed_loop_probe  # noqa: E402
-from steerloop.evaluation.runner import json_safe, run_scenario  # noqa: E402
+from steerloop.evaluation.regress import load_results  # noqa: E402
+from steerloop.evaluation.runner import run_scenario  # noqa: E402
+from steerloop.evaluation.stats import BOOTSTRAP_RESAMPLES, correlation_ci, pearson, spearman  # noqa: E402
 from steerloop.training.copycat import probe_ratio  # noqa: E402
 from steerloop.evaluation.suites import CONTROL_DT  # noqa: E402
+from steerloop.files import json_safe  # noqa: E402
+from steerloop.paths import path_under, shorten  # noqa: E402
 from steerloop.sim.env import load_track  # noqa: E402
-from steerloop.sim.paths import path_under, shorten  # noqa: E402
 
 OFFLINE_METRICS = ("rmse", "mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
 CLOSED_LOOP_METRICS = ("success_rate", "mean_abs_offset_m", "departures_per_km", "autonomy_pct", "recovery_rate",
                        "on_policy_rmse")
-HIGHER_IS_BETTER = {"success_rate", "autonomy_pct", "recovery_rate"}
 RECURRENT = ("cnn-lstm", "conv3d-lstm", "komanda", "chauffeur")
-BOOTSTRAP_SAMPLES = 2000
-BOOTSTRAP_SEED = 0
 SMOOTHING_S = 1.0  # [s] moving-average window of the compounding-error curves
 AFTER_PERTURBATION_S = 8.0  # [s] window plotted after a perturbation starts
 CODEVILLA_MSE_R = 0.39  # Codevilla et al. 2018: MSE vs success rate
@@ -50,52 +50,14 @@ class PolicyRow:
     family: str
     arch: str
     regime: str
-    frames: int
+    frames: int | None  # expert-labelled training frames (None for a user's policy: not known)
     val_rmse: float | None
     offline: dict
     zeros: dict
+    recurrent: bool = False
     closed: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)  # suite name -> (results.json dict, results directory)
     history: dict = field(default_factory=dict)  # inputs, fed-back outputs, training mode, window, copycat measures
-
-
-# ----------------------------------------------------------------------------- statistics
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1, ties given their average rank."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x))
-    for value in np.unique(x):
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def pearson(x, y) -> float:
-    """Pearson correlation; nan when either variable is constant."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan
-    x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / math.sqrt((x * x).sum() * (y * y).sum()))
-
-
-def spearman(x, y) -> float:
-    """Spearman rank correlation (Pearson on average ranks); nan when either is constant."""
-    return pearson(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
-
-
-def correlation_ci(x, y, fn, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED):
-    """(point, lo, hi): ``fn`` over the policies with a 95% percentile bootstrap interval
-    (policies resampled with replacement; resamples with a constant variable are dropped)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    point = fn(x, y)
-    rng = np.random.default_rng(seed)
-    values = [fn(x[i], y[i]) for i in rng.integers(0, len(x), size=(samples, len(x)))]
-    values = np.asarray([v for v in values if not math.isnan(v)])
-    if math.isnan(point) or len(values) < samples // 10:
-        return point, math.nan, math.nan
-    return point, float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
 # ----------------------------------------------------------------------------- collection
@@ -109,6 +71,8 @@ def _frames(dirs: list[str]) -> int:
 
 def _regime(plan, name: str) -> str:
     stage = plan.policies[name]
+    if stage.kind == "user":
+        return "user"
     if stage.kind == "dagger":
         return "dagger"
     config = stage.params["config"]
@@ -129,16 +93,22 @@ def collect(plan) -> list[PolicyRow]:
     primary = suites[0]
     rows = []
     for name, stage in plan.policies.items():
-        checkpoint = Path(plan.checkpoint(name))
-        meta = _read_json(checkpoint / "config.json")
         offline = _read_json(plan.offline[name].out / "offline.json")
-        row = PolicyRow(name=name, family=plan.config.policies[name].family, arch=meta["model"]["arch"],
-                        regime=_regime(plan, name), frames=_frames(plan.dataset_dirs(name)),
-                        val_rmse=meta.get("metrics", {}).get("val_rmse"),
-                        offline=offline["model"], zeros=offline["zeros"])
-        for suite in suites:
-            out = plan.closed_loop[(name, suite.name)].out
-            row.results[suite.name] = (_read_json(out / "results.json"), out)
+        results = {suite.name: (load_results(plan.closed_loop[(name, suite.name)].out).data,
+                                plan.closed_loop[(name, suite.name)].out) for suite in suites}
+        if stage.kind == "user":  # what the policy says about itself (its describe() in results.json)
+            described = results[primary.name][0]["policy"]
+            arch, recurrent = str(described.get("arch", "user")), bool(described.get("recurrent", False))
+            frames, val_rmse = None, None
+            meta = {"model": {"arch": arch, "inputs": list(described.get("inputs", ["image"])),
+                              "fed_back": bool(described.get("fed_back"))}}
+        else:
+            meta = _read_json(Path(plan.checkpoint(name)) / "config.json")
+            arch, frames = meta["model"]["arch"], _frames(plan.dataset_dirs(name))
+            recurrent, val_rmse = arch in RECURRENT, meta.get("metrics", {}).get("val_rmse")
+        row = PolicyRow(name=name, family=plan.config.policies[name].family, arch=arch, regime=_regime(plan, name),
+                        frames=frames, val_rmse=val_rmse, offline=offline["model"], zeros=offline["zeros"],
+                        recurrent=recurrent, results=results)
         agg = row.results[primary.name][0]["aggregate"]
         row.closed = {key: agg.get(key) for key in ("success_rate", "mean_abs_offset_m", "departures_per_km",
                                                      "on_policy_rmse")}
@@ -157,7 +127,7 @@ def history_of(meta: dict, offline: dict, primary_dir: Path) -> dict:
     the copycat probe on the expert's logs and on its own closed-loop steering."""
     model, training = meta["model"], meta.get("training", {})
     inputs = list(model.get("inputs", ["image"]))
-    fed_back = model["arch"] == "komanda" or "prev_steering" in inputs
+    fed_back = bool(model.get("fed_back")) or model["arch"] == "komanda" or "prev_steering" in inputs
     return {"inputs": inputs, "fed_back": fed_back, "mode": training.get("feedback_mode", "teacher"),
             "seq_len": training.get("seq_len"), "recipe": {k: v for k, v in training.items()
                                                            if k not in ("seq_len", "out", "init", "threads")},
@@ -179,7 +149,7 @@ def policy_table(rows: list[PolicyRow]) -> str:
     lines = [head, "|" + "|".join(["---"] * 16) + "|"]
     for r in rows:
         ratio = r.closed["on_policy_rmse"] / r.offline["rmse"] if r.offline["rmse"] else math.nan
-        lines.append(f"| {r.name} | {r.family} | {r.regime} | {r.frames} | {_fmt(r.offline['rmse'], 4)} | "
+        lines.append(f"| {r.name} | {r.family} | {r.regime} | {_fmt(r.frames, 0)} | {_fmt(r.offline['rmse'], 4)} | "
                      f"{_fmt(r.zeros['rmse'], 4)} | {_fmt(r.offline['mae'], 4)} | {_fmt(r.offline['qce'])} | "
                      f"{_fmt(r.offline['tre'])} | {_fmt(r.closed['success_rate'], 2)} | "
                      f"{_fmt(r.closed['mean_abs_offset_m'])} | {_fmt(r.closed['departures_per_km'], 2)} | "
@@ -400,8 +370,8 @@ def contrast_video(plan, primary: str, index: int, fail: PolicyRow, ok: PolicyRo
     parts = []
     for row in (fail, ok):
         part = path_under(path.parent, shorten(f"{path.stem}-{row.name}", VIDEO_STEM_MAX) + ".mp4")
-        run_scenario(load_policy(plan.checkpoint(row.name)), scenario, resolution=plan.config.resolution,
-                     video=str(part))
+        run_scenario(load_policy(plan.checkpoint(row.name), plan.policy_kwargs(row.name)), scenario,
+                     resolution=plan.config.resolution, video=str(part), name=row.name)
         parts.append(part)
     close_env_pool()
     readers = [cv2.VideoCapture(str(p)) for p in parts]
@@ -456,8 +426,8 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
                 f"RMSE gives r = {r_rmse:+.2f}. ")
         others = [abs(valid[k]) for k in ("mae", "qce", "tre") if k in valid]
         if not math.isnan(r_rmse) and others and max(others) > abs(r_rmse):
-            text += ("As in Codevilla et al. (MSE r = 0.39, MAE/QCE/TRE r > 0.6), a metric other than the squared "
-                     "error correlates better than RMSE" + (", and above 0.6." if max(others) > CODEVILLA_OTHER_R
+            text += (f"As in Codevilla et al. (MSE r = {CODEVILLA_MSE_R}, MAE/QCE/TRE r > {CODEVILLA_OTHER_R}), a "
+                     "metric other than the squared error correlates better than RMSE" + (", and above 0.6." if max(others) > CODEVILLA_OTHER_R
                                                             else ", though not above 0.6: reproduced only in part."))
         else:
             text += ("This does not reproduce Codevilla et al.'s finding that MAE, QCE or TRE correlate better than "
@@ -483,8 +453,8 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
                "strictly higher success rate. "
                + ("The published finding reproduces." if better else
                   "None drives better: the published finding does not reproduce in this population."))
-    recurrent = [r for r in rows if r.arch in RECURRENT]
-    single = [r for r in rows if r.arch not in RECURRENT]
+    recurrent = [r for r in rows if r.recurrent]
+    single = [r for r in rows if not r.recurrent]
     if recurrent and single:
         s_rec, s_single = _mean(r.closed["success_rate"] for r in recurrent), _mean(r.closed["success_rate"]
                                                                                   for r in single)
@@ -497,7 +467,8 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
                       s_rec < s_single else "."))
     regimes = {}
     for r in rows:
-        regimes.setdefault(r.regime, []).append(r)
+        if r.regime != "user":  # a user's policy is not a data regime of the study
+            regimes.setdefault(r.regime, []).append(r)
     if len(regimes) > 1:
         parts = [f"{name}: success {_mean(x.closed['success_rate'] for x in members):.2f}, recovery "
                  f"{_fmt(_mean(x.closed['recovery_rate'] for x in members), 2)}, on-policy RMSE "
@@ -774,7 +745,7 @@ def write_report(plan) -> Path:
           "## Policies: offline beside closed loop", "", policy_table(rows), "",
           "Offline metrics on held-out logs, with the all-zeros predictor:", "", offline_table(rows), "",
           "## Correlation across the population (Codevilla et al. style)", "",
-          f"Pearson r and Spearman ρ with 95% bootstrap intervals over policies ({BOOTSTRAP_SAMPLES} resamples). "
+          f"Pearson r and Spearman ρ with 95% bootstrap intervals over policies ({BOOTSTRAP_RESAMPLES} resamples). "
           "Lower is better for every offline metric; for success, autonomy and recovery a useful offline metric "
           "correlates negatively.", "",
           correlation_table(corr) if corr else "Correlations need at least 3 policies with the metric.", "",

@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from steerloop.agents.protocol import Policy, checked_predict, policy_capabilities
 from steerloop.evaluation.metrics import drift_metrics
 from steerloop.evaluation.video import VideoWriter, compose_frame
 
 # Per-step series kept in a trajectory (all (T,) arrays; T = number of control steps).
-TRAJECTORY_KEYS = ("time", "x", "y", "yaw", "progress", "lateral_offset", "heading_error", "curvature", "speed",
-                   "steering", "expert_steering", "wheel_angle", "perturbation_phase", "policy_overridden",
-                   "intervention")
+TRAJECTORY_KEYS = ("time", "x", "y", "yaw", "progress", "lateral_offset", "heading_error", "rear_heading_error",
+                   "curvature", "speed", "steering", "expert_steering", "wheel_angle", "perturbation_phase",
+                   "policy_overridden", "intervention")
 
 
 @dataclass
@@ -71,8 +72,9 @@ def _stack(observations: list[dict]) -> dict:
     return {key: np.stack([o[key] for o in observations]) for key in observations[0]}
 
 
-def rollout_batch(envs: list, policy, *, seeds: list[int | None], options: list[dict | None] | None = None,
-                  videos: list[str | None] | None = None, max_steps: int | None = None) -> list[Episode]:
+def rollout_batch(envs: list, policy: Policy, *, seeds: list[int | None], options: list[dict | None] | None = None,
+                  videos: list[str | None] | None = None, max_steps: int | None = None,
+                  names: list[str] | None = None, policy_name: str | None = None) -> list[Episode]:
     """Drive ``policy`` in several environments in lockstep, one batched ``predict`` per step.
 
     Observations are stacked to (N, ...) and the policy's recurrent state covers all N
@@ -87,32 +89,37 @@ def rollout_batch(envs: list, policy, *, seeds: list[int | None], options: list[
     its recurrent ``state`` carried from step to step. Step t of a trajectory holds the
     steering executed at step t (a perturbation wrapper may override the policy), the
     expert's label for the state that steering was chosen in, and the state reached.
+
+    A policy whose ``predict`` raises or returns a wrong shape or dtype, or NaN, stops the
+    rollout with a one-line :class:`~steerloop.agents.protocol.PolicyError` naming
+    ``policy_name`` and the environment's entry of ``names`` (scenario names).
     """
     n = len(envs)
     options = options or [None] * n
     videos = videos or [None] * n
-    if hasattr(policy, "reset"):
-        policy.reset()
+    names = [f"scenario {name}" for name in names] if names else [f"environment {i}" for i in range(n)]
+    policy_name = policy_name or type(policy).__qualname__
+    select_state = policy_capabilities(policy).select_state
+    policy.reset()
     runs = []
     for env, seed, option, video in zip(envs, seeds, options, videos):
         obs, info = env.reset(seed=seed, options=option)
         runs.append(_Run(env, obs, info, video))
-    shrink = hasattr(policy, "select_state")
-    batch = list(runs)  # the runs the policy is called on
+    batch, labels = list(runs), list(names)  # the runs the policy is called on
     state, start = None, np.ones((n,), dtype=bool)
     try:
         while not all(run.done for run in runs):
-            actions, state = policy.predict(_stack([run.obs for run in batch]), state=state, episode_start=start,
-                                            deterministic=True)
-            actions = np.asarray(actions, dtype=np.float32).reshape(len(batch), -1)
+            actions, state = checked_predict(policy, _stack([run.obs for run in batch]), state, start,
+                                             name=policy_name, where=labels)
             for run, action in zip(batch, actions):
                 if not run.done:
                     obs, _, terminated, truncated, info = run.env.step(action)
                     run.record(obs, terminated, truncated, info, max_steps)
             keep = np.array([not run.done for run in batch])
-            if shrink and keep.any() and not keep.all():
-                state = policy.select_state(state, keep)
+            if select_state is not None and keep.any() and not keep.all():
+                state = select_state(state, keep)
                 batch = [run for run, kept in zip(batch, keep) if kept]
+                labels = [label for label, kept in zip(labels, keep) if kept]
             start = np.zeros((len(batch),), dtype=bool)
     finally:
         for run in runs:
@@ -121,8 +128,10 @@ def rollout_batch(envs: list, policy, *, seeds: list[int | None], options: list[
     return [run.episode() for run in runs]
 
 
-def rollout(env, policy, *, seed: int | None = None, options: dict | None = None,
-            video: str | None = None, max_steps: int | None = None) -> Episode:
+def rollout(env, policy: Policy, *, seed: int | None = None, options: dict | None = None,
+            video: str | None = None, max_steps: int | None = None, name: str | None = None,
+            policy_name: str | None = None) -> Episode:
     """Drive ``policy`` in ``env`` from ``reset(seed, options)`` until the episode ends
-    (:func:`rollout_batch` with one environment)."""
-    return rollout_batch([env], policy, seeds=[seed], options=[options], videos=[video], max_steps=max_steps)[0]
+    (:func:`rollout_batch` with one environment, ``name`` naming it in errors)."""
+    return rollout_batch([env], policy, seeds=[seed], options=[options], videos=[video], max_steps=max_steps,
+                         names=[name] if name else None, policy_name=policy_name)[0]

@@ -19,38 +19,31 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
+import shutil
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 from gymnasium.wrappers import TimeLimit
 
+from steerloop.agents.protocol import Policy, PolicyError, describe_policy, policy_capabilities
+from steerloop.agents.spec import PolicyRef, policy_ref
 from steerloop.errors import SteerloopError
-from steerloop.evaluation.metrics import autonomy_percent, bootstrap_ci, recovery_metrics
+from steerloop.files import atomic_write_json, json_safe, software_versions
+from steerloop.evaluation.metrics import autonomy_percent, recovery_metrics
+from steerloop.evaluation.stats import bootstrap_ci
 from steerloop.evaluation.rollout import rollout_batch
 from steerloop.evaluation.suites import Scenario, Suite, check_scenario_names
 from steerloop.sim import MAX_EPISODE_STEPS
 from steerloop.sim.env import LaneKeepEnv
-from steerloop.sim.parallel import check_backend, connect_ray, run_tasks
-from steerloop.sim.paths import path_under
+from steerloop.parallel import check_backend, connect_ray, run_tasks
+from steerloop.paths import path_under
 from steerloop.sim.wrappers import InterventionWrapper, PerturbationWrapper
 
 RESULTS_SCHEMA_VERSION = "1.0.0"
 DEFAULT_BATCH = 4  # at most this many scenarios per lockstep group (batched inference; see lockstep_groups)
 AGGREGATE_KEYS = ("success", "mean_abs_offset_m", "max_abs_offset_m", "rms_heading_error_rad", "departures_per_km",
                   "time_outside_lane_s", "route_completion", "on_policy_rmse", "smoothness_per_s")
-
-
-def software_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for package in ("steerloop", "numpy", "torch", "gymnasium", "pybullet", "stable-baselines3"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 _ENV_POOL: dict[tuple, list[LaneKeepEnv]] = {}
@@ -129,20 +122,23 @@ def lockstep_groups(n: int, batch: int) -> list[list[int]]:
     return groups
 
 
-def run_group(policy, scenarios: list[Scenario], *, resolution=(66, 200), videos=None) -> list[tuple[dict, dict]]:
+def run_group(policy: Policy, scenarios: list[Scenario], *, resolution=(66, 200), videos=None,
+              name: str | None = None) -> list[tuple[dict, dict]]:
     """Drive ``policy`` through ``scenarios`` in lockstep (batched inference); returns
-    (metrics, trajectory) per scenario."""
-    privileged = getattr(policy, "requires_privileged", False)
+    (metrics, trajectory) per scenario. ``name`` names the policy in errors."""
+    privileged = policy_capabilities(policy).requires_privileged
     envs = [make_env(scenario, privileged=privileged, resolution=resolution, slot=slot)
             for slot, scenario in enumerate(scenarios)]
     episodes = rollout_batch(envs, policy, seeds=[s.seed for s in scenarios],
-                             options=[reset_options(s) for s in scenarios], videos=videos)
+                             options=[reset_options(s) for s in scenarios], videos=videos,
+                             names=[s.name for s in scenarios], policy_name=name)
     return [(_scenario_metrics(s, env, ep), ep.trajectory) for s, env, ep in zip(scenarios, envs, episodes)]
 
 
-def run_scenario(policy, scenario: Scenario, *, resolution=(66, 200), video: str | None = None):
+def run_scenario(policy: Policy, scenario: Scenario, *, resolution=(66, 200), video: str | None = None,
+                 name: str | None = None):
     """Drive ``policy`` through one ``scenario``; returns (metrics dict, trajectory dict)."""
-    return run_group(policy, [scenario], resolution=resolution, videos=[video])[0]
+    return run_group(policy, [scenario], resolution=resolution, videos=[video], name=name)[0]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -158,29 +154,15 @@ def _single_threaded() -> None:
     cv2.setNumThreads(1)
 
 
-def _worker_init(policy_name: str) -> None:
-    from steerloop.agents import load_policy
-
+def _worker_init(ref: PolicyRef) -> None:
+    """Re-create the policy from its spec (or receive the pickled object) in this worker."""
     _single_threaded()
-    _POLICY["policy"] = load_policy(policy_name)
+    _POLICY["policy"], _POLICY["name"] = ref.load(), ref.name
 
 
 def _worker_run(indices: list[int], scenarios: list[Scenario], resolution, videos):
-    results = run_group(_POLICY["policy"], scenarios, resolution=resolution, videos=videos)
+    results = run_group(_POLICY["policy"], scenarios, resolution=resolution, videos=videos, name=_POLICY["name"])
     return [(i, metrics, trajectory) for i, (metrics, trajectory) in zip(indices, results)]
-
-
-def json_safe(value):
-    """NaN/inf -> None, numpy scalars -> Python, tuples -> lists: strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
-    return value
 
 
 def aggregate(scenario_metrics: list[dict], suite: Suite) -> dict:
@@ -215,10 +197,30 @@ class ResultsError(SteerloopError):
     """The output directory holds a different run, or results cannot be compared."""
 
 
-def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 1, videos: int = 0,
-             resolution=(66, 200), progress: bool = True, plots: bool = True, batch: int = DEFAULT_BATCH,
-             backend: str = "local", address: str | None = None) -> dict:
-    """Run ``policy_name`` over ``suite`` into ``out``; returns the results dict.
+def _discard(out: Path, created: bool, written: list[Path]) -> None:
+    """Undo what a failed run wrote: the whole directory if this run created it, else its files."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in written:
+        path.unlink(missing_ok=True)
+
+
+def evaluate(policy: str | Policy, suite: Suite, out: str | Path, *, policy_kwargs: dict | None = None,
+             name: str | None = None, workers: int = 1, videos: int = 0, resolution=(66, 200), progress: bool = True,
+             plots: bool = True, batch: int = DEFAULT_BATCH, backend: str = "local",
+             address: str | None = None) -> dict:
+    """Run ``policy`` over ``suite`` into ``out``; returns the results dict.
+
+    ``policy`` is a policy spec (a built-in name, a checkpoint directory, a ``.zip``,
+    ``package.module:attr`` or ``path/to/file.py:attr``; a user's class or factory gets
+    ``policy_kwargs``) or any object satisfying :class:`~steerloop.agents.protocol.Policy`.
+    Worker processes re-create a spec; an object is pickled to them, and one that cannot be
+    fails at once (name it by its spec instead). ``name`` is what the results call the
+    policy (default: the spec, or the object's class name); results are bit-identical for a
+    spec and the object it names. A policy that fails (raises, or returns a wrong shape,
+    dtype or NaN) raises a one-line :class:`~steerloop.agents.protocol.PolicyError`, and
+    this run's files are removed from ``out``.
 
     Scenarios run in fixed groups of at most ``batch`` (:func:`lockstep_groups`) that step
     in lockstep with one batched ``predict`` per step; groups are spread over ``workers``
@@ -232,21 +234,25 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     """
     from tqdm import tqdm
 
-    from steerloop.agents import load_policy
-
     out = Path(out)
     check_scenario_names(suite, f"suite {suite.name!r}")  # each names result files: refuse before any work
     check_backend(backend, address)
-    policy = load_policy(policy_name)  # fail fast on a bad policy, before any work
+    ref = policy_ref(policy, policy_kwargs, name)
+    policy = ref.load()  # fail fast on a bad policy, before any work
+    if backend == "ray" or workers > 1:
+        ref.for_workers()  # an object that cannot reach worker processes fails here, naming the spec form
+    describe = describe_policy(policy, ref.name)
     if backend == "ray":
         connect_ray(address, num_cpus=max(workers, 1))  # an unreachable cluster also fails before any work
-    trained_on = getattr(policy, "image_size", None)
+    trained_on = policy_capabilities(policy).image_size
     if trained_on is not None and tuple(trained_on) != tuple(resolution):
-        raise ValueError(f"{policy_name} was trained on {trained_on[0]}x{trained_on[1]} camera images; evaluate it "
+        raise ValueError(f"{ref.name} was trained on {trained_on[0]}x{trained_on[1]} camera images; evaluate it "
                          f"with --resolution {trained_on[0]}x{trained_on[1]} (got {resolution[0]}x{resolution[1]})")
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
-    run_id = {"policy": policy_name, "suite": suite.to_dict(), "resolution": list(resolution), "batch": batch}
+    run_id = {"policy": ref.name, "suite": suite.to_dict(), "resolution": list(resolution), "batch": batch}
+    if ref.kwargs:
+        run_id["policy_kwargs"] = ref.kwargs
     run_file = path_under(out, "run.json")
     if run_file.exists():
         if json.loads(run_file.read_text()) != json_safe(run_id):
@@ -254,6 +260,9 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
                                "choose another --out, nothing was overwritten")
     elif (out / "results.json").exists():
         raise ResultsError(f"{out} holds results.json from another run; choose another --out")
+    created, written = not out.exists(), []  # what a failing policy's run removes again
+    if not run_file.exists():
+        written.append(run_file)
     subdirs = [path_under(out, sub) for sub in ("scenarios", "trajectories", "videos")]  # before any write
     for subdir in subdirs:
         subdir.mkdir(parents=True, exist_ok=True)
@@ -272,18 +281,21 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
     def save(index: int, metrics: dict, trajectory: dict) -> None:
         nonlocal steps
         scenario = suite.scenarios[index]
+        written.extend([path_under(out, "trajectories", f"{scenario.name}.npz"),
+                        path_under(out, "scenarios", f"{scenario.name}.json")])
         np.savez_compressed(path_under(out, "trajectories", f"{scenario.name}.npz"), **trajectory)
         record = {"scenario": scenario.to_dict(), "metrics": json_safe(metrics)}
-        tmp = path_under(out, "scenarios", f"{scenario.name}.json.tmp")
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-        os.replace(tmp, path_under(out, "scenarios", f"{scenario.name}.json"))
+        atomic_write_json(path_under(out, "scenarios", f"{scenario.name}.json"), record)
         done[index] = record["metrics"]
         steps += metrics["steps"]
         bar.set_postfix(steps_per_s=f"{steps / (time.perf_counter() - started):.0f}")
         bar.update(1)
 
     def video_for(index: int):
-        return str(path_under(out, "videos", f"{suite.scenarios[index].name}.mp4")) if index < videos else None
+        if index >= videos:
+            return None
+        written.append(path_under(out, "videos", f"{suite.scenarios[index].name}.mp4"))
+        return str(written[-1])
 
     # A group is re-run whole, so resumes match.
     groups = [g for g in lockstep_groups(len(suite.scenarios), batch) if any(i in todo for i in g)]
@@ -298,20 +310,22 @@ def evaluate(policy_name: str, suite: Suite, out: str | Path, *, workers: int = 
         if backend == "local" and (workers <= 1 or len(jobs) <= 1):
             _single_threaded()
             for indices, scenarios, res, video_paths in jobs:
-                results = run_group(policy, scenarios, resolution=res, videos=video_paths)
+                results = run_group(policy, scenarios, resolution=res, videos=video_paths, name=ref.name)
                 save_group([(i, m, t) for i, (m, t) in zip(indices, results)])
         else:
             run_tasks(_worker_run, jobs, save_group, workers=max(workers, 1), backend=backend, address=address,
-                      initializer=_worker_init, initargs=(policy_name,))
+                      initializer=_worker_init, initargs=(ref,))
+    except PolicyError:
+        _discard(out, created, written)
+        raise
     finally:
         bar.close()
         close_env_pool()
 
     scenario_metrics = [done[i] for i in range(len(suite.scenarios))]
-    describe = policy.describe() if hasattr(policy, "describe") else {"kind": type(policy).__name__}
     results = {
         "schema_version": RESULTS_SCHEMA_VERSION,
-        "policy": {"name": policy_name, **json_safe(describe)},
+        "policy": {"name": ref.name, **json_safe(describe)},
         "suite": suite.name,
         "seeds": [s.seed for s in suite.scenarios],
         "resolution": list(resolution),

@@ -34,8 +34,17 @@ Study file (every key optional unless marked)::
     [policies.pilotnet-dagger]    # DAgger from another policy of the study
     dagger = { init = "pilotnet-clean", iterations = 2, episodes_per_iter = 6 }
 
-Paths in the file are relative to it. ``family`` (a label for grouping in the report)
-may be set on any policy; it defaults to the architecture.
+    [policies.mine]               # a user's own policy, evaluated beside the trained ones
+    policy = "mypkg.models:load"  # any policy spec: package.module:attr, path/to/file.py:attr,
+    kwargs = { weights = "mine.pt" }   # a checkpoint directory or a .zip; kwargs for a class/factory
+
+Paths in the file are relative to it (also a ``file.py:attr`` spec's file, and the kwargs
+strings that name a file next to the study file). ``family`` (a label for grouping in the
+report) may be set on any policy; it defaults to the architecture (``user`` for a user's
+policy). A user's policy has no training stage: it gets the offline and closed-loop
+stages and a row in every table, correlation and figure of the report. Its stages are
+keyed by its cache key (``cache_key()``, else its module's source and the files its
+kwargs name); ``--no-cache`` runs them again regardless.
 """
 
 from __future__ import annotations
@@ -43,15 +52,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
+import shutil
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steerloop.files import atomic_write_json
 from steerloop.errors import SteerloopError
 from steerloop.evaluation.suites import BUILTIN_SUITES, Suite, SuiteError, load_suite
-from steerloop.sim.paths import UnsafeNameError, path_under, safe_name, shorten
+from steerloop.paths import UnsafeNameError, path_under, safe_name, shorten
 from steerloop.training.dagger import DaggerConfig
 from steerloop.training.record import RecordConfig
 from steerloop.training.train import TrainConfig
@@ -79,6 +89,8 @@ class PolicySpec:
     """TrainConfig fields (behaviour cloning); ``data`` holds dataset names."""
     dagger: dict | None = None
     """DaggerConfig fields plus ``init`` (a policy name); None for behaviour cloning."""
+    user: dict | None = None
+    """A user's policy: {"policy": spec, "kwargs": {...}}; None for a policy the study trains."""
 
 
 @dataclass
@@ -112,6 +124,8 @@ class StudyConfig:
         if not self.suites:
             raise StudyError(f"{where}: study.suites is empty; name at least one suite, e.g. [\"test\"]")
         for name, spec in self.policies.items():
+            if spec.user is not None:
+                continue
             if spec.dagger is None:
                 for key in ("data", "encoder_data"):
                     for dataset in spec.train.get(key, []):
@@ -123,6 +137,9 @@ class StudyConfig:
             if init not in self.policies or list(self.policies).index(init) >= list(self.policies).index(name):
                 raise StudyError(f"{where}: policies.{name}.dagger.init must name a policy defined above it, "
                                  f"got {init!r}")
+            if self.policies[init].user is not None:
+                raise StudyError(f"{where}: policies.{name}.dagger.init names {init!r}, a user policy; DAgger "
+                                 "starts from a policy the study trains (it retrains that policy's model)")
 
 
 def _hash(value) -> str:
@@ -154,6 +171,29 @@ def _tables(raw: dict, key: str, path: Path) -> dict[str, dict]:
         if not isinstance(table, dict):
             raise StudyError(f"{path}: {key}.{name} must be a table [{key}.{name}], got {table!r}")
     return tables
+def _user_policy(table: dict, base: Path, where: str) -> dict:
+    """{"policy": spec, "kwargs": {...}} of a ``[policies.NAME] policy = SPEC`` table, paths
+    made relative to the study file's directory ``base``."""
+    from steerloop.agents.spec import FILE_SPEC, MODULE_SPEC
+
+    _check_keys(table, {"policy", "kwargs"}, where)
+    spec, kwargs = table["policy"], table.get("kwargs", {})
+    if not isinstance(spec, str) or not spec:
+        raise StudyError(f"{where}: policy must be a policy spec string such as \"mypkg.models:load\", got {spec!r}")
+    if not isinstance(kwargs, dict):
+        raise StudyError(f"{where}: kwargs must be a table of keyword arguments, got {kwargs!r}")
+    if spec in ("expert", "zeros") or spec.startswith("expert:"):
+        raise StudyError(f"{where}: policy {spec!r} is built in; the study compares camera policies (the expert "
+                         "needs privileged observations and cannot be replayed offline; zeros is every table's "
+                         "reference row already)")
+    match = FILE_SPEC.match(spec)
+    if match:
+        spec = f"{(base / match['file']).resolve()}:{match['attr']}"
+    elif not MODULE_SPEC.match(spec) or (base / spec).exists():
+        spec = str((base / spec).resolve())  # a checkpoint directory or a .zip
+    kwargs = {key: str((base / value).resolve()) if isinstance(value, str) and value and (base / value).exists()
+              else value for key, value in kwargs.items()}
+    return {"policy": spec, "kwargs": kwargs}
 
 
 def resolve_study_path(name_or_path: str) -> Path:
@@ -211,6 +251,9 @@ def load_study(name_or_path: str) -> StudyConfig:
         where = f"{path}: [policies.{name}]"
         table = dict(table)
         family = table.pop("family", None)
+        if "policy" in table:
+            policies[name] = PolicySpec(name, family or "user", user=_user_policy(table, path.parent, where))
+            continue
         if "dagger" in table:
             _check_keys(table, {"dagger"}, where)
             dagger = dict(table["dagger"])
@@ -271,24 +314,52 @@ class StudyPlan:
 
     @property
     def stages(self) -> list[Stage]:
-        return [*self.datasets.values(), *self.policies.values(), *self.offline.values(),
-                *self.closed_loop.values()]
+        """Every stage that runs (a user policy's entry in ``policies`` is not one: nothing trains it)."""
+        return [*self.datasets.values(), *(s for s in self.policies.values() if s.kind != "user"),
+                *self.offline.values(), *self.closed_loop.values()]
 
     def checkpoint(self, policy: str) -> str:
+        """The policy spec of a study policy: its trained checkpoint, or a user policy's spec."""
         stage = self.policies[policy]
+        if stage.kind == "user":
+            return stage.params["policy"]
         if stage.kind == "dagger":
             last = stage.params["config"]["iterations"] - 1
             return str(stage.out / f"iter_{last:02d}" / "model" / "best")
         return str(stage.out / "best")
 
+    def policy_kwargs(self, policy: str) -> dict:
+        """Keyword arguments of a user policy's class or factory ({} for a trained policy)."""
+        stage = self.policies[policy]
+        return dict(stage.params["kwargs"]) if stage.kind == "user" else {}
+
     def dataset_dirs(self, policy: str) -> list[str]:
         """The expert-labelled datasets a policy was trained on (DAgger: initial + every iteration)."""
         stage = self.policies[policy]
+        if stage.kind == "user":
+            return []
         if stage.kind == "dagger":
             iterations = stage.params["config"]["iterations"]
             return [*self.dataset_dirs(stage.params["init"]),
                     *(str(stage.out / f"iter_{i:02d}" / "data") for i in range(iterations))]
         return [str(self.datasets[d].out) for d in stage.params["config"]["data"]]
+
+
+def _user_fingerprint(cfg: StudyConfig, name: str, user: dict) -> str:
+    """A user policy's cache key (loading it: a spec that does not load fails here, before any stage)."""
+    from steerloop.agents.protocol import PolicyError, policy_capabilities
+    from steerloop.agents.spec import policy_fingerprint, policy_ref
+
+    where = f"{cfg.path}: [policies.{name}]"
+    try:
+        ref = policy_ref(user["policy"], user["kwargs"])
+        policy = ref.load()
+        if policy_capabilities(policy).requires_privileged:
+            raise StudyError(f"{where}: policy {user['policy']!r} requires privileged observations; the study "
+                             "replays policies on logged camera frames, so it needs a camera policy")
+        return policy_fingerprint(ref, policy)
+    except PolicyError as error:
+        raise StudyError(f"{where}: {error}") from None
 
 
 def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
@@ -301,7 +372,10 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
         datasets[name] = Stage("record", name, key, path_under(out, "datasets", f"{name}-{key}"), {"config": table})
     policies = {}
     for name, spec in cfg.policies.items():
-        if spec.dagger is None:
+        if spec.user is not None:
+            key = _hash({"user_policy": spec.user, "content": _user_fingerprint(cfg, name, spec.user)})
+            policies[name] = Stage("user", name, key, out / "policies" / f"{name}-{key}", dict(spec.user))
+        elif spec.dagger is None:
             train_cfg = {**spec.train, "threads": cfg.threads}
             data_keys = [datasets[d].key for d in spec.train["data"]]
             if spec.train.get("encoder_data"):  # chauffeur's encoder pretraining data
@@ -322,7 +396,8 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
     offline = {}
     for name, stage in policies.items():
         key = _hash({"policy": stage.key, "data": held_out.key})
-        offline[name] = Stage("offline", name, key, path_under(out, "offline", f"{name}-{key}"), {})
+        offline[name] = Stage("offline", name, key, path_under(out, "offline", f"{name}-{key}"),
+                              {"user": stage.kind == "user"})
     try:
         suites = {path: load_suite(path) for path in cfg.suites}
     except SuiteError as error:
@@ -333,16 +408,14 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
             key = _hash({"policy": stage.key, "suite": suite.to_dict(), "resolution": list(cfg.resolution)})
             closed_loop[(name, suite.name)] = Stage("closed_loop", f"{name}@{suite.name}", key,
                                                     path_under(out, "closed_loop", f"{name}-{key}", suite.name),
-                                                    {"suite": path, "policy": name})
+                                                    {"suite": path, "policy": name, "user": stage.kind == "user"})
     return StudyPlan(cfg, out, datasets, policies, offline, closed_loop,
                      {suite.name: suite for suite in suites.values()})
 
 
 def _write_json(path: Path, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_json(path, value)
 
 
 def _run_stage(plan: StudyPlan, stage: Stage, *, workers: int, progress: bool, backend: str = "local",
@@ -378,20 +451,22 @@ def _run_stage(plan: StudyPlan, stage: Stage, *, workers: int, progress: bool, b
     if stage.kind == "offline":
         held_out = str(plan.datasets[cfg.offline_data].out)
         result = evaluate_offline(plan.checkpoint(stage.name), held_out, out=str(stage.out / "offline.json"),
-                                  series=str(stage.out / "replay.npz"))
+                                  series=str(stage.out / "replay.npz"), policy_kwargs=plan.policy_kwargs(stage.name))
         return {"rmse": result["model"]["rmse"], "zeros_rmse": result["zeros"]["rmse"]}
     if stage.kind == "closed_loop":
         suite = load_suite(stage.params["suite"])
-        results = evaluate(plan.checkpoint(stage.params["policy"]), suite, stage.out, **where,
+        name = stage.params["policy"]
+        results = evaluate(plan.checkpoint(name), suite, stage.out, **where, policy_kwargs=plan.policy_kwargs(name),
                            resolution=cfg.resolution, progress=progress, plots=False)
         return {"success_rate": results["aggregate"]["success_rate"]}
     raise AssertionError(f"unknown stage kind {stage.kind!r}")
 
 
 def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: bool = True,
-              backend: str = "local", address: str | None = None, log=print) -> dict:
+              backend: str = "local", address: str | None = None, no_cache: bool = False, log=print) -> dict:
     """Run (or resume) every stage not yet finished, then write the report; returns the
-    study summary (also ``OUT/study.json``)."""
+    study summary (also ``OUT/study.json``). ``no_cache`` runs the stages of user policies
+    again (their outputs replaced) even when their cache key is unchanged."""
     from steerloop.evaluation import report as report_module
     from steerloop.evaluation.report import write_report
 
@@ -399,6 +474,11 @@ def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: 
     markers = path_under(plan.out, "stages")
     markers.mkdir(parents=True, exist_ok=True)
     stages = plan.stages
+    if no_cache:
+        for stage in stages:
+            if stage.params.get("user") and path_under(markers, stage.marker).exists():
+                path_under(markers, stage.marker).unlink()
+                shutil.rmtree(stage.out, ignore_errors=True)
     todo = [s for s in stages if not path_under(markers, s.marker).exists()]
     log(f"study {cfg.name}: {len(cfg.policies)} policies, {len(stages)} stages, "
         f"{len(stages) - len(todo)} cached, {len(todo)} to run")

@@ -21,9 +21,9 @@ import numpy as np
 
 from steerloop.errors import SteerloopError, check_keys, read_json
 from steerloop.sim.env import load_track
-from steerloop.sim.paths import UnsafeNameError, safe_name
+from steerloop.paths import UnsafeNameError, safe_name
 from steerloop.sim.scene import CONDITIONS
-from steerloop.sim.track import TRACKS_DIR, Track, TrackSpecError, split_seed
+from steerloop.sim.track import MAX_ROUTE_LENGTH, TRACKS_DIR, Track, TrackSpecError, split_seed
 from steerloop.sim.wrappers import Perturbation
 
 TEST_TRACKS = 20  # held-out procedural tracks in the `test` family of suites
@@ -216,9 +216,10 @@ def load_suite_file(path: str | Path) -> Suite:
         raise SuiteError(f"{path}: 'interventions' must be true or false, got {interventions!r}")
     perturbations = spec.get("perturbations", "none")
     track_length = spec.get("track_length", Scenario.track_length)
-    if isinstance(track_length, bool) or not isinstance(track_length, (int, float)) or not 50 <= track_length <= 5000:
-        raise SuiteError(f"{path}: 'track_length' (of procedural tracks) must be a number in [50, 5000] m, "
-                         f"got {track_length!r}")
+    if isinstance(track_length, bool) or not isinstance(track_length, (int, float)) or \
+            not 50 <= track_length <= MAX_ROUTE_LENGTH:
+        raise SuiteError(f"{path}: 'track_length' (of procedural tracks) must be a number in [50, "
+                         f"{MAX_ROUTE_LENGTH:g}] m, got {track_length!r}")
     scenarios, index = [], 0
     for t, entry in enumerate(tracks):
         where = f"{path}: tracks[{t}]"

@@ -21,7 +21,7 @@ from steerloop.sim import controllers
 from steerloop.sim.camera import (CAMERA_NAMES, FOV_RANGE_DEG, MIN_SIZE, PITCH_RANGE_DEG, CameraSpec,
                                   body_camera_matrices, chase_camera_matrices, render)
 from steerloop.sim.scene import CONDITIONS, World, draw_appearance
-from steerloop.sim.track import Track, generate_track, split_seed
+from steerloop.sim.track import Track, check_route_length, generate_track, split_seed
 from steerloop.sim.vehicle import Vehicle, VehicleParams
 
 GRAVITY = 9.81  # [m/s^2]
@@ -49,7 +49,7 @@ class LaneKeepConfig:
     split: str = "train"
     """Track split used when ``track`` is None: train, val or test (disjoint seed ranges)."""
     track_length: float = 400.0
-    """Length of procedural routes [m]."""
+    """Length of procedural routes [m], 10 to 4800 (``sim.track.MAX_ROUTE_LENGTH``)."""
     lane_width: float = 3.7
     """Lane width of procedural routes [m] (spec files give their own)."""
     condition: str | tuple[str, ...] = "default"
@@ -125,6 +125,7 @@ class LaneKeepConfig:
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {self.split!r}")
         self._check_cameras()
+        check_route_length(self.track_length, "track_length")
         if self.observation not in OBSERVATION_MODES:
             raise ValueError(f"observation must be one of {OBSERVATION_MODES}, got {self.observation!r}")
         if self.observation == "image" and self.privileged:
@@ -229,11 +230,13 @@ class LaneKeepEnv(gym.Env):
     TimeLimit (``max_episode_steps``, 3000 steps = 150 s by default).
 
     ## Info
-    Privileged truth: ``lateral_offset`` [m, + left], ``heading_error`` [rad], ``progress``
-    [m], ``curvature`` [1/m], ``speed`` [m/s], ``wheel_angle`` [rad], ``departure`` (this
-    step is beyond ``departure_threshold``), ``departures`` (events so far),
-    ``expert_steering`` (the expert's command for the current state), pose ``x``, ``y``,
-    ``yaw``, ``time`` [s], ``steering`` and ``throttle`` executed, and, when ``cameras`` lists
+    Privileged truth: ``lateral_offset`` [m, + left] and ``heading_error`` [rad] of the
+    wheelbase midpoint, ``rear_heading_error`` [rad] (car yaw minus the road heading at the
+    rear axle's projection: 0 in steady turning on any arc), ``progress`` [m], ``curvature``
+    [1/m], ``speed`` [m/s], ``wheel_angle`` [rad], ``departure`` (this step is beyond
+    ``departure_threshold``), ``departures`` (events so far), ``expert_steering`` (the
+    expert's command for the current state), pose ``x``, ``y``, ``yaw``, ``time`` [s],
+    ``steering`` and ``throttle`` executed, and, when ``cameras`` lists
     more than one camera, ``frames``: the other cameras' images by name (the first camera's
     image is the observation's, and is not repeated).
 
@@ -293,6 +296,7 @@ class LaneKeepEnv(gym.Env):
         self.in_departure = False
         self.last_command = 0.0
         self.lane = None
+        self.rear_lane = None  # lane state of the rear axle centre (see _update_state)
         self.features: controllers.LaneFeatures | None = None
         self.frames: dict[str, np.ndarray] = {}
         self.trail: list[tuple[float, float]] = []
@@ -350,19 +354,23 @@ class LaneKeepEnv(gym.Env):
         """Show ``track`` under ``condition`` and load a fresh car.
 
         The physics world (ground plane, sky) is created once per environment and road
-        meshes once per distinct track (PyBullet never frees mesh memory); the car is
-        removed and loaded again every reset so no physics state survives an episode.
+        meshes once per distinct track; when the world holds ``ROADS_PER_WORLD`` roads the
+        simulation is reset and a new world built, which frees their meshes (memory stays
+        bounded over any number of tracks). The car is removed and loaded again every
+        reset so no physics state survives an episode.
         """
         c = self.client
-        if self.world is None:
-            c.resetSimulation()
+        track_key = json.dumps(track.to_spec(), sort_keys=True)
+        if self.world is None or self.world.is_full_for(track_key, condition):
+            c.resetSimulation()  # removes every body and frees every shape
             c.setGravity(0, 0, -GRAVITY)
             c.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.config.physics_hz, numSubSteps=0,
                                         deterministicOverlappingPairs=1)
             self.world = World(c)
+            self.vehicle = None
         if self.vehicle is not None:
             c.removeBody(self.vehicle.body_id)
-        self.world.show(track, json.dumps(track.to_spec(), sort_keys=True), condition)
+        self.world.show(track, track_key, condition)
         self.world.paint(self.appearance)
         self.vehicle = Vehicle(c, self.vehicle_params, self.dt)
         self.track = track
@@ -407,13 +415,17 @@ class LaneKeepEnv(gym.Env):
         """Translate the car ``delta`` [m] sideways (+ = left of the road) keeping its velocity.
 
         Used by the lateral-push perturbation; the camera frames are refreshed by the next step.
+        PyBullet's ``resetBasePositionAndOrientation`` zeroes a multibody's base velocity, so the
+        velocity is put back (without that the push would stop the car).
         """
         self._require_episode("shift_lateral")
         c, body = self.client, self.vehicle.body_id
         position, orientation = c.getBasePositionAndOrientation(body)
+        linear, angular = c.getBaseVelocity(body)
         heading = self.lane.road_heading
         moved = [position[0] - delta * math.sin(heading), position[1] + delta * math.cos(heading), position[2]]
         c.resetBasePositionAndOrientation(body, moved, orientation)
+        c.resetBaseVelocity(body, linear, angular)
         self.vehicle.refresh()
         self._update_state(render_cameras=False)
 
@@ -534,9 +546,12 @@ class LaneKeepEnv(gym.Env):
         half = params.wheelbase / 2
         c, s_ = math.cos(yaw), math.sin(yaw)
         front = track.lane_state(x + half * c, y + half * s_, yaw, s_hint=self.s + half)
+        # The rear axle centre: in steady turning its velocity, hence the car's heading, is
+        # tangent to the road (the recovery metric's heading criterion; docs/metrics.md).
+        rear = track.lane_state(x - half * c, y - half * s_, yaw, s_hint=max(self.s - half, 0.0))
+        self.rear_lane = rear
         lookahead = None
         if self.needs_lookahead:
-            rear = track.lane_state(x - half * c, y - half * s_, yaw, s_hint=max(self.s - half, 0.0))
             px, py, _ = track.pose(rear.s + controllers.LOOKAHEAD_DISTANCES)
             dx, dy = px - (x - half * c), py - (y - half * s_)
             lookahead = np.stack([c * dx + s_ * dy, -s_ * dx + c * dy], axis=1)
@@ -584,6 +599,7 @@ class LaneKeepEnv(gym.Env):
         info = {
             "lateral_offset": lane.offset,
             "heading_error": lane.heading_error,
+            "rear_heading_error": self.rear_lane.heading_error,
             "progress": self.s,
             "route_length": self.route_length,
             "curvature": lane.curvature,

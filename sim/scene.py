@@ -12,6 +12,7 @@ environment's ``np_random``, so studies can hold whole conditions out.
 
 from __future__ import annotations
 
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import numpy as np
 import pybullet as p
 
 from steerloop.sim.camera import Lighting
-from steerloop.sim.track import Track
+from steerloop.sim.track import WORLD_REACH, Track
 
 MESH_STEP = 1.0  # [m] resolution at which cross-sections are chosen
 MESH_MAX_TURN = 0.05  # [rad] heading change between road cross-sections (chord error < 2 cm at 8 m width)
@@ -29,9 +30,13 @@ SHOULDER = 0.6  # [m] asphalt beyond the edge lines
 DASH_LENGTH = 3.0  # [m]
 DASH_PERIOD = 9.0  # [m] dash + gap
 WORLD_HALF_SIZE = 3000.0  # [m] the ground and sky box span [-3 km, 3 km] around the origin
-GROUND_MARGIN = 600.0  # [m] tracks must stay this far inside the ground so the horizon looks right
+GROUND_MARGIN = WORLD_HALF_SIZE - WORLD_REACH  # [m] (600) roads stay this far inside the ground so the horizon looks right
 SKY_HEIGHT = 150.0  # [m]
 ROAD_Z, LINE_Z, GROUND_Z = 0.0, 0.01, -0.03  # [m] layer heights (avoid z-fighting)
+# PyBullet frees visual shapes only when the whole simulation is reset, so a world keeps the
+# road meshes of at most this many (track, condition) pairs (about 0.1 MB each for 400 m);
+# the environment rebuilds its world before showing one more.
+ROADS_PER_WORLD = 128
 
 
 @dataclass(frozen=True)
@@ -125,13 +130,41 @@ def _pieces(track: Track, sections: np.ndarray, starts: np.ndarray, length: floa
     return np.concatenate(vertices), np.concatenate(triangles)
 
 
+# pybullet's createVisualShape never releases the references it takes to the ``vertices``,
+# ``normals`` and ``indices`` lists and to every vertex and normal in them (extractVertices
+# and extractIndices in pybullet.c call PySequence_Fast / PySequence_GetItem without
+# Py_DECREF), so whatever Python objects are passed there live for the rest of the process:
+# about 0.5 KB per vertex, 0.4 MB per 400 m road. Meshes are therefore passed through lists
+# and [x, y, z] holders reused for every mesh of the process: the same few objects gain
+# references, the coordinates they hold are replaced (the same float values).
+_VERTEX_SLOTS: list[list[float]] = []  # [x, y, z] holders, grown to the largest mesh so far
+_UP = [0.0, 0.0, 1.0]  # the one normal of every mesh
+_ORIGIN = (0.0, 0.0, 0.0)  # what the holders hold between meshes
+_MESH_ARGS: tuple[list, list, list] = ([], [], [])  # the vertices, normals and indices passed to pybullet
+_MESH_LOCK = threading.Lock()  # the holders are shared by every client of the process
+
+
 def _mesh_shape(client, vertices, triangles, double_sided=False) -> int:
     if double_sided:
         triangles = np.concatenate([triangles, triangles[:, ::-1]])
-    # All normals point up: the sky and ground are shaded uniformly whatever the light direction.
-    normals = np.tile([0.0, 0.0, 1.0], (len(vertices), 1))
-    return client.createVisualShape(p.GEOM_MESH, vertices=vertices.tolist(), indices=triangles.reshape(-1).tolist(),
-                                    normals=normals.tolist(), rgbaColor=[1.0, 1.0, 1.0, 1.0])
+    vertex_arg, normal_arg, index_arg = _MESH_ARGS
+    with _MESH_LOCK:
+        while len(_VERTEX_SLOTS) < len(vertices):
+            _VERTEX_SLOTS.append(list(_ORIGIN))
+        for slot, row in zip(_VERTEX_SLOTS, vertices.tolist()):
+            slot[:] = row
+        vertex_arg[:] = _VERTEX_SLOTS[:len(vertices)]
+        # All normals point up: the sky and ground are shaded uniformly whatever the light direction.
+        normal_arg[:] = [_UP] * len(vertices)
+        index_arg[:] = triangles.reshape(-1).tolist()
+        try:
+            return client.createVisualShape(p.GEOM_MESH, vertices=vertex_arg, indices=index_arg,
+                                            normals=normal_arg, rgbaColor=[1.0, 1.0, 1.0, 1.0])
+        finally:  # keep nothing of this mesh alive
+            for slot in vertex_arg:
+                slot[:] = _ORIGIN
+            for arg in _MESH_ARGS:
+                arg.clear()
 
 
 def _body(client, shape: int, collision: int = -1) -> int:
@@ -187,9 +220,11 @@ class World:
     """The static world of one PyBullet client: ground plane and sky box (built once), and
     the road of the current track.
 
-    PyBullet never frees mesh memory (not even on ``resetSimulation``), so road meshes are
-    built once per distinct (track, condition) and kept in ``road_cache``; switching tracks
-    only removes and re-creates the road's bodies from cached shapes.
+    PyBullet frees shapes only on ``resetSimulation``, so road meshes are built once per
+    distinct (track, condition) and kept in ``road_cache``; switching tracks only removes
+    and re-creates the road's bodies from cached shapes. A world holds at most
+    ``ROADS_PER_WORLD`` roads (:meth:`is_full_for`); then its owner resets the simulation
+    and builds a new world, which frees them all.
     """
 
     def __init__(self, client):
@@ -208,13 +243,17 @@ class World:
         self.road_key: tuple[str, str] | None = None
         self.road_bodies: dict[str, list[int]] = {}
 
+    def is_full_for(self, track_key: str, condition: str) -> bool:
+        """Whether showing this road would build more than ``ROADS_PER_WORLD`` roads' meshes."""
+        return (track_key, condition) not in self.road_cache and len(self.road_cache) >= ROADS_PER_WORLD
+
     def show(self, track: Track, track_key: str, condition: str) -> None:
         """Make the road of ``track`` (identified by ``track_key``) under ``condition`` visible."""
         extent = max(np.abs(track.x).max(), np.abs(track.y).max())
-        if extent > WORLD_HALF_SIZE - GROUND_MARGIN:
+        if extent > WORLD_REACH:
             raise ValueError(
                 f"track {track.name!r} reaches {extent:.0f} m from the origin; the world is "
-                f"{WORLD_HALF_SIZE - GROUND_MARGIN:.0f} m across from the centre: move its start or shorten it")
+                f"{WORLD_REACH:.0f} m across from the centre: move its start or shorten it")
         key = (track_key, condition)
         if key == self.road_key:
             return

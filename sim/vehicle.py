@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import pybullet as p
 
+from steerloop.files import atomic_write
+
 GRAVITY = 9.81  # [m/s^2]
 
 
@@ -192,10 +194,7 @@ def _urdf_path(params: VehicleParams) -> str:
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = os.path.join(tempfile.gettempdir(), f"steerloop_car_{digest}.urdf")
     if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write(path, text, shared=True)
     return path
 
 

@@ -183,7 +183,8 @@ class InterventionWrapper(gym.Wrapper):
             base.in_departure = False
             obs = base.current_observation()
             terminated = bool(info["success"])
-            info.update(lateral_offset=base.lane.offset, heading_error=base.lane.heading_error, off_road=False,
+            info.update(lateral_offset=base.lane.offset, heading_error=base.lane.heading_error,
+                        rear_heading_error=base.rear_lane.heading_error, off_road=False,
                         expert_steering=base.expert_command())
             if "frames" in info:  # the side cameras see the car where it was put back, like the observation
                 info["frames"] = base.extra_frames()

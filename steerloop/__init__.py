@@ -20,6 +20,12 @@ environment with its module prefix so gymnasium imports steerloop first::
 
     gym.register_envs(steerloop)  # keeps the import (and documents why it is there)
     env = gym.make("steerloop:steerloop/LaneKeep-v0")
+
+The policy contract and the tools for users' own models are exported here, imported on
+first use (``import steerloop`` stays light): :class:`Policy` (the protocol),
+:class:`PolicyBase` (defaults for its optional capabilities), :class:`ModelPolicy` (a plain
+torch model or function as a policy), :func:`load_policy` (a policy from its spec) and
+:class:`PolicyError`. See docs/policies.md.
 """
 
 from __future__ import annotations
@@ -36,3 +42,17 @@ MAX_EPISODE_STEPS = 3000  # [control steps] = 150 s at 20 Hz
 
 if ENV_ID not in gymnasium.registry:
     gymnasium.register(id=ENV_ID, entry_point="steerloop.sim.env:LaneKeepEnv", max_episode_steps=MAX_EPISODE_STEPS)
+
+_LAZY = {"Policy": "steerloop.agents.protocol", "PolicyBase": "steerloop.agents.protocol",
+         "PolicyError": "steerloop.agents.protocol", "ModelPolicy": "steerloop.agents.adapter",
+         "load_policy": "steerloop.agents.spec"}
+__all__ = ["ENV_ID", "ENV_ID_PREFIXED", "MAX_EPISODE_STEPS", *_LAZY]
+
+
+def __getattr__(name: str):
+    """The policy API, imported on first access (it pulls in numpy, and torch for ModelPolicy)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'steerloop' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Imports flow one way: sim <- agents <- training <- evaluation (README, "Where things are").
+"""Imports flow one way: driving_log <- sim <- agents <- training <- evaluation (README, "Where things are").
 
 Every .py file of each package is parsed with ``ast``; absolute imports, relative imports
 (resolved against the file's package) and ``importlib.import_module`` / ``__import__``
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("sim", "agents", "training", "evaluation")  # left may not import right
+LAYERS = ("driving_log", "sim", "agents", "training", "evaluation")  # left may not import right
 
 
 def _python_files(package: str) -> list[Path]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("sim", "agents", "training", "evaluation")
+LAYERS = ("driving_log", "sim", "agents", "training", "evaluation")
 
 IMPORT_CHECK = """
 import importlib, sys

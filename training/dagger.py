@@ -13,15 +13,15 @@ recorded in ``OUT/dagger.json``; an interrupted run resumes at the first unfinis
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from steerloop.files import atomic_write_json
 from steerloop.agents.checkpoint import load_checkpoint
 from steerloop.agents.mixture import MIXTURE_MODES
-from steerloop.sim.log import DrivingLog
-from steerloop.sim.parallel import check_backend
+from steerloop.driving_log import DrivingLog
+from steerloop.parallel import check_backend
 from steerloop.training.record import RecordConfig, record
 from steerloop.training.train import TrainConfig, train
 
@@ -139,7 +139,5 @@ def run_dagger(cfg: DaggerConfig, evaluate_fn: Callable[[str, int], dict] | None
                "aggregate_datasets": len(datasets), "checkpoint": learner,
                "closed_loop": evaluate_fn(learner, i) if evaluate_fn else {}}
         state["iterations"].append(row)
-        tmp = table_path.with_name(table_path.name + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-        os.replace(tmp, table_path)
+        atomic_write_json(table_path, state)
     return state["iterations"]

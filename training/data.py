@@ -17,7 +17,7 @@ import torch
 
 from steerloop.agents.preprocess import PreprocessConfig, preprocess
 from steerloop.sim.camera import CameraSpec
-from steerloop.sim.log import DrivingLog
+from steerloop.driving_log import DrivingLog
 from steerloop.training.augment import (CAMERA_SHIFTS, SHIFT_RANGE, YAW_RANGE, corrective_label, photometric_jitter,
                               warp_viewpoint)
 

@@ -35,7 +35,7 @@ from torch import nn
 from steerloop.agents.models import ENCODER_CONVS, FrameEncoder, ModelConfig
 from steerloop.agents.preprocess import preprocess
 from steerloop.errors import SteerloopError
-from steerloop.sim.log import DrivingLog
+from steerloop.driving_log import DrivingLog
 
 ENCODER_FORMAT = "steerloop-encoder"
 ENCODER_FILE, ENCODER_META = "encoder.safetensors", "encoder.json"

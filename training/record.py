@@ -11,7 +11,9 @@ the re-recorded bytes equal the original ones); the summary names them.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -19,12 +21,13 @@ import numpy as np
 
 from steerloop.agents.experts import NOISE_KINDS, ExpertPolicy, NoisyExpert
 from steerloop.agents.mixture import MixturePolicy
+from steerloop.agents.protocol import PolicyError, checked_predict
 from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from steerloop.sim.env import LaneKeepEnv, load_track
-from steerloop.sim.log import DrivingLogWriter, EpisodeBuffer, episode_file
-from steerloop.sim.parallel import check_backend, connect_ray, run_tasks
+from steerloop.driving_log import DrivingLogWriter, EpisodeBuffer, episode_file
+from steerloop.parallel import check_backend, connect_ray, run_tasks
 from steerloop.sim.scene import CONDITIONS
-from steerloop.sim.track import SPLIT_SEED_RANGES, split_seed
+from steerloop.sim.track import SPLIT_SEED_RANGES, check_route_length, split_seed
 
 SUITES = tuple(SPLIT_SEED_RANGES)  # train, val, test
 MAX_EPISODE_STEPS = 3000  # [control steps] safety cap per episode (150 s at 20 Hz)
@@ -62,7 +65,10 @@ class RecordConfig:
     expert: str = DEFAULT_EXPERT
     """Control law of the expert: stanley or pure_pursuit."""
     learner: str | None = None
-    """DAgger: a checkpoint that drives when the expert does not (the expert still labels every step)."""
+    """DAgger: a policy spec (a checkpoint, ``.zip``, ``package.module:attr`` or ``file.py:attr``) that drives
+    when the expert does not (the expert still labels every step)."""
+    learner_kwargs: dict | None = None
+    """DAgger: keyword arguments for a user learner's class or factory."""
     beta: float = 1.0
     """DAgger: probability that the expert drives (with a learner); 1 reproduces plain expert recording."""
     mixture: str = "step"
@@ -82,6 +88,7 @@ class RecordConfig:
         self.resolution = tuple(int(v) for v in self.resolution)
         if self.episodes < 1:
             raise ValueError(f"--episodes must be >= 1, got {self.episodes}")
+        check_route_length(self.track_length, "--track-length")  # before anything is built
         if self.suite not in SUITES:
             raise ValueError(f"--suite must be one of {SUITES}, got {self.suite!r}")
         if self.noise < 0:
@@ -100,12 +107,16 @@ class RecordConfig:
             raise ValueError(f"--beta must be within [0, 1], got {self.beta}")
         if self.learner is not None and self.noise > 0:
             raise ValueError("use either a learner (DAgger) or DART noise, not both")
+        if self.learner_kwargs and self.learner is None:
+            raise ValueError("--learner-kwargs needs a --learner")
 
     def dataset_config(self) -> dict:
         """The fields that define the dataset's content (compared on resume)."""
         config = asdict(self)
         for key in ("out", "workers", "backend", "address", "extra"):
             config.pop(key)
+        if not self.learner_kwargs:
+            config.pop("learner_kwargs")  # datasets recorded before learner kwargs existed keep their identity
         config["cameras"], config["conditions"] = list(self.cameras), list(self.conditions)
         config["resolution"] = list(self.resolution)
         if self.track is not None:
@@ -159,7 +170,8 @@ def record_episode(cfg: RecordConfig, job: EpisodeJob) -> tuple[EpisodeJob, Epis
     env = _worker_env(cfg)
     expert = ExpertPolicy(cfg.expert, env.vehicle_params)
     if cfg.learner is not None:
-        policy = MixturePolicy(expert, _worker_learner(cfg.learner), cfg.beta, cfg.mixture, seed=job.noise_seed)
+        learner = _worker_learner(cfg.learner, cfg.learner_kwargs)
+        policy = MixturePolicy(expert, learner, cfg.beta, cfg.mixture, seed=job.noise_seed)
     elif cfg.noise > 0:
         policy = NoisyExpert(expert, cfg.noise, cfg.noise_kind, seed=job.noise_seed, dt=env.dt)
     else:
@@ -170,8 +182,12 @@ def record_episode(cfg: RecordConfig, job: EpisodeJob) -> tuple[EpisodeJob, Epis
     terminated = False
     steps = 0
     policy_state = None
+    name = cfg.learner or cfg.expert  # a misbehaving policy can only be the learner (or the expert's law)
+    where = [f"episode {job.index} (track {env.track.name})"]
     while not terminated and steps < MAX_EPISODE_STEPS:
-        action, policy_state = policy.predict(obs, state=policy_state, episode_start=start)
+        batch = {key: value[None] for key, value in obs.items()}  # the policy contract: a batch (of one)
+        actions, policy_state = checked_predict(policy, batch, policy_state, start, name=name, where=where)
+        action = np.clip(actions[0], -1.0, 1.0)  # the command executed (the environment clips it too)
         start = np.zeros(1, bool)
         # The first camera's frame is the observation's image; the side cameras' are in info.
         frames = {cfg.cameras[0]: obs["image"], **info.get("frames", {})}
@@ -191,14 +207,15 @@ def record_episode(cfg: RecordConfig, job: EpisodeJob) -> tuple[EpisodeJob, Epis
 _WORKER_LEARNER: dict = {}
 
 
-def _worker_learner(path: str):
-    """The DAgger learner of this process, loaded once."""
-    if path not in _WORKER_LEARNER:
+def _worker_learner(spec: str, kwargs: dict | None):
+    """The DAgger learner of this process, loaded once (re-created from its spec in every worker)."""
+    key = (spec, json.dumps(kwargs or {}, sort_keys=True))
+    if key not in _WORKER_LEARNER:
         from steerloop.agents import load_policy
 
         _WORKER_LEARNER.clear()
-        _WORKER_LEARNER[path] = load_policy(path)
-    return _WORKER_LEARNER[path]
+        _WORKER_LEARNER[key] = load_policy(spec, kwargs)
+    return _WORKER_LEARNER[key]
 
 
 def _init_worker() -> None:
@@ -211,15 +228,16 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
     """Record the missing episodes of ``cfg`` into ``cfg.out``; returns a summary."""
     from tqdm import tqdm
 
+    if cfg.learner is not None:
+        _worker_learner(cfg.learner, cfg.learner_kwargs)  # a bad learner spec fails before any file is made
     if cfg.backend == "ray":
         connect_ray(cfg.address, num_cpus=cfg.workers)  # an unreachable cluster fails before any file is made
-    if cfg.learner is not None:
-        _worker_learner(cfg.learner)  # so does a bad learner (kept: a single worker reuses it)
+    created = not os.path.exists(cfg.out)
     writer = DrivingLogWriter(cfg.out, config=cfg.dataset_config(), cameras=cfg.cameras, resolution=cfg.resolution,
                               suite=cfg.suite if cfg.track is None else None,
                               seeds={"seed": cfg.seed}, extra={"expert": {"law": cfg.expert}, **cfg.extra})
     damaged = writer.damaged()  # listed but missing or not matching the manifest: recorded again (deterministic)
-    done = writer.completed()  # damaged() cached the intact files' checks (see sim.log, Integrity)
+    done = writer.completed()  # damaged() cached the intact files' checks (docs/driving-log.md, Integrity)
     jobs = [job for job in episode_jobs(cfg) if job.index not in done]
     bar = tqdm(total=cfg.episodes, initial=cfg.episodes - len(jobs), unit="ep", desc=f"record {cfg.out}",
                disable=not progress, dynamic_ncols=True)
@@ -237,6 +255,10 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
     try:
         run_tasks(record_episode, [(cfg, job) for job in jobs], finish, workers=cfg.workers, backend=cfg.backend,
                   address=cfg.address, initializer=_init_worker)
+    except PolicyError:
+        if created and not writer.completed():
+            shutil.rmtree(cfg.out, ignore_errors=True)  # the learner failed at once: leave no empty dataset
+        raise
     finally:
         bar.close()
     elapsed = time.perf_counter() - started

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,9 +36,10 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
+from steerloop.files import atomic_write_json
 from steerloop.sim import ENV_ID
 from steerloop.sim.scene import CONDITIONS
-from steerloop.sim.track import split_seed
+from steerloop.sim.track import check_route_length, split_seed
 
 ALGOS = ("ppo",)
 RL_INSTALL_HINT = 'pip install "steerloop[rl]"'
@@ -110,6 +110,7 @@ class RLConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        check_route_length(self.track_length, "--track-length")
         if self.tracks > 100_000:
             raise ValueError(f"--tracks must be <= 100000 (the size of the training split), got {self.tracks}")
         unknown = [c for c in self.conditions if c not in CONDITIONS]
@@ -203,9 +204,10 @@ def collect_teacher_frames(cfg: RLConfig, progress: bool = True) -> dict[str, np
     from tqdm import tqdm
 
     from steerloop.agents import load_policy
+    from steerloop.agents.policy import LearnedPolicy
 
     teacher = load_policy(cfg.init)
-    if getattr(teacher, "requires_privileged", False) or not hasattr(teacher, "config"):
+    if not isinstance(teacher, LearnedPolicy):  # distillation needs the checkpoint's model configuration
         raise ValueError(f"--init must be a behaviour-cloning checkpoint directory, got {cfg.init!r}")
     env = make_training_env(cfg)
     rng = np.random.default_rng([cfg.seed, 1])
@@ -319,9 +321,7 @@ def _callbacks(cfg: RLConfig, out: Path, progress: bool):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 def train_rl(cfg: RLConfig, progress: bool = True) -> dict:

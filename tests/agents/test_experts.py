@@ -13,6 +13,7 @@ from helpers import TINY
 from steerloop.agents import load_policy
 from steerloop.agents.baselines import ZerosPolicy
 from steerloop.agents.experts import OU_THETA, ExpertPolicy, NoisyExpert
+from steerloop.evaluation.metrics import recovery_metrics
 from steerloop.sim import ENV_ID
 from steerloop.sim.controllers import FEATURE_SIZE, LOOKAHEAD_DISTANCES, LaneFeatures, pure_pursuit, stanley
 from steerloop.sim.track import TRACKS_DIR, split_seed
@@ -20,10 +21,6 @@ from steerloop.sim.vehicle import VehicleParams
 from steerloop.sim.wrappers import Perturbation, PerturbationWrapper
 
 BAR_MEAN_ABS_OFFSET = 0.10  # [m]
-RECOVERY_OFFSET = 0.25  # [m]
-RECOVERY_HEADING = math.radians(3.0)  # [rad]
-RECOVERY_WITHIN = 5.0  # [s]
-RECOVERY_STAY = 1.0  # [s]
 
 
 def _features(offset: float = 0.0, heading: float = 0.0, speed: float = 10.0) -> np.ndarray:
@@ -239,30 +236,6 @@ def test_expert_bar_full(track):
     _assert_meets_bar(track)
 
 
-def recovery_time(offsets: np.ndarray, headings: np.ndarray, end_index: int, dt: float) -> float | None:
-    """Seconds from the end of a perturbation until the car is back within RECOVERY_OFFSET and
-    RECOVERY_HEADING and stays there RECOVERY_STAY; None if that does not start within RECOVERY_WITHIN.
-    ``end_index`` is the index of the first step after the perturbation."""
-    stay = int(round(RECOVERY_STAY / dt))
-    inside = (np.abs(offsets) <= RECOVERY_OFFSET) & (np.abs(headings) <= RECOVERY_HEADING)
-    for k in range(end_index, end_index + int(round(RECOVERY_WITHIN / dt)) + 1):
-        if k + stay <= len(inside) and inside[k:k + stay].all():
-            return (k - end_index) * dt
-    return None
-
-
-def test_recovery_time_helper():
-    dt = 0.05
-    offsets = np.r_[np.full(10, 0.6), np.linspace(0.6, 0.0, 10), np.zeros(40)]
-    headings = np.zeros_like(offsets)
-    t = recovery_time(offsets, headings, 10, dt)
-    assert t == pytest.approx((16 - 10) * dt)  # linspace(0.6, 0, 10)[6] = 0.2 is the first within 0.25 m
-    assert recovery_time(np.full(200, 0.3), np.zeros(200), 10, dt) is None
-    blip = offsets.copy()
-    blip[30] = 0.3  # leaves the band before staying 1 s -> the stay restarts after the blip
-    assert recovery_time(blip, headings, 10, dt) == pytest.approx((31 - 10) * dt)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("perturbation", [
     Perturbation.push(60), Perturbation.push(60, -0.5), Perturbation.kick(60), Perturbation.kick(60, -5.0),
@@ -271,7 +244,7 @@ def test_expert_recovers_from_standard_perturbations(perturbation):
     env = PerturbationWrapper(gym.make(ENV_ID, track=split_seed("test", 0), resolution=TINY, privileged=True),
                               [perturbation])
     try:
-        info, offsets, headings, infos = _drive(env, ExpertPolicy(), max_steps=perturbation.end_step + 200)
+        info, offsets, _, infos = _drive(env, ExpertPolicy(), max_steps=perturbation.end_step + 200)
         dt = env.unwrapped.dt
     finally:
         env.close()
@@ -280,5 +253,6 @@ def test_expert_recovers_from_standard_perturbations(perturbation):
     start = perturbation.start_step - 1
     assert all(i["policy_overridden"] for i in infos[start:perturbation.end_step - 1])
     assert np.abs(offsets[start:]).max() > 0.1, "the perturbation should move the car"
-    t = recovery_time(offsets, headings, perturbation.end_step - 1, dt)
-    assert t is not None, f"no recovery within {RECOVERY_WITHIN} s"
+    trajectory = {key: np.array([i[key] for i in infos]) for key in ("lateral_offset", "rear_heading_error")}
+    (event,) = recovery_metrics(trajectory, [perturbation], dt=dt)  # the definition of docs/metrics.md
+    assert event["recovered"], f"not recovered: {event}"

@@ -245,6 +245,10 @@ class Spy:
         self.policy, self.override = policy, override
         self.actions, self.fed = [], []
         self.select_state = policy.select_state
+        self.recurrent = True
+
+    def reset(self):
+        self.policy.reset()
 
     def predict(self, observation, state=None, episode_start=None, deterministic=True):
         if state is not None and self.override is not None:

@@ -138,7 +138,7 @@ def test_unknown_model_config_key_gets_a_suggestion(work):
 
 
 def test_offline_on_a_dataset_without_episodes_is_refused(work):
-    from steerloop.sim.log import DrivingLogWriter
+    from steerloop.driving_log import DrivingLogWriter
 
     writer = DrivingLogWriter(work / "empty", config={"control_hz": 20}, cameras=("center",), resolution=(16, 32),
                               suite="train", seeds={"seed": 0})

@@ -17,7 +17,7 @@ from steerloop.agents.preprocess import PreprocessConfig, preprocess
 from steerloop.evaluation.copycat import (change_points, closed_loop_probe, event_errors, own_runs,
                                           repeat_previous)
 from steerloop.evaluation.offline import evaluate_offline, offline_metrics, offline_table, replay
-from steerloop.sim.log import DrivingLog
+from steerloop.driving_log import DrivingLog
 from steerloop.training.copycat import copycat_probe
 from steerloop.training.record import RecordConfig, record
 

@@ -1,6 +1,6 @@
 """Names become paths: every user-chosen name that names a file or directory (suite, track,
 scenario, study dataset and policy, condition) is refused unless safe, before anything is
-written, and every write stays under its output directory (sim.paths)."""
+written, and every write stays under its output directory (steerloop.paths)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from steerloop.evaluation.regress import PolicyEvaluator
 from steerloop.evaluation.runner import RESULTS_SCHEMA_VERSION, evaluate
 from steerloop.evaluation.study import Stage, load_study, plan_study
 from steerloop.evaluation.suites import Scenario, Suite, SuiteError, load_suite, load_suite_file
-from steerloop.sim.paths import (MAX_NAME_LENGTH, NAME_MAX_BYTES, UnsafeNameError, UnsafePathError, is_safe_name,
+from steerloop.paths import (MAX_NAME_LENGTH, NAME_MAX_BYTES, UnsafeNameError, UnsafePathError, is_safe_name,
                                  path_under, safe_name, shorten, slug)
 
 from helpers import SHORT_SPEC
@@ -346,14 +346,24 @@ def test_study_refuses_a_stage_directory_symlinked_out_before_any_work(work, cap
     assert _tree(outside) == [] and sorted(os.listdir(work / "out")) == ["datasets"]
 
 
-@pytest.mark.parametrize("policy", ["../../x", "/tmp/abs", "runs/a b/best", "..", "", "expert:pure_pursuit"])
+@pytest.mark.parametrize("policy", ["../../x", "/tmp/abs", "runs/a b/best", "..", "expert:pure_pursuit"])
 def test_cache_directories_of_path_named_policies_stay_under_the_root(tmp_path, monkeypatch, policy):
     (tmp_path / "empty" / "cwd").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "empty" / "cwd")  # "" and ".." name directories: their content is hashed
+    if policy and not policy.startswith("expert"):
+        Path(policy).mkdir(parents=True, exist_ok=True)  # a policy path must exist to be evaluated
     evaluator = PolicyEvaluator(tmp_path / "cache")
     directory = evaluator.run_dir(policy, load_suite("smoke"))
     assert directory.parent == tmp_path / "cache"
     assert is_safe_name(directory.name)
+
+
+def test_an_empty_policy_is_refused_before_any_directory_is_named(tmp_path):
+    from steerloop.agents.protocol import PolicyError
+
+    with pytest.raises(PolicyError, match="unknown policy ''"):
+        PolicyEvaluator(tmp_path / "cache").run_dir("", load_suite("smoke"))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_study_stage_paths_and_markers_stay_under_out_and_fit_the_file_system(work):

@@ -1,5 +1,5 @@
 """Recovery metrics, autonomy and bootstrap intervals on synthetic trajectories with
-hand-computed answers (evaluation.metrics)."""
+hand-computed answers (evaluation.metrics; definitions in docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from steerloop.evaluation.metrics import (RECOVERY_DEADLINE, RECOVERY_HOLD, RECOVERY_OFFSET, autonomy_percent, bootstrap_ci,
-                                recovery_metrics)
+from steerloop.evaluation.metrics import (RECOVERY_DEADLINE, RECOVERY_HEADING, RECOVERY_HOLD, RECOVERY_OFFSET,
+                                          autonomy_percent, recovery_metrics)
+from steerloop.evaluation.stats import bootstrap_ci
+from steerloop.sim.vehicle import VehicleParams
 from steerloop.sim.wrappers import Perturbation
 
 DT = 0.05  # [s] -> deadline 100 steps, hold 20 steps
@@ -20,21 +22,23 @@ PUSH = Perturbation("lateral_push", 11, 0.5, 10)
 BEGIN, RELEASE = 10, 20
 
 
-def trajectory(after_release, *, heading_deg=None) -> dict:
+def trajectory(after_release, *, heading_deg=None, rear_heading_deg=None) -> dict:
     """Offset 0 before the push, a linear ramp to 0.5 m during it, then ``after_release``
-    (the offsets from index RELEASE on, padded with its last value)."""
+    (the offsets from index RELEASE on, padded with its last value). Heading errors at the
+    midpoint and at the rear axle (default: the midpoint's, as on a straight road)."""
     offset = np.zeros(N)
     offset[BEGIN:RELEASE] = np.linspace(0.05, 0.5, RELEASE - BEGIN)
     tail = np.asarray(after_release, dtype=np.float64)
     offset[RELEASE:RELEASE + len(tail)] = tail
     offset[RELEASE + len(tail):] = tail[-1]
     heading = np.zeros(N) if heading_deg is None else np.radians(np.broadcast_to(heading_deg, (N,)))
-    return {"lateral_offset": offset, "heading_error": heading, "progress": np.arange(N) * 0.5,
-            "steering": np.zeros(N), "expert_steering": np.zeros(N)}
+    rear = heading if rear_heading_deg is None else np.radians(np.broadcast_to(rear_heading_deg, (N,)))
+    return {"lateral_offset": offset, "heading_error": heading, "rear_heading_error": rear,
+            "progress": np.arange(N) * 0.5, "steering": np.zeros(N), "expert_steering": np.zeros(N)}
 
 
-def test_constants_match_the_design():
-    assert (RECOVERY_OFFSET, RECOVERY_DEADLINE, RECOVERY_HOLD) == (0.25, 5.0, 1.0)
+def test_constants_match_the_documented_definition():
+    assert (RECOVERY_OFFSET, RECOVERY_HEADING, RECOVERY_DEADLINE, RECOVERY_HOLD) == (0.25, 3.0, 5.0, 1.0)
 
 
 def test_exponential_return_recovers_with_hand_computed_time():
@@ -108,6 +112,78 @@ def test_heading_error_must_be_small_too():
     assert record["recovered"] is False
     (record,) = recovery_metrics(trajectory(offsets, heading_deg=2.0), [PUSH], dt=DT)
     assert record["recovered"] is True
+
+
+# ----------------------------------------------------------------------------- heading in curves
+HALF_WHEELBASE = VehicleParams().wheelbase / 2  # [m] 1.35: midpoint to rear axle
+RADIUS = 25.0  # [m] the tightest arc of the procedural tracks and the shipped specs
+
+
+def rear_heading_deg(offset: float, heading_deg: float, radius: float, sign: int) -> float:
+    """Exact geometry: heading error [deg] at the rear axle of a car whose wheelbase midpoint is
+    ``offset`` left of an arc (``sign`` +1 left turn, -1 right) with heading error ``heading_deg``.
+    Arc centre at the origin, the midpoint's foot point at polar angle 0."""
+    r_mid = radius - sign * offset
+    yaw = sign * math.pi / 2 + math.radians(heading_deg)
+    rear_x, rear_y = r_mid - HALF_WHEELBASE * math.cos(yaw), -HALF_WHEELBASE * math.sin(yaw)
+    return math.degrees(yaw - (math.atan2(rear_y, rear_x) + sign * math.pi / 2))
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_perfect_tracker_on_a_25m_arc_recovers(sign):
+    # A kinematic car whose front axle follows a 25 m arc: midpoint R - sqrt(R^2 - 3 L^2 / 4)
+    # = 0.1096 m inside, heading error -atan(1.35 / sqrt(R^2 - L^2)) = -3.109 deg there, 0 at
+    # the rear axle. The old criterion (3 deg at the midpoint) never called this recovered.
+    offset, heading = sign * 0.1096, -sign * 3.109
+    assert rear_heading_deg(offset, heading, RADIUS, sign) == pytest.approx(0.0, abs=1e-3)
+    j = np.arange(N - RELEASE)
+    tail = 0.1096 + 0.3904 * np.exp(-j / 10.0)  # from the 0.5 m push to the steady offset, on its side
+    push = Perturbation("lateral_push", PUSH.start_step, sign * 0.5, PUSH.duration)
+    records = {}
+    for point, rear in (("rear axle", 0.0), ("midpoint", heading)):  # this definition, the old one
+        data = trajectory(tail, heading_deg=heading, rear_heading_deg=rear)
+        data["lateral_offset"] *= sign
+        (records[point],) = recovery_metrics(data, [push], dt=DT)
+    assert records["rear axle"]["recovered"] is True and records["midpoint"]["recovered"] is False
+    # first |offset| <= 0.25 m at j = ceil(10 ln(0.3904 / 0.1404)) = 11 (0.2396 m; j = 10 gives 0.2532 m)
+    assert records["rear axle"]["recovery_time_s"] == pytest.approx(11 * DT)
+    assert records["rear axle"]["overshoot_m"] == 0.0
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_expert_steady_state_of_the_issue_now_recovers(sign):
+    # The expert measured on a long 25 m arc: 0.10 m and 3.07 deg at the midpoint, which is
+    # +0.038 deg at the rear axle (hand geometry, rear_heading_deg)
+    rear = rear_heading_deg(sign * 0.10, -sign * 3.07, RADIUS, sign)
+    assert rear == pytest.approx(sign * 0.0379, abs=1e-4)
+    (record,) = recovery_metrics(trajectory([sign * 0.10], heading_deg=-sign * 3.07, rear_heading_deg=rear),
+                                 [PUSH], dt=DT)
+    assert record["recovered"] is True and record["recovery_time_s"] == 0.0
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_a_real_heading_error_beyond_the_steady_one_is_not_recovered(sign):
+    # 3.1 deg more than the steady 3.07 deg at the midpoint is -3.067 deg at the rear axle: out
+    rear = rear_heading_deg(sign * 0.10, -sign * (3.07 + 3.1), RADIUS, sign)
+    assert rear == pytest.approx(-sign * 3.0665, abs=1e-3)
+    (record,) = recovery_metrics(trajectory([sign * 0.10], rear_heading_deg=rear), [PUSH], dt=DT)
+    assert record["recovered"] is False and record["recovery_time_s"] is None
+    # 3.0 deg beyond it is -2.966 deg at the rear axle: in
+    rear = rear_heading_deg(sign * 0.10, -sign * (3.07 + 3.0), RADIUS, sign)
+    assert rear == pytest.approx(-sign * 2.9662, abs=1e-3)
+    (record,) = recovery_metrics(trajectory([sign * 0.10], rear_heading_deg=rear), [PUSH], dt=DT)
+    assert record["recovered"] is True
+
+
+def test_rear_heading_equals_midpoint_heading_on_a_straight():
+    assert rear_heading_deg(0.2, 2.0, 1e9, 1) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_recovery_needs_the_rear_heading_error():
+    data = trajectory([0.0])
+    del data["rear_heading_error"]
+    with pytest.raises(KeyError, match="rear_heading_error"):
+        recovery_metrics(data, [PUSH], dt=DT)
 
 
 def test_perturbation_beyond_the_episode_is_not_reached():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from steerloop.evaluation.cli import main
-from steerloop.evaluation.metrics import bootstrap_ci
+from steerloop.evaluation.stats import bootstrap_ci
 from steerloop.evaluation.regress import (CONFIDENCE, GATE_METRICS, IncomparableError, PolicyEvaluator, Tolerance, Tolerances,
                                 ToleranceError, assert_no_regression, check_comparable, compare, load_results,
                                 load_tolerances, parse_tolerances, policy_fingerprint, suite_from_dict)

@@ -27,6 +27,9 @@ class Recorder:
         if shrink:
             self.select_state = policy.select_state
 
+    def reset(self):
+        self.policy.reset()
+
     def predict(self, observation, state=None, episode_start=None, deterministic=True):
         self.sizes.append(len(observation["image"]))
         return self.policy.predict(observation, state=state, episode_start=episode_start, deterministic=deterministic)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from steerloop.evaluation.cli import main
-from steerloop.evaluation.report import correlation_ci, pearson, spearman
+from steerloop.evaluation.stats import correlation_ci, pearson, spearman
 from steerloop.evaluation.study import PRESETS, StudyError, load_study, plan_study
 
 TINY = """

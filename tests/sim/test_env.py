@@ -16,8 +16,8 @@ from steerloop.sim import ENV_ID, controllers
 from steerloop.sim.env import REWARD_WEIGHTS, RENDER_SIZE, LaneKeepEnv
 from steerloop.sim.scene import CONDITIONS
 
-INFO_KEYS = ("lateral_offset", "heading_error", "progress", "curvature", "speed", "wheel_angle", "departure",
-             "expert_steering")
+INFO_KEYS = ("lateral_offset", "heading_error", "rear_heading_error", "progress", "curvature", "speed",
+             "wheel_angle", "departure", "expert_steering")
 REWARD_TERMS = {"progress", "offset", "heading", "steering_rate", "departure", "off_road"}
 
 
@@ -217,8 +217,8 @@ def test_info_keys_present_at_reset_and_step(make_env):
     _, _, _, _, info = env.step(np.zeros(1, np.float32))
     for key in INFO_KEYS:
         assert key in info, key
-    for key in ("lateral_offset", "heading_error", "progress", "curvature", "speed", "wheel_angle",
-                "expert_steering"):
+    for key in ("lateral_offset", "heading_error", "rear_heading_error", "progress", "curvature", "speed",
+                "wheel_angle", "expert_steering"):
         assert isinstance(info[key], numbers.Real) and math.isfinite(info[key]), key
     assert isinstance(info["departure"], (bool, np.bool_))
     assert info["progress"] > 0
@@ -363,3 +363,28 @@ def test_privileged_features_match_straight_road_geometry(make_env):
     d = controllers.LOOKAHEAD_DISTANCES
     dy = -(offset - half * s)
     np.testing.assert_allclose(f.lookahead, np.c_[c * d + s * dy, -s * d + c * dy], atol=1e-4)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_rear_heading_error_is_zero_in_steady_turning(make_env, sign):
+    """A kinematic car whose front axle follows a 25 m arc: every point turns about the arc's
+    centre O, the rear axle on radius sqrt(R^2 - L^2) with its velocity (the heading) tangent
+    to it. Hand geometry: midpoint offset R - sqrt(R^2 - 3 L^2 / 4) = 0.1096 m towards O and
+    heading error -atan((L/2) / sqrt(R^2 - L^2)) = -3.109 deg at the midpoint, 0 at the rear axle."""
+    radius = 25.0
+    spec = {"name": "arc", "lane_width": 3.7, "segments": [
+        {"type": "straight", "length": 30}, {"type": "arc", "radius": radius, "angle": sign * 120},
+        {"type": "straight", "length": 30}]}
+    env = make_env(track=spec, privileged=True)
+    wheelbase = env.unwrapped.vehicle_params.wheelbase
+    rear_radius = math.sqrt(radius ** 2 - wheelbase ** 2)
+    offset = sign * (radius - math.hypot(rear_radius, wheelbase / 2))
+    heading = -sign * math.atan(wheelbase / 2 / rear_radius)
+    assert (abs(offset), math.degrees(abs(heading))) == pytest.approx((0.1096, 3.109), abs=1e-3)
+    obs, info = env.reset(seed=0, options={"start_s": 30 + radius * math.radians(60), "start_offset": offset,
+                                           "start_heading": heading})
+    assert info["curvature"] == pytest.approx(sign / radius)
+    assert info["lateral_offset"] == pytest.approx(offset, abs=1e-6)
+    assert info["heading_error"] == pytest.approx(heading, abs=1e-6)
+    assert info["rear_heading_error"] == pytest.approx(0.0, abs=1e-6)
+    assert controllers.LaneFeatures.from_array(obs["privileged"]).front_offset == pytest.approx(0.0, abs=1e-5)

@@ -1,4 +1,4 @@
-"""Driving logs (sim.log): lossless round trips, windows, byte-reproducible files, resumption,
+"""Driving logs (steerloop.driving_log): lossless round trips, windows, byte-reproducible files, resumption,
 crash safety, corruption detection and validation. Synthetic episodes only: no simulator needed."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import h5py
 import numpy as np
 import pytest
 
-import steerloop.sim.log as log_module
-from steerloop.sim.log import (FRAME_COMPRESSION, FRAME_COMPRESSION_LEVEL, MANIFEST, RACY_WINDOW_NS, SCALAR_FIELDS,
+import steerloop.driving_log.integrity as log_module
+from steerloop.driving_log.integrity import RACY_WINDOW_NS
+from steerloop.driving_log import (FRAME_COMPRESSION, FRAME_COMPRESSION_LEVEL, MANIFEST, SCALAR_FIELDS,
                                SCHEMA_VERSION, CorruptEpisodeError, DrivingLog, DrivingLogWriter, EpisodeBuffer,
                                LogError, episode_file, validate)
 
@@ -447,7 +448,7 @@ def test_truncated_file_is_detected(dataset):
 # ----------------------------------------------------------------------------- verification cache
 @pytest.fixture
 def hashes(monkeypatch) -> list[str]:
-    """Records every file sim.log hashes to check a checksum."""
+    """Records every file the driving log hashes to check a checksum."""
     calls = []
     real = log_module._sha256_file
 
@@ -622,18 +623,18 @@ def test_validate_reports_stray_files(dataset):
 KILL_SCRIPT = """
 import importlib.util, os, signal, sys
 sys.path.insert(0, {root!r})
-import steerloop.sim.log
+import steerloop.driving_log.writer
 spec = importlib.util.spec_from_file_location("log_tests", {tests!r})
 tests = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tests)
 where, out = sys.argv[1], sys.argv[2]
-target = steerloop.sim.log.episode_file(2)
-real_replace, real_commit = os.replace, steerloop.sim.log.DrivingLogWriter._commit_file
+target = steerloop.driving_log.writer.episode_file(2)
+real_replace, real_commit = os.replace, steerloop.driving_log.writer.DrivingLogWriter._commit_file
 
 def replace(src, dst):
     if where == "before_rename" and dst.endswith(target):
         os.kill(os.getpid(), signal.SIGKILL)  # tmp complete and fsynced, not yet renamed
-    if where == "before_manifest" and dst.endswith(steerloop.sim.log.MANIFEST) and os.path.exists(os.path.join(out, target)):
+    if where == "before_manifest" and dst.endswith(steerloop.driving_log.writer.MANIFEST) and os.path.exists(os.path.join(out, target)):
         os.kill(os.getpid(), signal.SIGKILL)  # episode renamed, manifest not yet replaced
     real_replace(src, dst)
 
@@ -646,7 +647,7 @@ def commit(self, final, image):
     real_commit(self, final, image)
 
 os.replace = replace
-steerloop.sim.log.DrivingLogWriter._commit_file = commit
+steerloop.driving_log.writer.DrivingLogWriter._commit_file = commit
 writer = tests.open_writer(out)
 for index in range(4):
     writer.write_episode(index, tests.make_buffer(6, seed=index), tests.attrs_for(index))

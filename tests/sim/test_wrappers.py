@@ -106,12 +106,17 @@ def test_lateral_push_moves_car_by_magnitude(make_env, magnitude, policy):
     push = Perturbation.push(10, magnitude)
     env = PerturbationWrapper(make_env(track=straight_spec(150.0)), [push])
     _, info = env.reset(seed=0)
-    offsets = {}
+    offsets, speeds, progress = {}, {}, {}
     for step in range(1, push.end_step + 1):
         action = ZERO if policy == "zeros" else _expert_action(info)
         _, _, _, _, info = env.step(action)
-        offsets[step] = info["lateral_offset"]
+        offsets[step], speeds[step], progress[step] = info["lateral_offset"], info["speed"], info["progress"]
         assert info["policy_overridden"] == (push.start_step <= step < push.end_step)
+    # the push moves the car sideways only: it keeps its 10 m/s and covers 0.5 m per step
+    # (PyBullet's resetBasePositionAndOrientation zeroes the velocity; the push must put it back)
+    assert min(speeds.values()) == pytest.approx(10.0, abs=0.05)
+    assert progress[push.end_step - 1] - progress[push.start_step - 1] == pytest.approx(
+        0.5 * push.duration, abs=0.05)
     assert abs(offsets[push.start_step - 1]) < 0.02  # centred before the push
     end = push.end_step - 1  # last step of the push
     assert offsets[end] == pytest.approx(magnitude, abs=0.15)
@@ -174,6 +179,7 @@ def test_interventions_put_car_back_and_episode_goes_on(make_env):
             assert info["offset_before_intervention"] > 1.0  # steering left drifted it out to the left
             assert info["lateral_offset"] == pytest.approx(0.0, abs=0.02)
             assert info["heading_error"] == pytest.approx(0.0, abs=0.01)
+            assert info["rear_heading_error"] == pytest.approx(0.0, abs=0.01)
             assert info["speed"] > 5.0
         assert info["interventions"] == count
         previous_intervened = info["intervention"]

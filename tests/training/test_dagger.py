@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from steerloop.sim.log import validate
+from steerloop.driving_log import validate
 from steerloop.training.dagger import DaggerConfig, run_dagger
 from steerloop.training.record import RecordConfig, record
 from steerloop.training.train import TrainConfig, train

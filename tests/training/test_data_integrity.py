@@ -14,10 +14,10 @@ import h5py
 import numpy as np
 import pytest
 
-import steerloop.sim.log as log_module
+import steerloop.driving_log.integrity as log_module
 from steerloop.evaluation.cli import main
 from steerloop.evaluation.offline import evaluate_offline
-from steerloop.sim.log import CorruptEpisodeError, episode_file, validate
+from steerloop.driving_log import CorruptEpisodeError, episode_file, validate
 from steerloop.training.dagger import DaggerConfig, run_dagger
 from steerloop.training.data import load_episodes
 from steerloop.training.record import RecordConfig, record

@@ -14,7 +14,7 @@ from steerloop.agents.mixture import MixturePolicy
 from steerloop.agents.models import ModelConfig, build_model
 from steerloop.agents.preprocess import PreprocessConfig
 from steerloop.sim.env import LaneKeepEnv
-from steerloop.sim.log import DrivingLog
+from steerloop.driving_log import DrivingLog
 from steerloop.training.record import RecordConfig, record
 
 from helpers import SHORT_SPEC

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from steerloop.sim.env import LaneKeepEnv
-from steerloop.sim.log import MANIFEST, DrivingLog, LogError, episode_file, validate
+from steerloop.driving_log import MANIFEST, DrivingLog, LogError, episode_file, validate
 from steerloop.training.record import RecordConfig, episode_jobs, record
 
 TINY = (16, 32)

@@ -15,10 +15,13 @@ outputs never depend on the backend or on the number of workers.
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
+import threading
 import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing import get_context
+from multiprocessing import active_children, connection, get_context, parent_process
+from multiprocessing.process import BaseProcess
 from typing import Callable, Iterable
 
 from steerloop.errors import SteerloopError
@@ -30,6 +33,8 @@ RAY_INSTALL_HINT = 'pip install "steerloop[ray]"'
 # after this many tasks bounds a long run's memory (a Ray worker process exits after as many).
 TASKS_PER_WORKER = 50
 CONNECT_TIMEOUT_S = 5.0  # a HOST:PORT that does not accept a TCP connection within this is refused
+WORKER_STOP_TIMEOUT_S = 5.0  # [s] an interrupted run waits this long for a terminated worker, then kills it
+PARENT_GONE_EXIT = 1  # exit status of a worker whose parent process died
 
 
 class BackendError(SteerloopError):
@@ -46,19 +51,66 @@ def check_backend(backend: str, address: str | None = None) -> None:
         raise BackendError(f"--backend ray needs Ray, which is not installed; install it with: {RAY_INSTALL_HINT}")
 
 
+def _exit_with_parent() -> None:
+    """In a worker process: exit as soon as the process that started it is gone.
+
+    The worker's parent in multiprocessing's sense is the steerloop process (the forkserver
+    only forks it), and ``parent_process().sentinel`` is a pipe that process alone holds
+    open: it reads as closed the moment that process dies, however it dies (SIGKILL
+    included). Without this, workers of a killed run wait for work forever, and the
+    forkserver and the resource tracker, which live while any worker does, with them.
+    """
+    parent = parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        connection.wait([parent.sentinel])
+        os._exit(PARENT_GONE_EXIT)
+
+    threading.Thread(target=watch, name="steerloop-parent-watchdog", daemon=True).start()
+
+
+def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
+    _exit_with_parent()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _stop_workers(workers: Iterable[BaseProcess]) -> None:
+    """Terminate worker processes (their running tasks are abandoned) and reap them."""
+    workers = [worker for worker in workers if worker.is_alive()]
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(WORKER_STOP_TIMEOUT_S)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
 def run_in_processes(fn: Callable, jobs: Iterable[tuple], on_result: Callable, *, workers: int,
                      initializer: Callable | None = None, initargs: tuple = ()) -> None:
     """Call ``fn(*job)`` for every job in ``workers`` processes (forkserver) and hand each
     result to ``on_result`` in the parent as soon as it is ready. On an exception or
-    Ctrl-C, pending jobs are cancelled; results already handed over are kept."""
-    with ProcessPoolExecutor(workers, mp_context=get_context("forkserver"), initializer=initializer,
-                             initargs=initargs, max_tasks_per_child=TASKS_PER_WORKER) as pool:
+    Ctrl-C (or SIGTERM, which the CLI turns into one), pending jobs are cancelled; results
+    already handed over are kept. On Ctrl-C the workers are stopped at once, so running
+    tasks are abandoned rather than waited for. Workers exit by themselves if this process
+    dies without cleaning up (SIGKILL)."""
+    before = set(active_children())
+    with ProcessPoolExecutor(workers, mp_context=get_context("forkserver"), initializer=_start_worker,
+                             initargs=(initializer, initargs), max_tasks_per_child=TASKS_PER_WORKER) as pool:
         pending = {pool.submit(fn, *job) for job in jobs}
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     on_result(future.result())
+        except KeyboardInterrupt:
+            # No future is cancelled here: the pool, finding its workers gone, fails every
+            # pending future itself (it cannot fail a cancelled one and would raise).
+            _stop_workers(set(active_children()) - before)
+            raise
         except BaseException:
             for future in pending:
                 future.cancel()
@@ -155,6 +207,17 @@ def _accepts_connections(address: str) -> bool:
         return False
 
 
+def _ray_result(ray, ref):
+    """``ray.get(ref)``; a task's user error (a ValueError, whose message is the whole story)
+    is raised as itself, not wrapped in Ray's multi-line remote traceback, as a local worker's is."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, ValueError):
+            raise error.cause from None
+        raise
+
+
 def _run_on_ray(fn: Callable, jobs: list[tuple], on_result: Callable, *, workers: int, address: str | None,
                 initializer: Callable | None, initargs: tuple) -> None:
     if not jobs:
@@ -172,7 +235,7 @@ def _run_on_ray(fn: Callable, jobs: list[tuple], on_result: Callable, *, workers
                 pending.append(task.remote(fn, initializer, initargs, run, queue.pop()))
             finished, pending = ray.wait(pending, num_returns=1)
             for ref in finished:
-                on_result(ray.get(ref))
+                on_result(_ray_result(ray, ref))
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)

@@ -1,4 +1,4 @@
-"""Road geometry for steerloop: an arc-length parametrised centre line with lane-frame queries.
+"""Road geometry: an arc-length parametrised centre line with lane-frame queries.
 
 A :class:`Track` is the centre line of the ego lane, built from a sequence of
 :class:`Segment` pieces whose curvature is linear in arc length:
@@ -41,63 +41,20 @@ transition). ``transition_length=0`` disables the insertion.
 
 JSON spec format
 ----------------
-::
-
-    {"name": "s-bend", "lane_width": 3.7,
-     "start": {"x": 0, "y": 0, "heading_deg": 0},          # optional
-     "transition_length": 10,                               # optional [m]
-     "segments": [{"type": "straight", "length": 40},
-                  {"type": "arc", "radius": 30, "angle": 90},      # degrees, + = left
-                  {"type": "clothoid", "length": 10, "k_start": 0.0333, "k_end": 0},
-                  {"type": "straight", "length": 30}]}
-
-Unknown keys (e.g. ``"comment"``) are ignored.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import math
-import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from steerloop.errors import MAX_NESTING, SteerloopError, check_keys, nesting_depth, suggest
+from steerloop.errors import SteerloopError
 
-__all__ = [
-    "TRAIN",
-    "VAL",
-    "TEST",
-    "SPLIT_SEED_RANGES",
-    "SAMPLE_STEP",
-    "DEFAULT_LANE_WIDTH",
-    "DEFAULT_TRANSITION_LENGTH",
-    "DEFAULT_LANE_STATE_WINDOW",
-    "CLEARANCE_LANE_WIDTHS",
-    "SEGMENT_KINDS",
-    "TRACKS_DIR",
-    "split_seed",
-    "TrackSpecError",
-    "Segment",
-    "LaneState",
-    "Track",
-    "generate_track",
-]
-
-# --------------------------------------------------------------------------- #
-# Dataset splits
-# --------------------------------------------------------------------------- #
-TRAIN, VAL, TEST = "train", "val", "test"
-#: Half-open ``[start, stop)`` seed ranges of the procedural tracks of each split (disjoint).
-SPLIT_SEED_RANGES: dict[str, tuple[int, int]] = {
-    TRAIN: (0, 100_000),
-    VAL: (100_000, 200_000),
-    TEST: (200_000, 300_000),
-}
 
 # --------------------------------------------------------------------------- #
 # Geometry constants
@@ -108,10 +65,6 @@ DEFAULT_TRANSITION_LENGTH = 10.0  # [m] clothoid transition length used by specs
 DEFAULT_LANE_STATE_WINDOW = 25.0  # [m] lane_state with a hint searches at most this far (arc length) from it
 CLEARANCE_LANE_WIDTHS = 2.0  # [-] default clearance = this * lane_width (two lanes + shoulders)
 SEGMENT_KINDS = ("straight", "arc", "clothoid")
-TRACKS_DIR = Path(__file__).resolve().parent / "tracks"  # shipped example specs
-SPEC_KEYS = ("name", "lane_width", "start", "transition_length", "segments", "comment", "description")
-START_KEYS = ("x", "y", "heading_deg")
-SEGMENT_KEYS = {"straight": ("length",), "arc": ("radius", "angle"), "clothoid": ("length", "k_start", "k_end")}
 
 _CLOTHOID_MAX_SUBSTEP = 1.0  # [m] longest quadrature sub-step on a clothoid
 _CLOTHOID_MAX_SUBSTEP_TURN = 0.1  # [rad] largest heading change over one quadrature sub-step
@@ -126,41 +79,32 @@ _SAMPLE_END_TOL = 1e-6  # [m] a last sample closer than this to the end is snapp
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(5)
 _GL_PAIRS = tuple(zip(_GL_NODES.tolist(), _GL_WEIGHTS.tolist()))
 
+
 # --------------------------------------------------------------------------- #
-# Procedural generation constants
+# World limits (checked from the spec, before anything is built)
 # --------------------------------------------------------------------------- #
-_GEN_START_STRAIGHT = (20.0, 30.0)  # [m] length range of the first straight (the car starts there)
-_GEN_RUN_OUT = 30.0  # [m] final straight run-out
-_GEN_ALTERNATE_PROB = 0.7  # [-] probability that a turn goes the other way than the previous one
-_GEN_MAX_ROUTE_HEADING = math.radians(135.0)  # [rad] |cumulative heading| bound (limits spirals)
-_GEN_MAX_ATTEMPTS = 100  # [-] candidates tried before giving up
+WORLD_REACH = 2400.0  # [m] farthest a road may go from the origin along x or y (the ground of sim.scene spans
+# +-3 km and keeps a 600 m margin so the horizon looks right)
+MIN_ROUTE_LENGTH = 10.0  # [m] a shorter route ends before it begins: the environment ends every route 10 m
+# before the end of its road
+MAX_ROUTE_LENGTH = 2.0 * WORLD_REACH  # [m] the drivable world is this wide: a longer route cannot fit it
+# without winding back on itself, and building one costs seconds and hundreds of MB before it is refused
 
 
-def split_seed(split: str, index: int) -> int:
-    """Seed of the ``index``-th procedural track of a dataset split.
+def check_route_length(length: Any, field: str) -> float:
+    """``length`` [m] as a float if a route may be that long, else ``ValueError`` naming
+    ``field`` and the allowed range. Costs nothing: call it before building a route."""
+    if not _is_number(length):
+        raise ValueError(f"{field}: must be a route length in metres, got {length!r}")
+    if length < MIN_ROUTE_LENGTH:
+        raise ValueError(f"{field}: must be at least {MIN_ROUTE_LENGTH:g} m (a shorter route ends before the car "
+                         f"is under way), got {length:g}")
+    if length > MAX_ROUTE_LENGTH:
+        raise ValueError(f"{field}: must be at most {MAX_ROUTE_LENGTH:g} m (the width of the world's drivable "
+                         f"part: a longer route cannot fit it), got {length:g}")
+    return float(length)
 
-    Args:
-        split: One of :data:`TRAIN`, :data:`VAL`, :data:`TEST`.
-        index: ``0 <= index < size of the split's seed range``.
 
-    Raises:
-        ValueError: Unknown split or index out of range.
-    """
-    if split not in SPLIT_SEED_RANGES:
-        raise ValueError(
-            f"split_seed: unknown split {split!r}; valid splits are "
-            f"{', '.join(repr(k) for k in SPLIT_SEED_RANGES)}"
-        )
-    try:
-        index = operator.index(index)
-    except TypeError:
-        raise ValueError(f"split_seed: index must be an integer, got {index!r}") from None
-    lo, hi = SPLIT_SEED_RANGES[split]
-    if not 0 <= index < hi - lo:
-        raise ValueError(
-            f"split_seed: index must be in [0, {hi - lo}) for split {split!r}, got {index}"
-        )
-    return lo + index
 
 
 class TrackSpecError(SteerloopError):
@@ -169,6 +113,7 @@ class TrackSpecError(SteerloopError):
     The message names the offending field, e.g.
     ``"segments[2].radius: must be > 0, got -5 (in s-bend.json)"``.
     """
+
 
 
 # --------------------------------------------------------------------------- #
@@ -715,6 +660,16 @@ class Track:
         hit = self._find_self_intersection(float(clearance))
         return None if hit is None else hit[0]
 
+    def _check_world_reach(self, where: str = "") -> None:
+        """Raise TrackSpecError naming the first spec segment that leaves the world (cheap: dense samples)."""
+        outside = np.flatnonzero(np.maximum(np.abs(self.x), np.abs(self.y)) > WORLD_REACH)
+        if outside.size:
+            i = outside[0]
+            raise TrackSpecError(
+                f"segments[{self.spec_segment_at(self.s[i])}]: the road leaves the world at ({self.x[i]:.0f} m, "
+                f"{self.y[i]:.0f} m); it must stay within +-{WORLD_REACH:g} m of the origin along x and y: "
+                f"move its start, shorten it or turn it back{where}")
+
     # ------------------------------------------------------------------ specs
     def to_spec(self) -> dict[str, Any]:
         """JSON-serialisable spec that :meth:`from_spec` turns back into this track.
@@ -750,69 +705,13 @@ class Track:
                 (see :meth:`self_intersects`); ``None`` = ``2 * lane_width``; 0 skips the check.
 
         Raises:
-            TrackSpecError: Naming the offending field, e.g. ``segments[1].radius``.
+            TrackSpecError: Naming the offending field, e.g. ``segments[1].radius``; also when
+                the route is shorter than ``MIN_ROUTE_LENGTH`` or longer than ``MAX_ROUTE_LENGTH``
+                (checked before anything is built) or leaves the world (``WORLD_REACH``).
         """
-        where = f" (in {source})"
-        if not isinstance(spec, Mapping):
-            raise TrackSpecError(
-                f"spec: must be a JSON object with a 'segments' list, got {type(spec).__name__}{where}"
-            )
-        check_keys(spec, SPEC_KEYS, f"track spec{where}", TrackSpecError)
-        name = spec.get("name", "track")
-        if not isinstance(name, str):
-            raise TrackSpecError(f"name: must be a string, got {name!r}{where}")
-        lane_width = _spec_number(spec, "lane_width", "lane_width", where, default=DEFAULT_LANE_WIDTH)
-        if lane_width <= 0.0:
-            raise TrackSpecError(f"lane_width: must be > 0 [m], got {lane_width:g}{where}")
+        from steerloop.sim.track.spec import track_from_spec
 
-        start = spec.get("start", {})
-        if not isinstance(start, Mapping):
-            raise TrackSpecError(
-                f'start: must be an object like {{"x": 0, "y": 0, "heading_deg": 0}}, got {start!r}{where}'
-            )
-        start_pose = (
-            _spec_number(start, "x", "start.x", where, default=0.0),
-            _spec_number(start, "y", "start.y", where, default=0.0),
-            math.radians(_spec_number(start, "heading_deg", "start.heading_deg", where, default=0.0)),
-        )
-        check_keys(start, START_KEYS, f"start{where}", TrackSpecError)
-
-        if transition_length is None:
-            transition_length = _spec_number(
-                spec, "transition_length", "transition_length", where, default=DEFAULT_TRANSITION_LENGTH
-            )
-        if not (_is_number(transition_length) and transition_length >= 0.0):
-            raise TrackSpecError(f"transition_length: must be >= 0 [m], got {transition_length!r}{where}")
-
-        if "segments" not in spec:
-            raise TrackSpecError(
-                'segments: missing required field; add a non-empty list such as '
-                f'[{{"type": "straight", "length": 40}}]{where}'
-            )
-        raw = spec["segments"]
-        if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
-            raise TrackSpecError(f"segments: must be a list of segment objects, got {type(raw).__name__}{where}")
-        if len(raw) == 0:
-            raise TrackSpecError(f"segments: must contain at least one segment, got an empty list{where}")
-        segments = [_parse_segment(item, i, where) for i, item in enumerate(raw)]
-
-        track = cls(segments, lane_width, name, start_pose, transition_length=float(transition_length))
-
-        if clearance is None:
-            clearance = CLEARANCE_LANE_WIDTHS * lane_width
-        if not (_is_number(clearance) and clearance >= 0.0):
-            raise ValueError(f"Track.from_spec: clearance must be >= 0 [m] or None, got {clearance!r}")
-        if clearance > 0.0:
-            hit = track._find_self_intersection(float(clearance))
-            if hit is not None:
-                seg, other, dist = hit
-                raise TrackSpecError(
-                    f"segments[{seg}]: the road crosses or touches itself (comes within {dist:.2f} m of "
-                    f"segments[{other}]); non-neighbouring parts of the road must stay at least "
-                    f"{2.0 * clearance:.2f} m apart (2 x clearance {clearance:.2f} m). Change the lengths, "
-                    f"radii or angles so the route does not come back near itself{where}"
-                )
-        return track
+        return track_from_spec(spec, source, transition_length, clearance, cls=cls)
 
     @classmethod
     def from_json(cls, path: str | Path, **kwargs: Any) -> Track:
@@ -824,27 +723,9 @@ class Track:
             FileNotFoundError: The file does not exist (the message names the path).
             TrackSpecError: Invalid JSON or invalid content (the message names the file).
         """
-        path = Path(path)
-        if not path.is_file():
-            shipped = sorted(p.name for p in TRACKS_DIR.glob("*.json")) if TRACKS_DIR.is_dir() else []
-            raise FileNotFoundError(
-                f"Track spec file not found: '{path}'. Shipped specs in {TRACKS_DIR}: "
-                f"{', '.join(shipped) or 'none'}"
-            )
-        try:
-            text = path.read_text(encoding="utf-8")
-            if nesting_depth(text) > MAX_NESTING:
-                raise TrackSpecError(f"{path}: nested more than {MAX_NESTING} levels deep; not a track spec")
-            spec = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TrackSpecError(
-                f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-            ) from None
-        except UnicodeDecodeError as exc:
-            raise TrackSpecError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
-        if isinstance(spec, dict) and "name" not in spec:
-            spec = {**spec, "name": path.stem}
-        return cls.from_spec(spec, source=str(path), **kwargs)
+        from steerloop.sim.track.spec import track_from_json
+
+        return track_from_json(path, cls=cls, **kwargs)
 
     def __repr__(self) -> str:
         return (
@@ -853,9 +734,6 @@ class Track:
         )
 
 
-# --------------------------------------------------------------------------- #
-# Spec parsing helpers
-# --------------------------------------------------------------------------- #
 def _is_number(value: Any) -> bool:
     """True for finite real numbers (bools excluded)."""
     return (
@@ -864,195 +742,3 @@ def _is_number(value: Any) -> bool:
         and math.isfinite(value)
     )
 
-
-def _spec_number(obj: Mapping[str, Any], key: str, field: str, where: str, default: float | None = None) -> float:
-    """Read a finite number ``obj[key]``; errors name ``field``."""
-    if key not in obj:
-        if default is None:
-            raise TrackSpecError(f"{field}: missing required field{where}")
-        return float(default)
-    value = obj[key]
-    if not _is_number(value):
-        raise TrackSpecError(f"{field}: must be a finite number, got {value!r}{where}")
-    return float(value)
-
-
-def _parse_segment(item: Any, i: int, where: str) -> Segment:
-    field = f"segments[{i}]"
-    if not isinstance(item, Mapping):
-        raise TrackSpecError(
-            f'{field}: must be an object like {{"type": "straight", "length": 40}}, got {item!r}{where}'
-        )
-    if "type" not in item:
-        raise TrackSpecError(
-            f"{field}.type: missing required field; valid types are "
-            f"{', '.join(repr(k) for k in SEGMENT_KINDS)}{where}"
-        )
-    kind = item["type"]
-    if kind not in SEGMENT_KINDS:
-        raise TrackSpecError(
-            f"{field}.type: unknown segment type {kind!r}{suggest(kind, SEGMENT_KINDS)}; valid types are "
-            f"{', '.join(repr(k) for k in SEGMENT_KINDS)}{where}"
-        )
-    check_keys(item, ("type", *SEGMENT_KEYS[kind]), f"{field} ({kind}){where}", TrackSpecError)
-    if kind == "straight":
-        length = _spec_number(item, "length", f"{field}.length", where)
-        if length <= 0.0:
-            raise TrackSpecError(f"{field}.length: must be > 0, got {length:g}{where}")
-        return Segment.straight(length)
-    if kind == "arc":
-        radius = _spec_number(item, "radius", f"{field}.radius", where)
-        if radius <= 0.0:
-            raise TrackSpecError(f"{field}.radius: must be > 0, got {radius:g}{where}")
-        angle = _spec_number(item, "angle", f"{field}.angle", where)
-        if angle == 0.0:
-            raise TrackSpecError(
-                f"{field}.angle: must be non-zero (degrees, + = left turn), got {angle:g}{where}"
-            )
-        return Segment.arc(radius, angle)
-    length = _spec_number(item, "length", f"{field}.length", where)
-    if length <= 0.0:
-        raise TrackSpecError(f"{field}.length: must be > 0, got {length:g}{where}")
-    k_start = _spec_number(item, "k_start", f"{field}.k_start", where)
-    k_end = _spec_number(item, "k_end", f"{field}.k_end", where)
-    return Segment.clothoid(length, k_start, k_end)
-
-
-# --------------------------------------------------------------------------- #
-# Procedural generation
-# --------------------------------------------------------------------------- #
-def _check_range(name: str, value: Any, lo_min: float, hi_max: float = math.inf) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"generate_track: {name} must be a (min, max) pair of numbers, got {value!r}") from None
-    if not (lo_min < lo <= hi <= hi_max):
-        raise ValueError(
-            f"generate_track: {name} must satisfy {lo_min:g} < min <= max <= {hi_max:g}, got {value!r}"
-        )
-    return lo, hi
-
-
-def _random_route(
-    rng: np.random.Generator,
-    length: float,
-    min_radius: float,
-    max_radius: float,
-    straight_range: tuple[float, float],
-    angle_range_deg: tuple[float, float],
-) -> tuple[list[Segment], int, int]:
-    """Draw one candidate route; returns (segments, n_left_turns, n_right_turns)."""
-    segments = [Segment.straight(rng.uniform(*_GEN_START_STRAIGHT))]
-    total = segments[0].length
-    heading = 0.0
-    last_sign = 1.0 if rng.random() < 0.5 else -1.0
-    n_left = n_right = 0
-    while total < length:
-        radius = rng.uniform(min_radius, max_radius)
-        angle = math.radians(rng.uniform(*angle_range_deg))
-        sign = -last_sign if rng.random() < _GEN_ALTERNATE_PROB else last_sign
-        if abs(heading + sign * angle) > _GEN_MAX_ROUTE_HEADING and heading != 0.0:
-            sign = -math.copysign(1.0, heading)  # turn back towards the initial direction
-        segments.append(Segment.arc(radius, math.degrees(sign * angle)))
-        total += segments[-1].length
-        heading += sign * angle
-        last_sign = sign
-        n_left += sign > 0
-        n_right += sign < 0
-        if total < length:
-            segments.append(Segment.straight(rng.uniform(*straight_range)))
-            total += segments[-1].length
-    if segments[-1].kind == "straight":
-        segments[-1] = Segment.straight(segments[-1].length + _GEN_RUN_OUT)
-    else:
-        segments.append(Segment.straight(_GEN_RUN_OUT))
-    return segments, n_left, n_right
-
-
-def generate_track(
-    seed: int,
-    length: float = 400.0,
-    lane_width: float = DEFAULT_LANE_WIDTH,
-    min_radius: float = 25.0,
-    max_radius: float = 120.0,
-    *,
-    straight_range: tuple[float, float] = (10.0, 60.0),
-    angle_range_deg: tuple[float, float] = (20.0, 120.0),
-    transition_length: float = DEFAULT_TRANSITION_LENGTH,
-    clearance: float | None = None,
-    max_attempts: int = _GEN_MAX_ATTEMPTS,
-) -> Track:
-    """Procedural, seeded route (same seed -> identical track).
-
-    The route starts with a 20-30 m straight (where the car starts), then alternates
-    arcs (radius uniform in ``[min_radius, max_radius]``, angle uniform in
-    ``angle_range_deg``) and straights (length uniform in ``straight_range``) until
-    ``length`` is reached, and ends with a 30 m straight run-out (half a transition of
-    which is used by the last clothoid transition). Turns alternate direction with
-    probability 0.7 and the cumulative heading is kept within +-135 deg, so routes
-    mix left and right turns and do not spiral. Clothoid transitions of
-    ``transition_length`` are inserted at every curvature change, so ``|curvature|``
-    never exceeds ``1 / min_radius``.
-
-    Candidates that come back within ``2 * clearance`` of themselves (default clearance
-    ``2 * lane_width``) or that have at least two turns all in the same direction are
-    rejected; retries use ``np.random.default_rng([seed, attempt])``, so the result is
-    deterministic. The first attempt uses ``np.random.default_rng(seed)``.
-
-    Args:
-        seed: Non-negative integer seed (see :func:`split_seed`).
-        length: Route length [m] before the run-out, > 0.
-        lane_width: Lane width [m], > 0.
-        min_radius, max_radius: Arc radius range [m], ``0 < min_radius <= max_radius``.
-        straight_range: ``(min, max)`` length of intermediate straights [m].
-        angle_range_deg: ``(min, max)`` absolute turning angle of an arc [deg], within (0, 180].
-        transition_length: Clothoid transition length [m], >= 0.
-        clearance: Half-width of the road footprint for the self-intersection check [m].
-        max_attempts: Candidates to try before raising ``RuntimeError``.
-
-    Returns:
-        A :class:`Track` named ``f"proc-{seed}"``.
-    """
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise ValueError(f"generate_track: seed must be an integer, got {seed!r}") from None
-    if seed < 0:
-        raise ValueError(f"generate_track: seed must be >= 0, got {seed}")
-    if not (_is_number(length) and length > 0.0):
-        raise ValueError(f"generate_track: length must be a number > 0 [m], got {length!r}")
-    if not (_is_number(lane_width) and lane_width > 0.0):
-        raise ValueError(f"generate_track: lane_width must be a number > 0 [m], got {lane_width!r}")
-    if not (_is_number(min_radius) and min_radius > 0.0):
-        raise ValueError(f"generate_track: min_radius must be a number > 0 [m], got {min_radius!r}")
-    if not _is_number(max_radius):
-        raise ValueError(f"generate_track: max_radius must be a number [m], got {max_radius!r}")
-    if min_radius > max_radius:
-        raise ValueError(
-            f"generate_track: min_radius ({min_radius:g} m) must be <= max_radius ({max_radius:g} m)"
-        )
-    straight_range = _check_range("straight_range", straight_range, 0.0)
-    angle_range_deg = _check_range("angle_range_deg", angle_range_deg, 0.0, 180.0)
-    if not (_is_number(transition_length) and transition_length >= 0.0):
-        raise ValueError(f"generate_track: transition_length must be a number >= 0 [m], got {transition_length!r}")
-    if clearance is None:
-        clearance = CLEARANCE_LANE_WIDTHS * lane_width
-    if not (_is_number(clearance) and clearance > 0.0):
-        raise ValueError(f"generate_track: clearance must be a number > 0 [m] or None, got {clearance!r}")
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-        raise ValueError(f"generate_track: max_attempts must be an integer >= 1, got {max_attempts!r}")
-
-    for attempt in range(max_attempts):
-        rng = np.random.default_rng(seed if attempt == 0 else [seed, attempt])
-        segments, n_left, n_right = _random_route(
-            rng, float(length), float(min_radius), float(max_radius), straight_range, angle_range_deg
-        )
-        if n_left + n_right >= 2 and (n_left == 0 or n_right == 0):
-            continue
-        track = Track(segments, lane_width, f"proc-{seed}", transition_length=float(transition_length))
-        if track._find_self_intersection(float(clearance)) is None:
-            return track
-    raise RuntimeError(
-        f"generate_track: no non-self-intersecting route found for seed {seed} in {max_attempts} attempts; "
-        "increase max_attempts, reduce length or clearance, or use larger radii"
-    )
