@@ -115,6 +115,7 @@ def evaluate_offline(policy: str | Policy, data: str, out: str | None = None, dt
     ``prediction_i``, ``label_i`` and ``time_i`` ((N_i,) arrays; load with ``np.load``)."""
     import torch
 
+    from steerloop.agents.policy import LearnedPolicy
     from steerloop.agents.spec import policy_ref
 
     ref = policy_ref(policy, policy_kwargs, name)
@@ -126,7 +127,7 @@ def evaluate_offline(policy: str | Policy, data: str, out: str | None = None, dt
     if dt is None:
         dt = 1.0 / float(log.manifest.get("config", {}).get("control_hz", 20))
     predictions, labels, speeds, times, executed, per_episode = [], [], [], [], [], []
-    fed_back = tuple(getattr(getattr(policy, "model", None), "feedback", ()) or ())
+    fed_back = tuple(policy.model.feedback) if isinstance(policy, LearnedPolicy) else ()  # replayed teacher forced too
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one frame at a time: more threads only spin (20x slower on a busy machine)
     try:
