@@ -205,3 +205,37 @@ def test_road_cache_is_shared_by_conditions_of_one_scenery():
         assert scene.ROADS_PER_WORLD == 128
     finally:
         env.close()
+
+
+def _hash_in_child(name: str) -> str:
+    env = LaneKeepEnv(track=SHORT_SPEC, resolution=TINY)
+    try:
+        return _episode_hash(env, name)
+    finally:
+        env.close()
+
+
+def test_rich_frames_are_identical_in_another_process():
+    """Workers are fresh processes: their frames (effects, scenery) match the parent's bit for bit."""
+    import multiprocessing
+
+    names = ["town-rain", "rural-night"]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        children = pool.map(_hash_in_child, names)
+    assert children == [_hash_in_child(name) for name in names]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", ["test", "shift", "generalization"])
+def test_expert_completes_every_route_of_the_2x2_suites(suite):
+    from steerloop.evaluation.suites import builtin_suite
+
+    env = LaneKeepEnv(resolution=TINY)
+    try:
+        for scenario in builtin_suite(suite).scenarios:
+            env.unwrapped.config.track_length = scenario.track_length
+            info, _ = drive_with_expert_label(env, seed=scenario.seed,
+                                              options={"track": scenario.track, "condition": scenario.condition})
+            assert info["success"] and info["departures"] == 0, scenario.name
+    finally:
+        env.close()
