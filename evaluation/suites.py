@@ -262,7 +262,7 @@ def _expand_conditions(conditions: list, path: Path) -> list[str]:
     condition of that split; each checked (the error names the entry and the valid values)."""
     out = []
     for i, condition in enumerate(conditions):
-        if condition in CONDITION_GROUPS:
+        if isinstance(condition, str) and condition in CONDITION_GROUPS:
             out += CONDITION_GROUPS[condition]
             continue
         try:
