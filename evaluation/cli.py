@@ -231,6 +231,8 @@ class BenchArgs:
     """Repeats (the median is reported)."""
     resolution: tuple[int, int] = (66, 200)
     """Camera image size HxW [px]."""
+    condition: str = "default"
+    """soak: the visual condition (its scenery is built for every track; env compares flat, default and the richest)."""
     json: bool = False
     """Print one JSON object with every figure."""
 
@@ -406,7 +408,7 @@ def cmd_bench(args) -> int:
     if args.target == "env":
         result = bench_env(steps=args.steps, repeats=args.repeats, resolution=args.resolution)
     elif args.target == "soak":
-        result = bench_soak(tracks=args.episodes or 1000, resolution=args.resolution)
+        result = bench_soak(tracks=args.episodes or 1000, resolution=args.resolution, condition=args.condition)
     elif args.target == "record":
         result = bench_record(episodes=args.episodes or 8, repeats=args.repeats, resolution=args.resolution)
     elif args.target == "train":
