@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from steerloop.sim.camera import body_camera_matrices, render
+from steerloop.sim.conditions import RICHEST
 from steerloop.sim.env import LaneKeepEnv
 
 BENCH_TRACK = 200_000  # the first test-split track
@@ -27,61 +28,94 @@ def _median_rate(fn, steps: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def bench_env(steps: int = 300, repeats: int = 5, resolution: tuple[int, int] = (66, 200)) -> dict:
-    """Bare getCameraImage frames/s and bare physics control-steps/s on the same scene,
-    next to the environment's own steps/s, interleaved repeat by repeat.
+BENCH_CONDITIONS = ("flat", "default", RICHEST)  # side by side: today's look, the default, the richest
+DEFAULT_MIN_OVER_FLAT = 0.8  # the default condition keeps this fraction of the flat world's env steps/s
+RICHEST_MIN_OVER_FLAT = 0.4  # the richest built-in condition keeps this fraction
+ENV_OVERHEAD_MAX = 1.15  # env time over (bare render + bare physics) of the same scene
 
-    The car follows the expert along a test track (300 steps stay on the route, so no
-    reset is timed); bare rendering replays the camera poses of that same drive.
-    """
-    torch.set_num_threads(1)
-    env = LaneKeepEnv(track=BENCH_TRACK, resolution=resolution)
-    env.reset(seed=0)
-    client = env.client
-    vehicle = env.vehicle
-    spec = env.camera_specs[0]
-    lighting = env.appearance.lighting
 
-    # Camera poses along the env's own trajectory, so bare rendering sees the same scenes.
-    poses = []
-    env.reset(seed=0)
-    for _ in range(steps):
-        env.step(np.array([env.expert_command()], np.float32))
-        poses.append(body_camera_matrices(client, spec, *vehicle.base_state(), vehicle.params.wheel_radius))
+class _ConditionBench:
+    """One environment in one condition, the camera poses of its expert drive and the three timed loops."""
 
-    def render_only(n):
-        for view, projection in poses[:n]:
-            render(client, spec.width, spec.height, view, projection, lighting)
+    def __init__(self, condition: str, steps: int, resolution: tuple[int, int]):
+        self.env = env = LaneKeepEnv(track=BENCH_TRACK, resolution=resolution, condition=condition)
+        self.steps = steps
+        env.reset(seed=0)
+        vehicle, spec = env.vehicle, env.episode_cameras[0]
+        self.poses = []  # camera poses along the env's own trajectory, so bare rendering sees the same scenes
+        for _ in range(steps):
+            env.step(np.array([env.expert_command()], np.float32))
+            self.poses.append(body_camera_matrices(env.client, spec, *vehicle.base_state(),
+                                                   vehicle.params.wheel_radius))
 
-    def physics_only(n):
+    def render_only(self, n: int) -> None:
+        env, spec = self.env, self.env.episode_cameras[0]
+        for view, projection in self.poses[:n]:
+            render(env.client, spec.width, spec.height, view, projection, env.appearance.lighting)
+
+    def physics_only(self, n: int) -> None:
         for _ in range(n):
-            vehicle.step_physics(env.substeps)
+            self.env.vehicle.step_physics(self.env.substeps)
 
-    def env_steps(n):
+    def env_steps(self, n: int) -> None:
+        env = self.env
         for _ in range(n):
             env.step(np.array([env.expert_command()], np.float32))
 
-    results = {"render_fps": [], "physics_steps_per_s": [], "env_steps_per_s": []}
+    def timed(self) -> dict[str, float]:
+        out = {}
+        for key, loop in (("render_fps", self.render_only), ("physics_steps_per_s", self.physics_only),
+                          ("env_steps_per_s", self.env_steps)):
+            self.env.reset(seed=0)
+            out[key] = _median_rate(loop, self.steps, 1)
+        return out
+
+
+def bench_env(steps: int = 300, repeats: int = 5, resolution: tuple[int, int] = (66, 200),
+              conditions: tuple[str, ...] = BENCH_CONDITIONS) -> dict:
+    """Bare getCameraImage frames/s and bare physics control-steps/s on the same scene, next
+    to the environment's own steps/s, for each of ``conditions`` (flat, default and richest),
+    interleaved repeat by repeat and condition by condition.
+
+    The car follows the expert along a test track (300 steps stay on the route, so no reset
+    is timed); bare rendering replays the camera poses of that same drive. Image-formation
+    effects (fog, noise, blur, JPEG...) count as environment time. The top-level figures
+    are the default condition's; ``conditions`` holds each one's, with its ratio to flat.
+    """
+    torch.set_num_threads(1)
+    benches = {name: _ConditionBench(name, steps, resolution) for name in conditions}
+    substeps = next(iter(benches.values())).env.substeps
+    results = {name: {"render_fps": [], "physics_steps_per_s": [], "env_steps_per_s": []} for name in conditions}
     for _ in range(repeats):
-        env.reset(seed=0)
-        results["render_fps"].append(_median_rate(render_only, steps, 1))
-        env.reset(seed=0)
-        results["physics_steps_per_s"].append(_median_rate(physics_only, steps, 1))
-        env.reset(seed=0)
-        results["env_steps_per_s"].append(_median_rate(env_steps, steps, 1))
-    env.close()
-    med = {key: statistics.median(values) for key, values in results.items()}
-    render_plus_physics = 1.0 / (1.0 / med["render_fps"] + 1.0 / med["physics_steps_per_s"])
+        for name, bench in benches.items():
+            for key, value in bench.timed().items():
+                results[name][key].append(value)
+    for bench in benches.values():
+        bench.env.close()
+    per_condition = {name: _summary(values) for name, values in results.items()}
+    flat = per_condition.get("flat", per_condition[conditions[0]])["env_steps_per_s"]
+    for row in per_condition.values():
+        row["env_over_flat"] = round(row["env_steps_per_s"] / flat, 3)
+    main = per_condition.get("default", per_condition[conditions[0]])
     return {
         "resolution": list(resolution),
         "steps_per_repeat": steps,
         "repeats": repeats,
-        "physics_substeps_per_step": env.substeps,
-        **{key: round(value, 1) for key, value in med.items()},
-        "render_plus_physics_steps_per_s": round(render_plus_physics, 1),
-        "env_overhead_ratio": round(render_plus_physics / med["env_steps_per_s"], 3),
-        "target_env_overhead_ratio_max": 1.15,
+        "physics_substeps_per_step": substeps,
+        **{key: value for key, value in main.items() if key != "env_over_flat"},
+        "target_env_overhead_ratio_max": ENV_OVERHEAD_MAX,
+        "conditions": per_condition,
+        "targets_over_flat_min": {"default": DEFAULT_MIN_OVER_FLAT, RICHEST: RICHEST_MIN_OVER_FLAT},
     }
+
+
+def _summary(values: dict[str, list[float]]) -> dict:
+    """Medians of one condition's rates, and its env time over bare render + physics."""
+    med = {key: statistics.median(series) for key, series in values.items()}
+    render_plus_physics = 1.0 / (1.0 / med["render_fps"] + 1.0 / med["physics_steps_per_s"])
+    return {**{key: round(value, 1) for key, value in med.items()},
+            "render_plus_physics_steps_per_s": round(render_plus_physics, 1),
+            "env_overhead_ratio": round(render_plus_physics / med["env_steps_per_s"], 3)}
 
 
 SOAK_WARMUP_TRACKS = 50  # distinct tracks driven before the baseline RSS is read
@@ -99,7 +133,7 @@ def _rss_mb() -> float:
 
 
 def bench_soak(tracks: int = 1000, track_length: float = 400.0, resolution: tuple[int, int] = (66, 200),
-               steps: int = 3) -> dict:
+               steps: int = 3, condition: str = "default") -> dict:
     """RSS growth of one environment over ``tracks`` distinct procedural training tracks.
 
     Every reset shows a new track (its road meshes are built) and drives ``steps``
@@ -108,7 +142,7 @@ def bench_soak(tracks: int = 1000, track_length: float = 400.0, resolution: tupl
     """
     from steerloop.sim.track import split_seed
 
-    env = LaneKeepEnv(resolution=resolution, track_length=track_length)
+    env = LaneKeepEnv(resolution=resolution, track_length=track_length, condition=condition)
     zero = np.zeros(1, np.float32)
 
     def drive(index: int, seed: int) -> None:
@@ -132,7 +166,7 @@ def bench_soak(tracks: int = 1000, track_length: float = 400.0, resolution: tupl
     env.close()
     growth = max(peak, after) - before
     return {
-        "tracks": tracks, "track_length_m": track_length, "steps_per_track": steps,
+        "tracks": tracks, "track_length_m": track_length, "steps_per_track": steps, "condition": condition,
         "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1), "rss_peak_mb": round(max(peak, after), 1),
         "rss_growth_mb": round(growth, 1), "growth_per_track_kb": round(growth * 1024 / tracks, 2),
         "allowed_growth_mb_per_1000_tracks": SOAK_ALLOWED_GROWTH_MB, "tracks_per_s": round(tracks / seconds, 1),
@@ -140,11 +174,22 @@ def bench_soak(tracks: int = 1000, track_length: float = 400.0, resolution: tupl
 
 
 def format_table(title: str, rows: dict) -> str:
-    """A two-column plain-text table of a bench result."""
-    width = max(len(k) for k in rows)
+    """A two-column plain-text table of a bench result (nested results as ``outer.inner`` rows)."""
+    flat = _flatten(rows)
+    width = max(len(k) for k in flat)
     lines = [title, "-" * (width + 16)]
-    lines += [f"{key:<{width}}  {value}" for key, value in rows.items()]
+    lines += [f"{key:<{width}}  {value}" for key, value in flat.items()]
     return "\n".join(lines)
+
+
+def _flatten(rows: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in rows.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _expert_env_rate(episodes: int, track_length: float, resolution) -> float:

@@ -4,14 +4,15 @@ is evaluated once per (policy content, suite, resolution, steerloop source)."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steerloop.agents.spec import hash_files
 from steerloop.evaluation.results import EvaluationResult
 from steerloop.evaluation.runner import DEFAULT_BATCH, evaluate
 from steerloop.evaluation.suites import Suite, load_suite
@@ -25,14 +26,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ["STEERLOOP_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "steerloop"
-
-
-def _hash_files(root: Path, files) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
 
 
 SOURCE_PACKAGES = ("steerloop", "steerloop.driving_log", "steerloop.sim", "steerloop.agents", "steerloop.training",
@@ -49,7 +42,7 @@ def code_fingerprint() -> str:
         directory = Path(directory)
         files = [p for p in directory.glob("*" if package == "steerloop" else "**/*")
                  if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"]
-        digest.update(package.encode() + b"\0" + _hash_files(directory, files).encode())
+        digest.update(package.encode() + b"\0" + hash_files(directory, files).encode())
     return digest.hexdigest()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
@@ -230,6 +231,8 @@ class BenchArgs:
     """Repeats (the median is reported)."""
     resolution: tuple[int, int] = (66, 200)
     """Camera image size HxW [px]."""
+    condition: str = "default"
+    """soak: the visual condition (its scenery is built for every track; env compares flat, default and the richest)."""
     json: bool = False
     """Print one JSON object with every figure."""
 
@@ -405,7 +408,7 @@ def cmd_bench(args) -> int:
     if args.target == "env":
         result = bench_env(steps=args.steps, repeats=args.repeats, resolution=args.resolution)
     elif args.target == "soak":
-        result = bench_soak(tracks=args.episodes or 1000, resolution=args.resolution)
+        result = bench_soak(tracks=args.episodes or 1000, resolution=args.resolution, condition=args.condition)
     elif args.target == "record":
         result = bench_record(episodes=args.episodes or 8, repeats=args.repeats, resolution=args.resolution)
     elif args.target == "train":
@@ -511,7 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text)
         for config, details in configs:
             add_flags(command, config, skip=("extra",), cli=details)
-        command.set_defaults(func=handler, interrupted=interrupted)
+        flags = {action.dest: action.option_strings[-1] for action in command._actions if action.option_strings
+                 and action.dest != "help"}
+        command.set_defaults(func=handler, interrupted=interrupted, flags=flags)
     sub.choices["demo"].set_defaults(config="demo", no_cache=False)
     return parser
 
@@ -524,6 +529,18 @@ def _one_line(error: BaseException) -> str:
     if isinstance(error, RecursionError):
         return "an input file is nested too deeply to be a steerloop file"
     return " ".join(str(error).split())
+
+
+def _as_flags(message: str, flags: dict[str, str]) -> str:
+    """A library message names config fields (``track_length must be ...``); on the command
+    line the same names are flags (``--track-length must be ...``). A field name is rewritten
+    where it is the subject of the message: right before ``must``, ``needs`` or a colon."""
+    def flag(match: re.Match) -> str:
+        name = match.group(0)
+        after = message[match.end():match.end() + 6]
+        return flags[name] if name in flags and after.startswith((" must", " needs", ":")) else name
+
+    return re.sub(r"(?<![\w.\-/])[a-z][a-z0-9_]*(?![\w.\-/])", flag, message)
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -543,7 +560,7 @@ def _run_command(args) -> int:
     try:
         return args.func(args)
     except (SteerloopError, ValueError, OSError, RecursionError) as error:
-        print(f"steerloop {args.command}: {_one_line(error)}", file=sys.stderr)
+        print(f"steerloop {args.command}: {_as_flags(_one_line(error), args.flags)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         hint = args.interrupted.replace("OUT", str(vars(args).get("out") or "the output directory"))

@@ -6,8 +6,11 @@ the scenario's position, so a suite means the same thing on every machine and ru
 
 Built in: ``smoke`` (3 short tracks, for tests), ``test`` (20 held-out procedural tracks),
 ``recovery`` (the test tracks with standard perturbations on straights and in curves),
-``shift`` (the test tracks under held-out visual conditions) and ``interventions`` (the
-test tracks in intervention mode, for autonomy %). Users' suites are JSON files.
+``shift`` (training-split tracks under held-out visual conditions), ``generalization`` (the
+test tracks under held-out conditions) and ``interventions`` (the test tracks in
+intervention mode, for autonomy %). With ``test`` (new tracks, the training condition) they
+make Codevilla et al.'s 2x2 of training/new tracks x training/new conditions. Users' suites
+are JSON files.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 from steerloop.errors import SteerloopError, check_keys, read_json
 from steerloop.sim.env import load_track
 from steerloop.paths import UnsafeNameError, safe_name
-from steerloop.sim.scene import CONDITIONS
+from steerloop.sim import conditions as conditions_model
 from steerloop.sim.track import MAX_ROUTE_LENGTH, TRACKS_DIR, Track, TrackSpecError, split_seed
 from steerloop.sim.wrappers import Perturbation
 
@@ -34,7 +37,9 @@ CONTROL_DT = 0.05  # [s] at the default 20 Hz control rate
 CURVE_CURVATURE = 1.0 / 150.0  # [1/m] |curvature| above which a point counts as "in a curve"
 FIRST_PERTURBATION_STEP = 60  # [steps] leave the start alone for 3 s
 PERTURBATION_SPACING = 160  # [steps] between perturbation starts (25 acting + 100 recovery + margin)
-HELD_OUT_CONDITIONS = ("dusk", "worn", "desert")
+HELD_OUT_CONDITIONS = conditions_model.held_out_conditions()  # the built-in new conditions
+TRAINING_CONDITIONS = conditions_model.training_conditions()
+CONDITION_GROUPS = {"train": TRAINING_CONDITIONS, "held_out": HELD_OUT_CONDITIONS}  # suite-file shorthands
 
 
 @dataclass(frozen=True)
@@ -106,10 +111,11 @@ def standard_perturbations(track: Track, speed: float, index: int) -> tuple[Pert
     return tuple(chosen)
 
 
-def _test_scenarios(suite: str, condition_for, perturb: bool = False, interventions: bool = False) -> Suite:
+def _test_scenarios(suite: str, condition_for, perturb: bool = False, interventions: bool = False,
+                    split: str = "test") -> Suite:
     scenarios = []
     for i in range(TEST_TRACKS):
-        seed = split_seed("test", i)
+        seed = split_seed(split, i)
         perturbations = ()
         if perturb:
             perturbations = standard_perturbations(load_track(seed), DEFAULT_SPEED, i)
@@ -134,13 +140,15 @@ def builtin_suite(name: str) -> Suite:
     if name == "recovery":
         return _test_scenarios("recovery", lambda i: "default", perturb=True)
     if name == "shift":
-        return _test_scenarios("shift", lambda i: HELD_OUT_CONDITIONS[i % len(HELD_OUT_CONDITIONS)])
+        return _test_scenarios("shift", lambda i: HELD_OUT_CONDITIONS[i % len(HELD_OUT_CONDITIONS)], split="train")
+    if name == "generalization":
+        return _test_scenarios("generalization", lambda i: HELD_OUT_CONDITIONS[i % len(HELD_OUT_CONDITIONS)])
     if name == "interventions":
         return _test_scenarios("interventions", lambda i: "default", interventions=True)
     raise ValueError(f"unknown suite {name!r}; built-in suites: {BUILTIN_SUITES}, or give a suite JSON file")
 
 
-BUILTIN_SUITES = ("smoke", "val", "test", "recovery", "shift", "interventions")
+BUILTIN_SUITES = ("smoke", "val", "test", "recovery", "shift", "generalization", "interventions")
 SUITE_KEYS = ("name", "tracks", "conditions", "speed", "interventions", "perturbations", "track_length", "comment",
               "description")  # the keys of a suite JSON file
 PERTURBATION_KEYS = ("kind", "start_step", "magnitude", "duration")
@@ -205,9 +213,7 @@ def load_suite_file(path: str | Path) -> Suite:
     conditions = spec.get("conditions", ["default"])
     if not isinstance(conditions, list) or not conditions:
         raise SuiteError(f"{path}: 'conditions' must be a non-empty list")
-    for i, condition in enumerate(conditions):
-        if not isinstance(condition, str) or condition not in CONDITIONS:
-            raise SuiteError(f"{path}: conditions[{i}] {condition!r} is unknown; choose from {sorted(CONDITIONS)}")
+    conditions = _expand_conditions(conditions, path)
     speed = spec.get("speed", DEFAULT_SPEED)
     if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed <= 40:
         raise SuiteError(f"{path}: 'speed' must be a number in (0, 40] m/s, got {speed!r}")
@@ -249,6 +255,22 @@ def load_suite_file(path: str | Path) -> Suite:
                                       track_length=float(track_length)))
             index += 1
     return Suite(name, tuple(scenarios))
+
+
+def _expand_conditions(conditions: list, path: Path) -> list[str]:
+    """The suite file's conditions, with "train" / "held_out" standing for every built-in
+    condition of that split; each checked (the error names the entry and the valid values)."""
+    out = []
+    for i, condition in enumerate(conditions):
+        if isinstance(condition, str) and condition in CONDITION_GROUPS:
+            out += CONDITION_GROUPS[condition]
+            continue
+        try:
+            conditions_model.resolve(condition, where=f"{path}: conditions[{i}]")
+        except conditions_model.ConditionError as error:
+            raise SuiteError(f"{error}, or \"train\" / \"held_out\" for every condition of that split") from None
+        out.append(condition)
+    return out
 
 
 def load_suite(name_or_path: str) -> Suite:

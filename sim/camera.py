@@ -41,6 +41,8 @@ class CameraSpec:
     """Height of the camera above the ground [m] (the car's base sits at wheel-axle height)."""
     mount_forward: float = 0.6
     """Position ahead of the wheelbase midpoint [m]."""
+    yaw_deg: float = 0.0
+    """Leftward yaw of the optical axis [deg] (a mounting error; 0 looks straight ahead)."""
 
     def __post_init__(self):
         if self.name not in CAMERA_NAMES:
@@ -72,15 +74,20 @@ class Lighting:
     specular: float = 0.0
 
 
-def render(client, width: int, height: int, view: list, projection: list, lighting: Lighting) -> np.ndarray:
-    """One frame from the tiny renderer as a (H, W, 3) uint8 RGB array."""
-    _, _, rgba, _, _ = client.getCameraImage(
+def render(client, width: int, height: int, view: list, projection: list, lighting: Lighting,
+           depth: bool = False):
+    """One frame from the tiny renderer as a (H, W, 3) uint8 RGB array; with ``depth``, also
+    the (H, W) float32 depth buffer in [0, 1] (see :func:`sim.imaging.linear_depth`)."""
+    _, _, rgba, depth_buffer, _ = client.getCameraImage(
         width, height, view, projection, renderer=p.ER_TINY_RENDERER,
         flags=p.ER_NO_SEGMENTATION_MASK, shadow=0,
         lightDirection=list(lighting.direction), lightColor=list(lighting.color),
         lightAmbientCoeff=lighting.ambient, lightDiffuseCoeff=lighting.diffuse,
         lightSpecularCoeff=lighting.specular)
-    return np.ascontiguousarray(np.reshape(rgba, (height, width, 4))[:, :, :3])
+    rgb = np.ascontiguousarray(np.reshape(rgba, (height, width, 4))[:, :, :3])
+    if depth:
+        return rgb, np.reshape(np.asarray(depth_buffer, np.float32), (height, width))
+    return rgb
 
 
 def body_camera_matrices(client, spec: CameraSpec, base_position, base_orientation,
@@ -91,9 +98,10 @@ def body_camera_matrices(client, spec: CameraSpec, base_position, base_orientati
     """
     rotation = np.asarray(client.getMatrixFromQuaternion(base_orientation)).reshape(3, 3)
     mount = np.array([spec.mount_forward, spec.lateral, spec.mount_height - axle_height])
-    pitch = math.radians(spec.pitch_deg)
-    forward = rotation @ np.array([math.cos(pitch), 0.0, -math.sin(pitch)])
-    up = rotation @ np.array([math.sin(pitch), 0.0, math.cos(pitch)])
+    pitch, yaw = math.radians(spec.pitch_deg), math.radians(spec.yaw_deg)
+    cos_yaw, sin_yaw = math.cos(yaw), math.sin(yaw)  # exactly 1 and 0 at yaw 0: the same matrices as without yaw
+    forward = rotation @ np.array([math.cos(pitch) * cos_yaw, math.cos(pitch) * sin_yaw, -math.sin(pitch)])
+    up = rotation @ np.array([math.sin(pitch) * cos_yaw, math.sin(pitch) * sin_yaw, math.cos(pitch)])
     eye = np.asarray(base_position) + rotation @ mount
     view = client.computeViewMatrix(eye.tolist(), (eye + forward).tolist(), up.tolist())
     projection = client.computeProjectionMatrixFOV(spec.fov_deg, spec.width / spec.height, NEAR_PLANE, FAR_PLANE)

@@ -20,7 +20,9 @@ from pybullet_utils import bullet_client
 from steerloop.sim import controllers
 from steerloop.sim.camera import (CAMERA_NAMES, FOV_RANGE_DEG, MIN_SIZE, PITCH_RANGE_DEG, CameraSpec,
                                   body_camera_matrices, chase_camera_matrices, render)
-from steerloop.sim.scene import CONDITIONS, World, draw_appearance
+from steerloop.sim import conditions as conditions_model
+from steerloop.sim import imaging
+from steerloop.sim.scene import World, draw_appearance
 from steerloop.sim.track import Track, check_route_length, generate_track, split_seed
 from steerloop.sim.vehicle import Vehicle, VehicleParams
 
@@ -53,7 +55,11 @@ class LaneKeepConfig:
     lane_width: float = 3.7
     """Lane width of procedural routes [m] (spec files give their own)."""
     condition: str | tuple[str, ...] = "default"
-    """Visual condition name, or several to draw one per reset with ``np_random``."""
+    """Visual condition name (``sim.conditions.CONDITIONS``, or ``scenery.weather.camera``), or
+    several to draw one per reset with ``np_random``."""
+    conditions_file: str | None = None
+    """A JSON or TOML file of the user's own scenery, weather, camera values and named
+    conditions (``sim.conditions.load_condition_file``), added to the built-in ones."""
     speed: float = 10.0
     """Cruise-control target speed [m/s]."""
     resolution: tuple[int, int] = (66, 200)
@@ -103,9 +109,9 @@ class LaneKeepConfig:
         if isinstance(self.condition, list):
             self.condition = tuple(self.condition)
         conditions = self.condition if isinstance(self.condition, tuple) else (self.condition,)
+        available = self.condition_set
         for name in conditions:
-            if name not in CONDITIONS:
-                raise ValueError(f"condition {name!r} is unknown; choose from {sorted(CONDITIONS)}")
+            available.resolve(name)
         if not self.cameras or any(c not in CAMERA_NAMES for c in self.cameras):
             raise ValueError(f"cameras must be a non-empty subset of {CAMERA_NAMES}, got {self.cameras}")
         if len(self.resolution) != 2 or min(self.resolution) < MIN_SIZE:
@@ -143,6 +149,13 @@ class LaneKeepConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def condition_set(self) -> conditions_model.ConditionSet:
+        """The built-in conditions, plus those of ``conditions_file``."""
+        if self.conditions_file is None:
+            return conditions_model.BUILTIN
+        return conditions_model.load_condition_file(self.conditions_file)
 
     @property
     def vehicle(self) -> VehicleParams:
@@ -286,6 +299,9 @@ class LaneKeepEnv(gym.Env):
         self.track: Track | None = None
         self.vehicle: Vehicle | None = None
         self.appearance = None
+        self.conditions = cfg.condition_set
+        self.effects: imaging.Effects | None = None
+        self.episode_cameras: list[CameraSpec] = list(self.camera_specs)
         self.world: World | None = None
         self.route_length = 0.0
         self.condition = ""
@@ -361,7 +377,7 @@ class LaneKeepEnv(gym.Env):
         """
         c = self.client
         track_key = json.dumps(track.to_spec(), sort_keys=True)
-        if self.world is None or self.world.is_full_for(track_key, condition):
+        if self.world is None or self.world.is_full_for(track_key, condition, self.conditions):
             c.resetSimulation()  # removes every body and frees every shape
             c.setGravity(0, 0, -GRAVITY)
             c.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.config.physics_hz, numSubSteps=0,
@@ -370,7 +386,7 @@ class LaneKeepEnv(gym.Env):
             self.vehicle = None
         if self.vehicle is not None:
             c.removeBody(self.vehicle.body_id)
-        self.world.show(track, track_key, condition)
+        self.world.show(track, track_key, condition, self.conditions)
         self.world.paint(self.appearance)
         self.vehicle = Vehicle(c, self.vehicle_params, self.dt)
         self.track = track
@@ -455,7 +471,11 @@ class LaneKeepEnv(gym.Env):
         if isinstance(condition, (tuple, list)):
             condition = str(condition[int(self.np_random.integers(len(condition)))])
         self.condition = condition
-        self.appearance = draw_appearance(condition, self.np_random)
+        self.appearance = draw_appearance(condition, self.np_random, self.conditions)
+        composition = self.conditions.resolve(condition)
+        self.effects = imaging.draw_effects(self.conditions.weather[composition.weather],
+                                            self.conditions.camera[composition.camera], self.np_random)
+        self.episode_cameras = [imaging.mounted(spec, self.effects) for spec in self.camera_specs]
         self._build_world(track, condition)
 
         self.steps = 0
@@ -567,10 +587,18 @@ class LaneKeepEnv(gym.Env):
         position, orientation = self.vehicle.base_state()
         lighting = self.appearance.lighting
         self.frames = {}
-        for spec in self.camera_specs:
+        effects = self.effects
+        for spec in self.episode_cameras:
             view, projection = body_camera_matrices(self.client, spec, position, orientation,
                                                     self.vehicle_params.wheel_radius)
-            self.frames[spec.name] = render(self.client, spec.width, spec.height, view, projection, lighting)
+            if effects is None:
+                self.frames[spec.name] = render(self.client, spec.width, spec.height, view, projection, lighting)
+                continue
+            if effects.needs_depth:
+                frame, depth = render(self.client, spec.width, spec.height, view, projection, lighting, depth=True)
+            else:
+                frame, depth = render(self.client, spec.width, spec.height, view, projection, lighting), None
+            self.frames[spec.name] = imaging.apply(frame, depth, effects)
 
     def expert_command(self, target_offset: float = 0.0) -> float:
         """The expert's normalised steering for the current state (towards ``target_offset``)."""

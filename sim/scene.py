@@ -12,6 +12,7 @@ environment's ``np_random``, so studies can hold whole conditions out.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import zlib
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pybullet as p
 
+from steerloop.sim import conditions as conditions_model
+from steerloop.sim import scenery as scenery_model
 from steerloop.sim.camera import Lighting
 from steerloop.sim.track import WORLD_REACH, Track
 
@@ -33,6 +36,7 @@ WORLD_HALF_SIZE = 3000.0  # [m] the ground and sky box span [-3 km, 3 km] around
 GROUND_MARGIN = WORLD_HALF_SIZE - WORLD_REACH  # [m] (600) roads stay this far inside the ground so the horizon looks right
 SKY_HEIGHT = 150.0  # [m]
 ROAD_Z, LINE_Z, GROUND_Z = 0.0, 0.01, -0.03  # [m] layer heights (avoid z-fighting)
+PATCH_Z, VERGE_Z = 0.005, -0.015  # [m] patches/kerbs between asphalt and paint; verges below the asphalt
 # PyBullet frees visual shapes only when the whole simulation is reset, so a world keeps the
 # road meshes of at most this many (track, condition) pairs (about 0.1 MB each for 400 m);
 # the environment rebuilds its world before showing one more.
@@ -49,37 +53,61 @@ class Appearance:
     edge_line: tuple[float, float, float]
     centre_line: tuple[float, float, float]
     lighting: Lighting
+    extra: tuple[tuple[str, tuple[float, float, float]], ...] = ()
+    """Colours of the scenery's other surfaces (patches, verges, trees, buildings...) by role."""
+
+    def colour(self, role: str) -> tuple[float, float, float]:
+        if role in ROAD_ROLES:
+            return getattr(self, role)
+        return dict(self.extra)[role]
 
 
-# name -> base colours (jittered per reset), fraction of line pieces kept (worn markings), lighting
-CONDITIONS = {
-    "default": dict(asphalt=(0.33, 0.33, 0.35), ground=(0.30, 0.52, 0.22), sky=(0.55, 0.72, 0.95),
-                    edge=(0.95, 0.95, 0.95), centre=(0.95, 0.95, 0.95), keep=1.0,
-                    light=Lighting()),
-    "dusk": dict(asphalt=(0.30, 0.28, 0.32), ground=(0.28, 0.36, 0.22), sky=(0.98, 0.62, 0.45),
-                 edge=(0.90, 0.86, 0.78), centre=(0.90, 0.86, 0.78), keep=1.0,
-                 light=Lighting(direction=(1.0, 0.2, 0.25), color=(1.0, 0.78, 0.62), ambient=0.55, diffuse=0.35)),
-    "worn": dict(asphalt=(0.38, 0.37, 0.36), ground=(0.36, 0.50, 0.25), sky=(0.60, 0.70, 0.85),
-                 edge=(0.70, 0.70, 0.66), centre=(0.70, 0.70, 0.66), keep=0.55,
-                 light=Lighting(ambient=0.65, diffuse=0.4)),
-    "desert": dict(asphalt=(0.25, 0.24, 0.24), ground=(0.80, 0.68, 0.48), sky=(0.70, 0.82, 0.98),
-                   edge=(0.95, 0.95, 0.90), centre=(0.95, 0.80, 0.20), keep=1.0,
-                   light=Lighting(direction=(0.1, -0.3, 1.0), ambient=0.7, diffuse=0.45)),
-}
+# The built-in named conditions (see sim.conditions); kept here for the modules that list them.
+CONDITIONS = conditions_model.CONDITIONS
 COLOUR_JITTER = 0.04  # [-] uniform jitter of each colour channel
+SHADE_JITTER = 0.15  # [-] relative brightness jitter of the scenery's other surfaces
+ROAD_ROLES = ("asphalt", "edge_line", "centre_line")
+FIXED_COLOURS = {  # roles whose colour no axis sets
+    "trunk": (0.36, 0.26, 0.16), "pole": (0.42, 0.36, 0.30), "post": (0.92, 0.92, 0.90),
+    "kerb": (0.78, 0.78, 0.76), "roof": (0.42, 0.20, 0.17), "car": (0.55, 0.12, 0.12), "fence": (0.70, 0.70, 0.72),
+}
 
 
-def draw_appearance(condition: str, np_random: np.random.Generator) -> Appearance:
-    """Sample a concrete appearance of ``condition`` (colours jittered, wear drawn)."""
-    if condition not in CONDITIONS:
-        raise ValueError(f"unknown condition {condition!r}; choose one of {sorted(CONDITIONS)}")
-    c = CONDITIONS[condition]
+def draw_appearance(condition: str, np_random: np.random.Generator,
+                    conditions: conditions_model.ConditionSet = conditions_model.BUILTIN) -> Appearance:
+    """Sample a concrete appearance of ``condition`` (colours jittered, wear drawn).
+
+    Draws from ``np_random`` only what the condition shows: today's four conditions draw
+    exactly what they always did, so their episodes are unchanged.
+    """
+    composition = conditions.resolve(condition)
+    scenery, weather = conditions.scenery[composition.scenery], conditions.weather[composition.weather]
+    base = {"asphalt": scenery.asphalt, "ground": scenery.ground, "edge": scenery.edge, "centre": scenery.centre,
+            **weather.surfaces}
 
     def jitter(rgb):
         return tuple(float(v) for v in np.clip(np.asarray(rgb) + np_random.uniform(-1, 1, 3) * COLOUR_JITTER, 0, 1))
 
-    return Appearance(asphalt=jitter(c["asphalt"]), ground=jitter(c["ground"]), sky=c["sky"],
-                      edge_line=jitter(c["edge"]), centre_line=jitter(c["centre"]), lighting=c["light"])
+    appearance = Appearance(asphalt=jitter(base["asphalt"]), ground=jitter(base["ground"]), sky=weather.sky,
+                            edge_line=jitter(base["edge"]), centre_line=jitter(base["centre"]), lighting=weather.light)
+    roles = scenery_roles(scenery)
+    if not roles:
+        return appearance
+    own = {"patch": scenery.patch, "verge": scenery.verge, "foliage": scenery.foliage, "building": scenery.building}
+    def brighten(rgb):  # one factor for all channels: dark surfaces keep their hue
+        return tuple(float(v) for v in np.clip(np.asarray(rgb) * (1.0 + np_random.uniform(-1, 1) * SHADE_JITTER), 0, 1))
+
+    extra = tuple((role, brighten(own[role]) if role in own else FIXED_COLOURS[role]) for role in roles)
+    return dataclasses.replace(appearance, extra=extra)
+
+
+def scenery_roles(scenery: conditions_model.Scenery) -> tuple[str, ...]:
+    """The surfaces beyond road and markings that ``scenery`` builds, in a fixed order."""
+    wanted = (("patch", scenery.patches), ("verge", scenery.verge_width), ("kerb", scenery.kerb),
+              ("foliage", scenery.trees + scenery.bushes), ("trunk", scenery.trees), ("pole", scenery.poles),
+              ("post", scenery.posts), ("fence", scenery.fences), ("building", scenery.buildings),
+              ("roof", scenery.buildings), ("car", scenery.parked_cars))
+    return tuple(role for role, amount in wanted if amount)
 
 
 def _sections(track: Track) -> np.ndarray:
@@ -138,24 +166,31 @@ def _pieces(track: Track, sections: np.ndarray, starts: np.ndarray, length: floa
 # and [x, y, z] holders reused for every mesh of the process: the same few objects gain
 # references, the coordinates they hold are replaced (the same float values).
 _VERTEX_SLOTS: list[list[float]] = []  # [x, y, z] holders, grown to the largest mesh so far
-_UP = [0.0, 0.0, 1.0]  # the one normal of every mesh
+_NORMAL_SLOTS: list[list[float]] = []  # the same for the normals of meshes that have their own
+_UP = [0.0, 0.0, 1.0]  # the one normal of every flat mesh
 _ORIGIN = (0.0, 0.0, 0.0)  # what the holders hold between meshes
 _MESH_ARGS: tuple[list, list, list] = ([], [], [])  # the vertices, normals and indices passed to pybullet
 _MESH_LOCK = threading.Lock()  # the holders are shared by every client of the process
 
 
-def _mesh_shape(client, vertices, triangles, double_sided=False) -> int:
+def _fill(slots: list[list[float]], rows: np.ndarray) -> list[list[float]]:
+    """The first ``len(rows)`` holders of ``slots`` (grown as needed), holding ``rows``."""
+    while len(slots) < len(rows):
+        slots.append(list(_ORIGIN))
+    for slot, row in zip(slots, rows.tolist()):
+        slot[:] = row
+    return slots[:len(rows)]
+
+
+def _mesh_shape(client, vertices, triangles, double_sided=False, normals=None) -> int:
+    """A visual mesh shape; ``normals`` (N, 3) per vertex, or all pointing up (flat surfaces)."""
     if double_sided:
         triangles = np.concatenate([triangles, triangles[:, ::-1]])
     vertex_arg, normal_arg, index_arg = _MESH_ARGS
     with _MESH_LOCK:
-        while len(_VERTEX_SLOTS) < len(vertices):
-            _VERTEX_SLOTS.append(list(_ORIGIN))
-        for slot, row in zip(_VERTEX_SLOTS, vertices.tolist()):
-            slot[:] = row
-        vertex_arg[:] = _VERTEX_SLOTS[:len(vertices)]
-        # All normals point up: the sky and ground are shaded uniformly whatever the light direction.
-        normal_arg[:] = [_UP] * len(vertices)
+        vertex_arg[:] = _fill(_VERTEX_SLOTS, vertices)
+        # Flat meshes: all normals point up, so the sky and ground are shaded uniformly whatever the light.
+        normal_arg[:] = [_UP] * len(vertices) if normals is None else _fill(_NORMAL_SLOTS, normals)
         index_arg[:] = triangles.reshape(-1).tolist()
         try:
             return client.createVisualShape(p.GEOM_MESH, vertices=vertex_arg, indices=index_arg,
@@ -163,6 +198,9 @@ def _mesh_shape(client, vertices, triangles, double_sided=False) -> int:
         finally:  # keep nothing of this mesh alive
             for slot in vertex_arg:
                 slot[:] = _ORIGIN
+            if normals is not None:
+                for slot in normal_arg:
+                    slot[:] = _ORIGIN
             for arg in _MESH_ARGS:
                 arg.clear()
 
@@ -173,47 +211,107 @@ def _body(client, shape: int, collision: int = -1) -> int:
 
 def marking_keep(condition: str) -> float:
     """Fraction of painted line pieces that survive in ``condition`` (< 1: worn markings)."""
-    return float(CONDITIONS[condition]["keep"])
+    return float(SCENERY_OF(condition).keep)
+
+
+def SCENERY_OF(condition: str, conditions=conditions_model.BUILTIN):  # noqa: N802 (reads like a table)
+    return conditions.scenery[conditions.resolve(condition).scenery]
 
 
 @dataclass(frozen=True)
 class RoadShapes:
-    """Visual shape ids of one track's road under one condition's wear (built once per process)."""
+    """Visual shape ids of one track's road and scenery (built once per world), by colour role,
+    in the order their bodies are created."""
 
-    asphalt: int
-    edge_lines: tuple[int, ...]
-    centre_line: int | None
+    shapes: tuple[tuple[str, int], ...]
 
 
-def build_road_shapes(client, track: Track, condition: str) -> RoadShapes:
-    """Meshes of the road surface and markings of ``track`` as worn under ``condition``.
+PATCH_LENGTH = (1.0, 4.0)  # [m] length range of asphalt repair patches
+SEAM_WIDTH = 0.06  # [m] tar seams along the road
+KERB_WIDTH = 0.25  # [m]
+DOUBLE_GAP = 0.12  # [m] between the two lines of a double centre line
 
-    Which line pieces are worn away is a fixed function of the track and the condition,
-    so the shapes can be reused for every episode on that track.
+
+def _line(track, sections, wear, keep_fraction, left, right, period, length):
+    """A painted line between lateral offsets, dashed (``period`` > ``length``) or solid, worn."""
+    if keep_fraction >= 1.0 and period <= length:
+        return _strip(track, sections, left, right, LINE_Z)
+    starts = np.arange(0.0, track.length, period)
+    kept = starts[wear.uniform(size=len(starts)) < keep_fraction]
+    return _pieces(track, sections, kept, length, left, right, LINE_Z)
+
+
+def build_road_shapes(client, track: Track, condition: str,
+                      conditions: conditions_model.ConditionSet = conditions_model.BUILTIN) -> RoadShapes:
+    """Meshes of the road surface, markings and scenery of ``track`` under ``condition``'s scenery.
+
+    Which line pieces are worn away and where objects stand is a fixed function of the track
+    and the scenery, so the shapes can be reused for every episode on that track.
     """
-    keep_fraction = marking_keep(condition)
-    wear = np.random.default_rng([zlib.crc32(track.name.encode()), zlib.crc32(condition.encode())])
+    name = conditions.resolve(condition).scenery
+    scenery = conditions.scenery[name]
+    keep_fraction = scenery.keep
+    wear = np.random.default_rng([zlib.crc32(track.name.encode()), zlib.crc32(name.encode())])
     lane = track.lane_width
     right_edge, left_edge = -lane / 2, 1.5 * lane  # [m] road edges relative to the ego-lane centre
     sections = _sections(track)
-    asphalt = _mesh_shape(client, *_strip(track, sections, left_edge + SHOULDER, right_edge - SHOULDER, ROAD_Z))
-    edge_lines = []
-    for edge, inward in ((right_edge, 1.0), (left_edge, -1.0)):
+    shapes = [("asphalt", _mesh_shape(client, *_strip(track, sections, left_edge + SHOULDER,
+                                                      right_edge - SHOULDER, ROAD_Z)))]
+    edges = {"both": ((right_edge, 1.0), (left_edge, -1.0)), "right_only": ((right_edge, 1.0),), "none": ()}
+    for edge, inward in edges[scenery.edge_style]:
         left, right = max(edge, edge + inward * LINE_WIDTH), min(edge, edge + inward * LINE_WIDTH)
-        if keep_fraction >= 1.0:
-            v, t = _strip(track, sections, left, right, LINE_Z)
-        else:  # worn: 3 m pieces, some of them missing
-            starts = np.arange(0.0, track.length, DASH_LENGTH)
-            v, t = _pieces(track, sections, starts[wear.uniform(size=len(starts)) < keep_fraction], DASH_LENGTH,
-                           left, right, LINE_Z)
+        # worn edge lines: 3 m pieces, some of them missing
+        v, t = _line(track, sections, wear, keep_fraction, left, right, DASH_LENGTH, DASH_LENGTH)
         if v is not None:
-            edge_lines.append(_mesh_shape(client, v, t))
-    dash_starts = np.arange(0.0, track.length, DASH_PERIOD)
-    dash_starts = dash_starts[wear.uniform(size=len(dash_starts)) < keep_fraction]
-    v, t = _pieces(track, sections, dash_starts, DASH_LENGTH, lane / 2 + LINE_WIDTH / 2, lane / 2 - LINE_WIDTH / 2,
-                   LINE_Z)
-    centre_line = _mesh_shape(client, v, t) if v is not None else None
-    return RoadShapes(asphalt=asphalt, edge_lines=tuple(edge_lines), centre_line=centre_line)
+            shapes.append(("edge_line", _mesh_shape(client, v, t)))
+    middle, half = lane / 2, LINE_WIDTH / 2
+    if scenery.centre_style == "dashed":
+        v, t = _line(track, sections, wear, keep_fraction, middle + half, middle - half, DASH_PERIOD, DASH_LENGTH)
+        if v is not None:
+            shapes.append(("centre_line", _mesh_shape(client, v, t)))
+    elif scenery.centre_style in ("solid", "double_yellow"):
+        offsets = (0.0,) if scenery.centre_style == "solid" else (-DOUBLE_GAP, DOUBLE_GAP)
+        for offset in offsets:
+            v, t = _line(track, sections, wear, keep_fraction, middle + offset + half, middle + offset - half,
+                         DASH_LENGTH, DASH_LENGTH)
+            if v is not None:
+                shapes.append(("centre_line", _mesh_shape(client, v, t)))
+    shapes += _surface_shapes(client, track, scenery, name, sections, right_edge - SHOULDER, left_edge + SHOULDER)
+    for role, mesh in scenery_model.object_meshes(track, scenery, name).items():
+        vertices, triangles, normals = mesh
+        shapes.append((role, _mesh_shape(client, vertices, triangles, normals=normals)))
+    return RoadShapes(shapes=tuple(shapes))
+
+
+def _surface_shapes(client, track, scenery, name, sections, right, left) -> list[tuple[str, int]]:
+    """Patches and tar seams on the asphalt, verges and kerbs beside it (flat meshes)."""
+    out = []
+    if scenery.patches:
+        rng = np.random.default_rng([zlib.crc32(track.name.encode()), zlib.crc32(name.encode()), 1])
+        count = rng.poisson(scenery.patches * track.length / 100.0)
+        meshes = []
+        for _ in range(count):
+            start = rng.uniform(0.0, track.length)
+            if rng.uniform() < 0.3:  # a tar seam: long and thin
+                length, centre, width = rng.uniform(5.0, 20.0), rng.uniform(right + 0.5, left - 0.5), SEAM_WIDTH
+            else:
+                length, width = rng.uniform(*PATCH_LENGTH), rng.uniform(0.5, 2.5)
+                centre = rng.uniform(right + width / 2, left - width / 2)
+            v, t = _pieces(track, sections, np.array([start]), length, centre + width / 2, centre - width / 2,
+                           PATCH_Z)
+            meshes.append((v, t, np.zeros_like(v)))
+        if meshes:
+            v, t, _ = scenery_model.merge(meshes)
+            out.append(("patch", _mesh_shape(client, v, t)))
+    if scenery.verge_width:
+        v1, t1 = _strip(track, sections, right, right - scenery.verge_width, VERGE_Z)
+        v2, t2 = _strip(track, sections, left + scenery.verge_width, left, VERGE_Z)
+        out.append(("verge", _mesh_shape(client, np.r_[v1, v2], np.r_[t1, t2 + len(v1)])))
+    if scenery.kerb:
+        v1, t1 = _strip(track, sections, right, right - KERB_WIDTH, PATCH_Z)
+        v2, t2 = _strip(track, sections, left + KERB_WIDTH, left, PATCH_Z)
+        out.append(("kerb", _mesh_shape(client, np.r_[v1, v2], np.r_[t1, t2 + len(v1)])))
+    return out
 
 
 class World:
@@ -241,39 +339,40 @@ class World:
         self.sky = _body(client, _mesh_shape(client, sky_vertices, sky_triangles, double_sided=True))
         self.road_cache: dict[tuple[str, str], RoadShapes] = {}
         self.road_key: tuple[str, str] | None = None
-        self.road_bodies: dict[str, list[int]] = {}
+        self.road_bodies: list[tuple[str, int]] = []
 
-    def is_full_for(self, track_key: str, condition: str) -> bool:
+    @staticmethod
+    def _key(track_key: str, condition: str, conditions) -> tuple[str, str]:
+        """Roads are cached per (track, scenery): the weather and camera build no geometry."""
+        return track_key, conditions.resolve(condition).scenery
+
+    def is_full_for(self, track_key: str, condition: str,
+                    conditions: conditions_model.ConditionSet = conditions_model.BUILTIN) -> bool:
         """Whether showing this road would build more than ``ROADS_PER_WORLD`` roads' meshes."""
-        return (track_key, condition) not in self.road_cache and len(self.road_cache) >= ROADS_PER_WORLD
+        return (self._key(track_key, condition, conditions) not in self.road_cache
+                and len(self.road_cache) >= ROADS_PER_WORLD)
 
-    def show(self, track: Track, track_key: str, condition: str) -> None:
-        """Make the road of ``track`` (identified by ``track_key``) under ``condition`` visible."""
+    def show(self, track: Track, track_key: str, condition: str,
+             conditions: conditions_model.ConditionSet = conditions_model.BUILTIN) -> None:
+        """Make the road and scenery of ``track`` (identified by ``track_key``) under ``condition`` visible."""
         extent = max(np.abs(track.x).max(), np.abs(track.y).max())
         if extent > WORLD_REACH:
             raise ValueError(
                 f"track {track.name!r} reaches {extent:.0f} m from the origin; the world is "
                 f"{WORLD_REACH:.0f} m across from the centre: move its start or shorten it")
-        key = (track_key, condition)
+        key = self._key(track_key, condition, conditions)
         if key == self.road_key:
             return
-        for bodies in self.road_bodies.values():
-            for body in bodies:
-                self.client.removeBody(body)
+        for _, body in self.road_bodies:
+            self.client.removeBody(body)
         if key not in self.road_cache:
-            self.road_cache[key] = build_road_shapes(self.client, track, condition)
-        shapes = self.road_cache[key]
-        self.road_bodies = {
-            "asphalt": [_body(self.client, shapes.asphalt)],
-            "edge_line": [_body(self.client, shape) for shape in shapes.edge_lines],
-            "centre_line": [] if shapes.centre_line is None else [_body(self.client, shapes.centre_line)],
-        }
+            self.road_cache[key] = build_road_shapes(self.client, track, condition, conditions)
+        self.road_bodies = [(role, _body(self.client, shape)) for role, shape in self.road_cache[key].shapes]
         self.road_key = key
 
     def paint(self, appearance: Appearance) -> None:
         """Colour everything with ``appearance`` (no new geometry is created)."""
         paint = [(self.ground, appearance.ground), (self.sky, appearance.sky)]
-        for role, bodies in self.road_bodies.items():
-            paint += [(body, getattr(appearance, role)) for body in bodies]
+        paint += [(body, appearance.colour(role)) for role, body in self.road_bodies]
         for body, colour in paint:
             self.client.changeVisualShape(body, -1, rgbaColor=[*colour, 1.0])

@@ -37,3 +37,17 @@ def drive_with_expert_label(env, *, seed: int = 0, options: dict | None = None, 
         if terminated or truncated:
             break
     return info, infos
+
+
+def alive(processes: list) -> list:
+    """The psutil processes of ``processes`` still running (zombies and vanished ones are not)."""
+    import psutil
+
+    running = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return running

@@ -87,28 +87,28 @@ class RecordConfig:
         self.conditions = tuple(self.conditions)
         self.resolution = tuple(int(v) for v in self.resolution)
         if self.episodes < 1:
-            raise ValueError(f"--episodes must be >= 1, got {self.episodes}")
-        check_route_length(self.track_length, "--track-length")  # before anything is built
+            raise ValueError(f"episodes must be >= 1, got {self.episodes}")
+        check_route_length(self.track_length, "track_length")  # before anything is built
         if self.suite not in SUITES:
-            raise ValueError(f"--suite must be one of {SUITES}, got {self.suite!r}")
+            raise ValueError(f"suite must be one of {SUITES}, got {self.suite!r}")
         if self.noise < 0:
-            raise ValueError(f"--noise must be >= 0 (normalised steering units), got {self.noise}")
+            raise ValueError(f"noise must be >= 0 (normalised steering units), got {self.noise}")
         if self.noise_kind not in NOISE_KINDS:
-            raise ValueError(f"--noise-kind must be one of {NOISE_KINDS}, got {self.noise_kind!r}")
+            raise ValueError(f"noise_kind must be one of {NOISE_KINDS}, got {self.noise_kind!r}")
         unknown = [c for c in self.conditions if c not in CONDITIONS]
         if unknown or not self.conditions:
-            raise ValueError(f"--conditions: unknown {unknown}; choose from {sorted(CONDITIONS)}")
+            raise ValueError(f"conditions: unknown {unknown}; choose from {sorted(CONDITIONS)}")
         if self.expert not in CONTROLLERS:
-            raise ValueError(f"--expert must be one of {sorted(CONTROLLERS)}, got {self.expert!r}")
+            raise ValueError(f"expert must be one of {sorted(CONTROLLERS)}, got {self.expert!r}")
         if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         check_backend(self.backend, self.address)
         if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"--beta must be within [0, 1], got {self.beta}")
+            raise ValueError(f"beta must be within [0, 1], got {self.beta}")
         if self.learner is not None and self.noise > 0:
             raise ValueError("use either a learner (DAgger) or DART noise, not both")
         if self.learner_kwargs and self.learner is None:
-            raise ValueError("--learner-kwargs needs a --learner")
+            raise ValueError("learner_kwargs needs learner: the policy they are for")
 
     def dataset_config(self) -> dict:
         """The fields that define the dataset's content (compared on resume)."""

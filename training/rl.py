@@ -104,26 +104,26 @@ class RLConfig:
         self.resolution = tuple(int(v) for v in self.resolution)
         self.conditions = tuple(self.conditions)
         if self.algo not in ALGOS:
-            raise ValueError(f"--algo must be one of {ALGOS}, got {self.algo!r}")
+            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         for name in ("timesteps", "envs", "tracks", "n_steps", "batch_size", "n_epochs", "save_every", "threads",
                      "pretrain_steps", "pretrain_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        check_route_length(self.track_length, "--track-length")
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_route_length(self.track_length, "track_length")
         if self.tracks > 100_000:
-            raise ValueError(f"--tracks must be <= 100000 (the size of the training split), got {self.tracks}")
+            raise ValueError(f"tracks must be <= 100000 (the size of the training split), got {self.tracks}")
         unknown = [c for c in self.conditions if c not in CONDITIONS]
         if unknown or not self.conditions:
-            raise ValueError(f"--conditions: unknown {unknown}; choose from {sorted(CONDITIONS)}")
+            raise ValueError(f"conditions: unknown {unknown}; choose from {sorted(CONDITIONS)}")
         if min(self.resolution) < 36:
-            raise ValueError(f"--resolution must be at least 36x36 for SB3's NatureCNN, got "
+            raise ValueError(f"resolution must be at least 36x36 for SB3's NatureCNN, got "
                              f"{self.resolution[0]}x{self.resolution[1]}")
         if self.recurrent and importlib.util.find_spec("sb3_contrib") is None:
-            raise ValueError(f"--recurrent needs sb3-contrib (RecurrentPPO), which is not installed; install it "
+            raise ValueError(f"recurrent needs sb3-contrib (RecurrentPPO), which is not installed; install it "
                              f"with: {RL_INSTALL_HINT}")
         if not (0.0 < self.gamma <= 1.0 and self.learning_rate > 0 and self.pretrain_lr > 0):
-            raise ValueError(f"need 0 < --gamma <= 1 (got {self.gamma}) and positive learning rates "
+            raise ValueError(f"need 0 < gamma <= 1 (got {self.gamma}) and positive learning rates "
                              f"(got {self.learning_rate}, {self.pretrain_lr})")
 
     def run_config(self) -> dict:
@@ -208,7 +208,7 @@ def collect_teacher_frames(cfg: RLConfig, progress: bool = True) -> dict[str, np
 
     teacher = load_policy(cfg.init)
     if not isinstance(teacher, LearnedPolicy):  # distillation needs the checkpoint's model configuration
-        raise ValueError(f"--init must be a behaviour-cloning checkpoint directory, got {cfg.init!r}")
+        raise ValueError(f"init must be a behaviour-cloning checkpoint directory, got {cfg.init!r}")
     env = make_training_env(cfg)
     rng = np.random.default_rng([cfg.seed, 1])
     noise_std = float(np.exp(cfg.log_std_init))
@@ -336,11 +336,11 @@ def train_rl(cfg: RLConfig, progress: bool = True) -> dict:
         previous = json.loads(config_file.read_text())
         if previous.get("run") != cfg.run_config():
             raise ValueError(f"{out} holds a train-rl run with a different configuration ({config_file}); "
-                             "use another --out (only --timesteps, --save-every and --threads may change)")
+                             "use another directory for out (only timesteps, save_every and threads may change)")
     elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not a train-rl run directory; choose another --out")
+        raise ValueError(f"out: {out} exists and is not a train-rl run directory; choose another directory")
     if cfg.init is not None and not Path(cfg.init).is_dir():
-        raise ValueError(f"--init {cfg.init}: no behaviour-cloning checkpoint directory there")
+        raise ValueError(f"init {cfg.init}: no behaviour-cloning checkpoint directory there")
     out.mkdir(parents=True, exist_ok=True)
     _write_json(config_file, {"run": cfg.run_config(), "extra": cfg.extra})
     summary_file = out / "summary.json"

@@ -83,6 +83,20 @@ def test_bench_env_json():
     for key in ("render_fps", "physics_steps_per_s", "env_steps_per_s", "env_overhead_ratio"):
         assert isinstance(bench[key], (int, float)) and bench[key] > 0, key
     assert bench["resolution"] == [16, 32]
+    # flat, default and the richest condition side by side, each with its ratio to flat
+    assert set(bench["conditions"]) == {"flat", "default", "town-rain"}
+    rows = bench["conditions"]
+    assert rows["flat"]["env_over_flat"] == 1.0
+    for row in rows.values():
+        assert row["env_over_flat"] == round(row["env_steps_per_s"] / rows["flat"]["env_steps_per_s"], 3)
+        assert row["env_overhead_ratio"] > 0
+    assert bench["env_steps_per_s"] == rows["default"]["env_steps_per_s"]
+
+
+def test_bench_soak_refuses_an_unknown_condition():
+    result = _run("bench", "soak", "--condition", "town.rian", "--episodes", "1")
+    assert result.returncode == 2 and "unknown weather 'rian' (did you mean 'rain'?)" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_evaluate_batch_default_is_the_runners():

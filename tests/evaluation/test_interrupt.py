@@ -13,6 +13,7 @@ import time
 import pytest
 
 from steerloop.evaluation import cli
+from helpers import alive
 
 psutil = pytest.importorskip("psutil")
 
@@ -59,15 +60,6 @@ def _suite(tmp_path) -> str:
     return str(path)
 
 
-def _alive(processes: list) -> list:
-    alive = []
-    for process in processes:
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE:
-                alive.append(process)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
 
 
 def test_sigterm_stops_a_parallel_evaluation_cleanly_and_the_rerun_resumes(tmp_path):
@@ -87,11 +79,11 @@ def test_sigterm_stops_a_parallel_evaluation_cleanly_and_the_rerun_resumes(tmp_p
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=STOP_WITHIN_S)
         deadline = time.monotonic() + GONE_WITHIN_S
-        while _alive(descendants) and time.monotonic() < deadline:
+        while alive(descendants) and time.monotonic() < deadline:
             time.sleep(0.1)
-        left = _alive(descendants)
+        left = alive(descendants)
     finally:
-        for process in [proc, *_alive(descendants)]:  # leave nothing behind, even on failure
+        for process in [proc, *alive(descendants)]:  # leave nothing behind, even on failure
             process.kill()
         proc.wait()
     assert proc.returncode == 143, err

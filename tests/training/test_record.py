@@ -162,13 +162,22 @@ def test_episode_jobs_on_a_track_file(tmp_path, short_spec_path):
 
 
 @pytest.mark.parametrize("overrides,field", [
-    ({"episodes": 0}, "--episodes"), ({"suite": "holdout"}, "--suite"), ({"noise": -0.1}, "--noise"),
-    ({"noise_kind": "pink"}, "--noise-kind"), ({"conditions": ("fog",)}, "--conditions"),
-    ({"expert": "pid"}, "--expert"), ({"workers": 0}, "--workers"),
+    ({"episodes": 0}, "episodes"), ({"suite": "holdout"}, "suite"), ({"noise": -0.1}, "noise"),
+    ({"noise_kind": "pink"}, "noise_kind"), ({"conditions": ("fog",)}, "conditions"),
+    ({"expert": "pid"}, "expert"), ({"workers": 0}, "workers"),
 ])
 def test_record_config_validation(tmp_path, overrides, field):
-    with pytest.raises(ValueError, match=field):
+    """The library names the config field; the command line names the flag."""
+    with pytest.raises(ValueError, match=f"^{field}(:| must)"):
         tiny_config(tmp_path, **overrides)
+
+
+def test_the_command_line_names_the_flag_for_a_config_field(tmp_path, capsys):
+    from steerloop.evaluation.cli import main
+
+    assert main(["record", "--out", str(tmp_path / "d"), "--noise", "-1", "--quiet"]) == 2
+    assert "steerloop record: --noise must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 # ----------------------------------------------------------------------------- DART noise
