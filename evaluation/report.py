@@ -676,7 +676,7 @@ def history_findings(rows: list[PolicyRow]) -> list[str]:
                 f"explain R^2 = {_fmt(expert_r2, 4)} of the expert's next command on the held-out logs. "
                 + (f"{len(below)} of {len(probed)} policies steer more predictably from their own past than the expert "
                    f"(unexplained-variance ratio < 1): " + ", ".join(f"{r.name} ({x:.2f})" for r, x in below) + ". "
-                   if below else f"No policy steers more predictably from its own past than the expert. "))
+                   if below else "No policy steers more predictably from its own past than the expert. "))
         if len(probed) >= 3:
             rho = spearman([x for _, x in probed], [r.closed["success_rate"] or 0.0 for r, _ in probed])
             text += ("Success is the same for every policy, so it cannot be related to the ratio." if math.isnan(rho)

@@ -64,18 +64,18 @@ class DaggerConfig:
     def __post_init__(self):
         self.beta_schedule = tuple(float(b) for b in self.beta_schedule)
         if not self.init:
-            raise ValueError("give the behaviour-cloning checkpoint to start from with --init")
+            raise ValueError("init: give the behaviour-cloning checkpoint to start from")
         if not self.data:
-            raise ValueError("give the expert dataset(s) the initial checkpoint was trained on with --data")
+            raise ValueError("data: give the expert dataset(s) the initial checkpoint was trained on")
         if self.iterations < 1 or self.episodes_per_iter < 1:
-            raise ValueError(f"--iterations ({self.iterations}) and --episodes-per-iter "
+            raise ValueError(f"iterations ({self.iterations}) and episodes_per_iter "
                              f"({self.episodes_per_iter}) must be >= 1")
         if not self.beta_schedule or any(not 0.0 <= b <= 1.0 for b in self.beta_schedule):
-            raise ValueError(f"--beta-schedule must be values within [0, 1], got {self.beta_schedule}")
+            raise ValueError(f"beta_schedule must be values within [0, 1], got {self.beta_schedule}")
         if self.mixture not in MIXTURE_MODES:
-            raise ValueError(f"--mixture must be one of {MIXTURE_MODES}, got {self.mixture!r}")
+            raise ValueError(f"mixture must be one of {MIXTURE_MODES}, got {self.mixture!r}")
         if self.retrain not in RETRAIN_MODES:
-            raise ValueError(f"--retrain must be one of {RETRAIN_MODES}, got {self.retrain!r}")
+            raise ValueError(f"retrain must be one of {RETRAIN_MODES}, got {self.retrain!r}")
         check_backend(self.backend, self.address)
 
     def beta(self, iteration: int) -> float:
@@ -110,7 +110,7 @@ def run_dagger(cfg: DaggerConfig, evaluate_fn: Callable[[str, int], dict] | None
         state = json.loads(table_path.read_text())
         if state["config"] != run_config:
             raise ValueError(f"{out} holds a DAgger run with a different configuration ({table_path}); "
-                             "use another --out")
+                             "use another directory for out")
     datasets = list(cfg.data) + [row["data"] for row in state["iterations"]]
     resolution = _verified_resolution(datasets)
     _, init_config, init_meta = load_checkpoint(cfg.init)

@@ -117,51 +117,51 @@ class TrainConfig:
         self.inputs = tuple(a for a in self.inputs if a) or ("image",)
         self.input_size = tuple(int(v) for v in self.input_size)
         if not self.data:
-            raise ValueError("give at least one dataset with --data DIR")
+            raise ValueError("data: give at least one driving-log directory")
         if self.model not in ARCHS:
-            raise ValueError(f"--model must be one of {ARCHS}, got {self.model!r}")
+            raise ValueError(f"model must be one of {ARCHS}, got {self.model!r}")
         if self.seq_len == 0:
             self.seq_len = DEFAULT_SEQ_LEN.get(self.model, 16)
         self._check_feedback()
         if self.seq_len < 1 or self.batch_frames < self.seq_len:
-            raise ValueError(f"need 1 <= --seq-len ({self.seq_len}) <= --batch-frames ({self.batch_frames})")
+            raise ValueError(f"need 1 <= seq_len ({self.seq_len}) <= batch_frames ({self.batch_frames})")
         if self.camera not in ("center", "all"):
-            raise ValueError(f"--camera must be center or all, got {self.camera!r}")
+            raise ValueError(f"camera must be center or all, got {self.camera!r}")
         unknown = [a for a in self.augment if a not in AUGMENTATIONS]
         if unknown:
-            raise ValueError(f"--augment: unknown {unknown}; choose from {AUGMENTATIONS}")
+            raise ValueError(f"augment: unknown {unknown}; choose from {AUGMENTATIONS}")
         if "side" in self.augment and self.camera != "all":
-            raise ValueError("--augment side needs the side cameras: add --camera all")
+            raise ValueError("augment side needs the side cameras: set camera to all")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
     def _check_feedback(self) -> None:
         unknown = [a for a in self.inputs if a not in INPUTS]
         if unknown or "image" not in self.inputs:
-            raise SteerloopError(f"--inputs: {'unknown ' + str(unknown) if unknown else 'image is missing'}; give a "
+            raise SteerloopError(f"inputs: {'unknown ' + str(unknown) if unknown else 'image is missing'}; give a "
                                  f"comma-separated list from {INPUTS} that includes image")
         if self.feedback_mode not in FEEDBACK_MODES:
-            raise SteerloopError(f"--feedback-mode must be one of {FEEDBACK_MODES}, got {self.feedback_mode!r}")
+            raise SteerloopError(f"feedback_mode must be one of {FEEDBACK_MODES}, got {self.feedback_mode!r}")
         fed_back = self.model == "komanda" or "prev_steering" in self.inputs
         if self.feedback_mode in ("scheduled", "dropout") and not fed_back:
-            raise SteerloopError(f"--feedback-mode {self.feedback_mode} trains fed-back inputs, and a {self.model} with "
-                                 f"--inputs {','.join(self.inputs)} has none: add prev_steering to --inputs")
+            raise SteerloopError(f"feedback_mode {self.feedback_mode} trains fed-back inputs, and a {self.model} with "
+                                 f"inputs {','.join(self.inputs)} has none: add prev_steering to inputs")
         if self.feedback_mode == "scheduled" and self.seq_len < 2:
-            raise SteerloopError("--feedback-mode scheduled feeds back predictions within a window: it needs "
-                                 f"--seq-len >= 2, got {self.seq_len}")
+            raise SteerloopError("feedback_mode scheduled feeds back predictions within a window: it needs "
+                                 f"seq_len >= 2, got {self.seq_len}")
         for name, value in (("sampling_final", self.sampling_final), ("input_dropout", self.input_dropout)):
             if not 0.0 <= value <= 1.0:
-                raise SteerloopError(f"--{name.replace('_', '-')} is a probability in [0, 1], got {value}")
+                raise SteerloopError(f"{name} is a probability in [0, 1], got {value}")
         if not (math.isfinite(self.keyframe_strength) and self.keyframe_strength >= 0):
-            raise SteerloopError(f"--keyframe-strength must be a number >= 0, got {self.keyframe_strength}")
+            raise SteerloopError(f"keyframe_strength must be a number >= 0, got {self.keyframe_strength}")
         if self.model != "chauffeur" and (self.encoder or self.encoder_data):
-            raise SteerloopError(f"--encoder and --encoder-data are for --model chauffeur, not {self.model}")
+            raise SteerloopError(f"encoder and encoder_data are for model chauffeur, not {self.model}")
         if self.encoder_target not in ENCODER_TARGETS:
-            raise SteerloopError(f"--encoder-target must be one of {ENCODER_TARGETS}, got {self.encoder_target!r}")
+            raise SteerloopError(f"encoder_target must be one of {ENCODER_TARGETS}, got {self.encoder_target!r}")
         if self.encoder_epochs < 1:
-            raise SteerloopError(f"--encoder-epochs must be >= 1, got {self.encoder_epochs}")
+            raise SteerloopError(f"encoder_epochs must be >= 1, got {self.encoder_epochs}")
 
     @property
     def cameras(self) -> tuple[str, ...]:
@@ -324,7 +324,7 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
         added = {k: v for k, v in run_config.items() if k in ADDED_FIELDS and v == ADDED_FIELDS[k]}
         if {**added, **previous} != run_config:  # runs begun before a field existed had its default
             raise ValueError(f"{out} holds a run with a different configuration ({config_file}); "
-                             "use another --out, or delete it to start over")
+                             "use another out, or delete it to start over")
 
     # Data: episodes in memory, split by episode.
     episodes, reference = load_episodes(cfg.data, cfg.cameras)
@@ -333,7 +333,7 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
     train_windows = windows(episodes, train_eps, T, stride=max(T // 2, 1))
     val_windows = windows(episodes, val_eps, T, stride=T)
     if len(train_windows) == 0 or len(val_windows) == 0:
-        raise ValueError(f"episodes are shorter than --seq-len {T}; record longer episodes or lower it")
+        raise ValueError(f"episodes are shorter than seq_len {T}; record longer episodes or lower it")
     sim_config = reference["config"]
     height, width = reference["resolution"]
     camera_spec = CameraSpec(height=height, width=width, fov_deg=sim_config.get("fov_deg", 45.0),
@@ -355,7 +355,7 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
     if cfg.init is not None:
         init_model, init_config, _ = load_checkpoint(cfg.init)
         if init_config.to_dict() != model_config.to_dict():
-            raise ValueError(f"--init {cfg.init} is a {init_config.arch} with a different configuration than "
+            raise ValueError(f"init {cfg.init} is a {init_config.arch} with a different configuration than "
                              f"the {cfg.model} being trained; fine-tune only from the same architecture and inputs")
         model.load_state_dict(init_model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -101,12 +101,12 @@ def test_keyframe_weights_peak_where_the_command_changes_unpredictably():
 
 # ----------------------------------------------------------------------------- configuration
 @pytest.mark.parametrize("overrides,match", [
-    ({"inputs": ("image", "prev_steer")}, "--inputs"), ({"inputs": ("speed",)}, "image is missing"),
-    ({"feedback_mode": "nope"}, "--feedback-mode"),
+    ({"inputs": ("image", "prev_steer")}, "inputs"), ({"inputs": ("speed",)}, "image is missing"),
+    ({"feedback_mode": "nope"}, "feedback_mode"),
     ({"feedback_mode": "scheduled"}, "add prev_steering"), ({"feedback_mode": "dropout"}, "add prev_steering"),
-    ({"feedback_mode": "scheduled", "inputs": ("image", "prev_steering"), "model": "pilotnet"}, "--seq-len >= 2"),
-    ({"sampling_final": 1.5}, "--sampling-final"), ({"input_dropout": -0.1}, "--input-dropout"),
-    ({"keyframe_strength": -1.0}, "--keyframe-strength"),
+    ({"feedback_mode": "scheduled", "inputs": ("image", "prev_steering"), "model": "pilotnet"}, "seq_len >= 2"),
+    ({"sampling_final": 1.5}, "sampling_final"), ({"input_dropout": -0.1}, "input_dropout"),
+    ({"keyframe_strength": -1.0}, "keyframe_strength"),
 ])
 def test_feedback_options_are_checked(overrides, match):
     with pytest.raises(SteerloopError, match=match):
@@ -185,9 +185,9 @@ def torch_equal(a, b) -> bool:
 
 
 def test_encoder_options_are_checked(tmp_path):
-    with pytest.raises(SteerloopError, match="--model chauffeur"):
+    with pytest.raises(SteerloopError, match="model chauffeur"):
         TrainConfig(data=["d"], out="o", model="cnn-lstm", encoder="somewhere")
-    with pytest.raises(SteerloopError, match="--encoder-target"):
+    with pytest.raises(SteerloopError, match="encoder_target"):
         TrainConfig(data=["d"], out="o", model="chauffeur", encoder_target="pixels")
     from steerloop.agents.models import build_model
     from steerloop.training.encoder import EncoderError, load_encoder

@@ -126,7 +126,7 @@ def test_load_episodes_reads_the_clean_labels(dataset):
 
 
 def test_load_episodes_needs_the_cameras(dataset):
-    with pytest.raises(ValueError, match="--camera"):
+    with pytest.raises(ValueError, match="camera"):
         load_episodes([dataset], ("center", "left", "right"))
 
 
@@ -169,22 +169,22 @@ def test_manifest_id_changes_with_the_data(dataset, tmp_path):
 
 def test_episodes_shorter_than_the_window_are_refused(dataset, tmp_path):
     cfg = tiny_train_config(dataset, tmp_path / "long", seq_len=2000, batch_frames=2000)
-    with pytest.raises(ValueError, match="seq-len"):
+    with pytest.raises(ValueError, match="seq_len"):
         train(cfg, progress_bar=False)
 
 
 def test_a_run_refused_before_training_does_not_lock_its_out(dataset, tmp_path):
     out = tmp_path / "retry"
-    with pytest.raises(ValueError, match="seq-len"):
+    with pytest.raises(ValueError, match="seq_len"):
         train(tiny_train_config(dataset, out, seq_len=2000, batch_frames=2000), progress_bar=False)
     # nothing was trained: the corrected command must be able to use the same directory
     train(tiny_train_config(dataset, out), progress_bar=False)
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ({"model": "transformer"}, "--model"), ({"seq_len": 32, "batch_frames": 16}, "--seq-len"),
-    ({"camera": "rear"}, "--camera"), ({"augment": ("blur",)}, "--augment"), ({"augment": ("side",)}, "--camera all"),
-    ({"val_fraction": 1.0}, "--val-fraction"), ({"epochs": 0}, "--epochs"), ({"data": []}, "--data"),
+    ({"model": "transformer"}, "model"), ({"seq_len": 32, "batch_frames": 16}, "seq_len"),
+    ({"camera": "rear"}, "camera"), ({"augment": ("blur",)}, "augment"), ({"augment": ("side",)}, "camera to all"),
+    ({"val_fraction": 1.0}, "val_fraction"), ({"epochs": 0}, "epochs"), ({"data": []}, "data"),
 ])
 def test_train_config_validation(overrides, match):
     base = {"data": ["somewhere"], "out": "nowhere"}
