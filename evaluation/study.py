@@ -492,7 +492,9 @@ def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: 
         _write_json(path_under(markers, stage.marker), {"kind": stage.kind, "name": stage.name, "key": stage.key,
                                              "out": str(stage.out), "seconds": time.perf_counter() - began,
                                              "summary": summary})
-    report_code = hashlib.sha256(Path(report_module.__file__).read_bytes()).hexdigest()
+    report_dir = Path(report_module.__file__).parent  # the report package: every module of it
+    report_code = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes()
+                                          for p in sorted(report_dir.glob("*.py")))).hexdigest()
     report_key = _hash([s.key for s in stages] + [STUDY_SCHEMA_VERSION, report_code])
     study = {"schema_version": STUDY_SCHEMA_VERSION, "name": cfg.name, "config_file": cfg.path,
              "report_key": report_key,

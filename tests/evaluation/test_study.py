@@ -160,7 +160,7 @@ def test_presets_parse():
     (lambda t: t.replace('offline_data = "val"', 'offline_data = "held"'), "study.offline_data names 'held'"),
     (lambda t: t.replace('suites = ["smoke"]', 'suites = ["nosuch"]'), "'nosuch' is neither a built-in suite"),
     (lambda t: t + '\n[policies.d]\ndagger = { init = "ghost" }\n', "dagger.init must name a policy defined above"),
-    (lambda t: t.replace('model = "pilotnet"', 'model = "resnet"'), "[policies.pilotnet]: --model must be one of"),
+    (lambda t: t.replace('model = "pilotnet"', 'model = "resnet"'), "[policies.pilotnet]: model must be one of"),
     (lambda t: t.replace("[study]", "[study\n"), "not valid TOML"),
 ])
 def test_bad_study_files_name_the_field(tmp_path, edit, message):

@@ -1,0 +1,144 @@
+"""Findings written from the numbers; each says plainly when a published result does not reproduce."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np  # noqa: E402
+
+from steerloop.evaluation.report.rows import CODEVILLA_MSE_R, CODEVILLA_OTHER_R, MATCHED_FRAMES, OFFLINE_METRICS, PolicyRow, SIMILAR_RMSE  # noqa: E402
+from steerloop.evaluation.report.tables import _fmt, closed_loop_order  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- findings
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str, dagger=()) -> list[str]:
+    out = []
+    zeros = rows[0].zeros["rmse"]
+    n_routes = rows[0].results[primary][0]["aggregate"]["scenarios"]
+    good_offline = [r for r in rows if r.offline["rmse"] < zeros / 2]
+    drivers = [r for r in rows if (r.closed["success_rate"] or 0) >= 0.8]
+    gap = [r for r in good_offline if (r.closed["success_rate"] or 0) < 0.5]
+    out.append(f"**The gap.** {len(good_offline)} of {len(rows)} policies predict the held-out steering with an "
+               f"RMSE below half the all-zeros baseline ({zeros / 2:.4f}). "
+               + (f"{len(gap)} of them fail more than half of the {n_routes} `{primary}` routes: "
+                  + ", ".join(f"{r.name} (RMSE {r.offline['rmse']:.4f}, success {r.closed['success_rate']:.2f})"
+                              for r in gap) + "."
+                  if gap else "None of them fails more than half of the routes: this population does not show the "
+                  "gap at that threshold.")
+               + (f" {len(drivers)} policies complete at least 80% of the routes with no departure "
+                  f"(best: {closed_loop_order(rows)[0].name})." if drivers else
+                  " No policy completes 80% of the routes without a departure."))
+    success_corr = {off: corr[(off, "success_rate")]["pearson"][0] for off in OFFLINE_METRICS
+                    if (off, "success_rate") in corr}
+    valid = {k: v for k, v in success_corr.items() if not math.isnan(v)}
+    if valid:
+        best = max(valid, key=lambda k: abs(valid[k]))
+        r_rmse = valid.get("rmse", math.nan)
+        text = (f"**Which offline metric predicts driving (Codevilla et al.).** Across {len(rows)} policies, "
+                f"the offline metric most correlated with success rate is `{best}` (Pearson r = {valid[best]:+.2f}); "
+                f"RMSE gives r = {r_rmse:+.2f}. ")
+        others = [abs(valid[k]) for k in ("mae", "qce", "tre") if k in valid]
+        if not math.isnan(r_rmse) and others and max(others) > abs(r_rmse):
+            text += (f"As in Codevilla et al. (MSE r = {CODEVILLA_MSE_R}, MAE/QCE/TRE r > {CODEVILLA_OTHER_R}), a "
+                     "metric other than the squared error correlates better than RMSE" + (", and above 0.6." if max(others) > CODEVILLA_OTHER_R
+                                                            else ", though not above 0.6: reproduced only in part."))
+        else:
+            text += ("This does not reproduce Codevilla et al.'s finding that MAE, QCE or TRE correlate better than "
+                     "the squared error.")
+        out.append(text + " With a population this small the intervals in the correlation table are wide.")
+    else:
+        out.append("**Which offline metric predicts driving.** Success rate is the same for every policy, so no "
+                   "correlation with it can be computed: the suite does not separate these policies.")
+    twins = [(a, b) for a in rows for b in rows
+             if abs(a.offline["rmse"] - b.offline["rmse"]) <= SIMILAR_RMSE * max(a.offline["rmse"], b.offline["rmse"])
+             and (a.closed["success_rate"] or 0) - (b.closed["success_rate"] or 0) >= 0.5]
+    if twins:
+        a, b = max(twins, key=lambda p: (p[0].closed["success_rate"] or 0) - (p[1].closed["success_rate"] or 0))
+        out.append(f"**Equal offline error, different driving.** {a.name} and {b.name} have offline RMSE "
+                   f"{a.offline['rmse']:.4f} and {b.offline['rmse']:.4f} (within {SIMILAR_RMSE:.0%}) but succeed on "
+                   f"{a.closed['success_rate']:.2f} and {b.closed['success_rate']:.2f} of the routes, as Codevilla et "
+                   "al. observed.")
+    best_offline = min(rows, key=lambda r: r.offline["rmse"])
+    better = [r for r in rows if (r.closed["success_rate"] or 0) > (best_offline.closed["success_rate"] or 0)]
+    out.append(f"**Best offline is not best on the road (comma.ai).** The policy with the lowest offline RMSE, "
+               f"{best_offline.name} ({best_offline.offline['rmse']:.4f}), has success "
+               f"{best_offline.closed['success_rate']:.2f}; {len(better)} of {len(rows)} policies drive with a "
+               "strictly higher success rate. "
+               + ("The published finding reproduces." if better else
+                  "None drives better: the published finding does not reproduce in this population."))
+    recurrent = [r for r in rows if r.recurrent]
+    single = [r for r in rows if not r.recurrent]
+    if recurrent and single:
+        s_rec, s_single = _mean(r.closed["success_rate"] for r in recurrent), _mean(r.closed["success_rate"]
+                                                                                  for r in single)
+        o_rec, o_single = _mean(r.offline["rmse"] for r in recurrent), _mean(r.offline["rmse"] for r in single)
+        verdict = "helps" if s_rec > s_single else "hurts" if s_rec < s_single else "makes no difference"
+        out.append(f"**History in closed loop.** Recurrent policies (with history) average success {s_rec:.2f} and "
+                   f"offline RMSE {o_rec:.4f}; single-frame policies {s_single:.2f} and {o_single:.4f}. History "
+                   f"{verdict} in closed loop here"
+                   + (", although it predicts better offline (the copycat pattern)." if o_rec < o_single and
+                      s_rec < s_single else "."))
+    regimes = {}
+    for r in rows:
+        if r.regime != "user":  # a user's policy is not a data regime of the study
+            regimes.setdefault(r.regime, []).append(r)
+    if len(regimes) > 1:
+        parts = [f"{name}: success {_mean(x.closed['success_rate'] for x in members):.2f}, recovery "
+                 f"{_fmt(_mean(x.closed['recovery_rate'] for x in members), 2)}, on-policy RMSE "
+                 f"{_mean(x.closed['on_policy_rmse'] for x in members):.4f} (n={len(members)})"
+                 for name, members in sorted(regimes.items())]
+        out.append("**Data regimes (DART noise, side cameras, DAgger).** " + "; ".join(parts) + ".")
+    for policy, init, matched in dagger:
+        control = max(matched, key=lambda m: m.closed["success_rate"] or 0.0) if matched else None
+        beats = (policy.closed["success_rate"] or 0) > (init.closed["success_rate"] or 0) and (
+            control is None or (policy.closed["success_rate"] or 0) > (control.closed["success_rate"] or 0))
+        out.append(f"**DAgger (Ross et al.).** {policy.name} ({policy.frames} expert-labelled frames) succeeds on "
+                   f"{policy.closed['success_rate']:.2f} of the routes, against {init.closed['success_rate']:.2f} for "
+                   f"{init.name}, the behaviour-cloning policy it started from"
+                   + (f", and {control.closed['success_rate']:.2f} for {control.name}, behaviour cloning on "
+                      f"{control.frames} expert frames" if control else ", with no frame-matched behaviour-cloning "
+                      "control in the study")
+                   + (". DAgger wins." if beats else
+                      ". Its starting policy already succeeds everywhere, so this pair cannot show a difference."
+                      if (init.closed["success_rate"] or 0) >= 1.0 else
+                      ". DAgger does not win here: the published finding does not reproduce in this setup."))
+    ratios = [r.closed["on_policy_rmse"] / r.offline["rmse"] for r in rows if r.closed["on_policy_rmse"]]
+    if ratios:
+        grew = [f for f, c in compounding.items() if c["offset_last_10s"] > c["offset_first_10s"]]
+        out.append(f"**Compounding error.** On their own states the policies' steering error is "
+                   f"{min(ratios):.1f}x to {max(ratios):.1f}x their offline error (median {np.median(ratios):.1f}x). "
+                   + (f"Mean |offset| grows from the first to the last 10 s of the routes for: {', '.join(grew)}."
+                      if grew else "Mean |offset| does not grow over the routes for any family."))
+    return out
+
+
+def dagger_comparisons(rows: list[PolicyRow], plan) -> list[tuple[PolicyRow, PolicyRow, list[PolicyRow]]]:
+    """(DAgger policy, the behaviour-cloning policy it started from, behaviour-cloning
+    policies of the same architecture with at least as many expert-labelled frames)."""
+    by_name = {r.name: r for r in rows}
+    out = []
+    for r in rows:
+        stage = plan.policies[r.name]
+        if stage.kind != "dagger":
+            continue
+        init = by_name[stage.params["init"]]
+        matched = [b for b in rows if plan.policies[b.name].kind == "train" and b.arch == r.arch
+                   and b.frames >= MATCHED_FRAMES * r.frames and b is not init]
+        out.append((r, init, matched))
+    return out
+
+
+def dagger_table(comparisons) -> str:
+    lines = ["| DAgger policy | compared with | expert-labelled frames | success | mean abs offset [m] | recovery | "
+             "on-policy RMSE |", "|---|---|---|---|---|---|---|"]
+    for dagger, init, matched in comparisons:
+        for row, role in ((dagger, "DAgger"), (init, "BC it started from"), *((m, "BC, as many frames") for m in matched)):
+            lines.append(f"| {dagger.name} | {row.name} ({role}) | {row.frames} | {_fmt(row.closed['success_rate'], 2)} "
+                         f"| {_fmt(row.closed['mean_abs_offset_m'])} | {_fmt(row.closed['recovery_rate'], 2)} | "
+                         f"{_fmt(row.closed['on_policy_rmse'], 4)} |")
+    return "\n".join(lines)

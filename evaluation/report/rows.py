@@ -1,0 +1,120 @@
+"""The rows of the report: one per policy, collected from the stages' saved outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steerloop.evaluation.copycat import closed_loop_probe  # noqa: E402
+from steerloop.evaluation.regress import load_results  # noqa: E402
+
+
+OFFLINE_METRICS = ("rmse", "mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
+CLOSED_LOOP_METRICS = ("success_rate", "mean_abs_offset_m", "departures_per_km", "autonomy_pct", "recovery_rate",
+                       "on_policy_rmse")
+RECURRENT = ("cnn-lstm", "conv3d-lstm", "komanda", "chauffeur")
+SMOOTHING_S = 1.0  # [s] moving-average window of the compounding-error curves
+AFTER_PERTURBATION_S = 8.0  # [s] window plotted after a perturbation starts
+CODEVILLA_MSE_R = 0.39  # Codevilla et al. 2018: MSE vs success rate
+CODEVILLA_OTHER_R = 0.6  # ... MAE, QCE and TRE reach r > 0.6
+SIMILAR_RMSE = 0.1  # offline RMSEs within 10% of each other count as "equal offline error"
+MATCHED_FRAMES = 0.9  # a behaviour-cloning control needs at least this fraction of DAgger's labelled frames
+VIDEO_STEM_MAX = 200  # [bytes] of a video's name before ".mp4" (names of scenario and policies; hashed beyond)
+
+
+@dataclass
+
+
+class PolicyRow:
+    """Everything the report knows about one policy of the population."""
+
+    name: str
+    family: str
+    arch: str
+    regime: str
+    frames: int | None  # expert-labelled training frames (None for a user's policy: not known)
+    val_rmse: float | None
+    offline: dict
+    zeros: dict
+    recurrent: bool = False
+    closed: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)  # suite name -> (results.json dict, results directory)
+    history: dict = field(default_factory=dict)  # inputs, fed-back outputs, training mode, window, copycat measures
+
+
+
+# ----------------------------------------------------------------------------- collection
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _frames(dirs: list[str]) -> int:
+    return sum(int(e["length"]) for d in dirs for e in _read_json(Path(d) / "manifest.json")["episodes"].values())
+
+
+def _regime(plan, name: str) -> str:
+    stage = plan.policies[name]
+    if stage.kind == "user":
+        return "user"
+    if stage.kind == "dagger":
+        return "dagger"
+    config = stage.params["config"]
+    noisy = any(plan.config.datasets[d].get("noise", 0.0) > 0 for d in config["data"])
+    augment = set(config.get("augment", ("shift", "jitter")))
+    if noisy:
+        return "dart-noise"
+    if config.get("camera") == "all" and "side" in augment:
+        return "side-cameras"
+    if "shift" in augment:
+        return "shift-augment"
+    return "clean"
+
+
+def collect(plan) -> list[PolicyRow]:
+    """One row per policy from the stages' outputs."""
+    suites = list(plan.suites.values())
+    primary = suites[0]
+    rows = []
+    for name, stage in plan.policies.items():
+        offline = _read_json(plan.offline[name].out / "offline.json")
+        results = {suite.name: (load_results(plan.closed_loop[(name, suite.name)].out).data,
+                                plan.closed_loop[(name, suite.name)].out) for suite in suites}
+        if stage.kind == "user":  # what the policy says about itself (its describe() in results.json)
+            described = results[primary.name][0]["policy"]
+            arch, recurrent = str(described.get("arch", "user")), bool(described.get("recurrent", False))
+            frames, val_rmse = None, None
+            meta = {"model": {"arch": arch, "inputs": list(described.get("inputs", ["image"])),
+                              "fed_back": bool(described.get("fed_back"))}}
+        else:
+            meta = _read_json(Path(plan.checkpoint(name)) / "config.json")
+            arch, frames = meta["model"]["arch"], _frames(plan.dataset_dirs(name))
+            recurrent, val_rmse = arch in RECURRENT, meta.get("metrics", {}).get("val_rmse")
+        row = PolicyRow(name=name, family=plan.config.policies[name].family, arch=arch, regime=_regime(plan, name),
+                        frames=frames, val_rmse=val_rmse, offline=offline["model"], zeros=offline["zeros"],
+                        recurrent=recurrent, results=results)
+        agg = row.results[primary.name][0]["aggregate"]
+        row.closed = {key: agg.get(key) for key in ("success_rate", "mean_abs_offset_m", "departures_per_km",
+                                                     "on_policy_rmse")}
+        row.closed["autonomy_pct"] = next((row.results[s.name][0]["aggregate"]["autonomy_pct"]
+                                           for s in suites if s.has_interventions), None)
+        row.closed["recovery_rate"] = next((row.results[s.name][0]["aggregate"]["recovery_rate"]
+                                            for s in suites if s.has_perturbations), None)
+        row.history = history_of(meta, offline, row.results[primary.name][1])
+        rows.append(row)
+    return rows
+
+
+def history_of(meta: dict, offline: dict, primary_dir: Path) -> dict:
+    """What the History and copycat section needs of one policy: its inputs and fed-back
+    outputs, how they were trained, its window, the offline baselines and event split, and
+    the copycat probe on the expert's logs and on its own closed-loop steering."""
+    model, training = meta["model"], meta.get("training", {})
+    inputs = list(model.get("inputs", ["image"]))
+    fed_back = bool(model.get("fed_back")) or model["arch"] == "komanda" or "prev_steering" in inputs
+    return {"inputs": inputs, "fed_back": fed_back, "mode": training.get("feedback_mode", "teacher"),
+            "seq_len": training.get("seq_len"), "recipe": {k: v for k, v in training.items()
+                                                           if k not in ("seq_len", "out", "init", "threads")},
+            "teacher_forced": offline.get("teacher_forced"), "repeat_previous": offline.get("repeat_previous"),
+            "events": offline.get("events", {}), "expert_probe": offline.get("copycat_probe", {}).get("expert"),
+            "probe": closed_loop_probe(primary_dir)}

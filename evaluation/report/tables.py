@@ -1,0 +1,79 @@
+"""The report's markdown tables and its correlation table."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np  # noqa: E402
+
+from steerloop.evaluation.report.rows import CLOSED_LOOP_METRICS, OFFLINE_METRICS, PolicyRow  # noqa: E402
+from steerloop.evaluation.stats import correlation_ci, pearson, spearman  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- tables
+def _fmt(value, digits: int = 3, scale: float = 1.0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value * scale:.{digits}f}"
+
+
+def policy_table(rows: list[PolicyRow]) -> str:
+    head = ("| policy | family | data | frames | offline RMSE | zeros RMSE | offline MAE | QCE | TRE | success | "
+            "mean abs offset [m] | departures/km | autonomy % | recovery | on-policy RMSE | on-policy / offline |")
+    lines = [head, "|" + "|".join(["---"] * 16) + "|"]
+    for r in rows:
+        ratio = r.closed["on_policy_rmse"] / r.offline["rmse"] if r.offline["rmse"] else math.nan
+        lines.append(f"| {r.name} | {r.family} | {r.regime} | {_fmt(r.frames, 0)} | {_fmt(r.offline['rmse'], 4)} | "
+                     f"{_fmt(r.zeros['rmse'], 4)} | {_fmt(r.offline['mae'], 4)} | {_fmt(r.offline['qce'])} | "
+                     f"{_fmt(r.offline['tre'])} | {_fmt(r.closed['success_rate'], 2)} | "
+                     f"{_fmt(r.closed['mean_abs_offset_m'])} | {_fmt(r.closed['departures_per_km'], 2)} | "
+                     f"{_fmt(r.closed['autonomy_pct'], 1)} | {_fmt(r.closed['recovery_rate'], 2)} | "
+                     f"{_fmt(r.closed['on_policy_rmse'], 4)} | {_fmt(ratio, 1)}x |")
+    return "\n".join(lines)
+
+
+def offline_table(rows: list[PolicyRow]) -> str:
+    lines = ["| policy | " + " | ".join(OFFLINE_METRICS) + " |", "|" + "|".join(["---"] * 7) + "|"]
+    for r in rows:
+        lines.append(f"| {r.name} | " + " | ".join(_fmt(r.offline[k], 4) for k in OFFLINE_METRICS) + " |")
+    zeros = rows[0].zeros
+    lines.append("| *all-zeros* | " + " | ".join(_fmt(zeros[k], 4) for k in OFFLINE_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def correlations(rows: list[PolicyRow]) -> dict:
+    """{(offline metric, closed metric): {pearson: (r, lo, hi), spearman: (...), n}}."""
+    out = {}
+    for off in OFFLINE_METRICS:
+        for closed in CLOSED_LOOP_METRICS:
+            pairs = [(r.offline[off], r.closed[closed]) for r in rows
+                     if r.offline.get(off) is not None and r.closed.get(closed) is not None]
+            if len(pairs) < 3:
+                continue
+            x, y = np.asarray(pairs, np.float64).T
+            out[(off, closed)] = {"pearson": correlation_ci(x, y, pearson), "spearman": correlation_ci(x, y, spearman),
+                                  "n": len(pairs)}
+    return out
+
+
+def correlation_table(corr: dict) -> str:
+    closed = [c for c in CLOSED_LOOP_METRICS if any(k[1] == c for k in corr)]
+    lines = ["| offline metric | " + " | ".join(closed) + " |", "|" + "|".join(["---"] * (len(closed) + 1)) + "|"]
+
+    def cell(v):
+        r, lo, hi = v
+        return "n/a (constant)" if math.isnan(r) else f"{r:+.2f} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]"
+
+    for off in OFFLINE_METRICS:
+        cells = []
+        for c in closed:
+            entry = corr.get((off, c))
+            cells.append("" if entry is None else f"r {cell(entry['pearson'])}<br>ρ {cell(entry['spearman'])}")
+        lines.append(f"| {off} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def closed_loop_order(rows: list[PolicyRow]) -> list[PolicyRow]:
+    """Best driver first: success rate, then fewer departures per km, then mean |offset|."""
+    return sorted(rows, key=lambda r: (-(r.closed["success_rate"] or 0.0), r.closed["departures_per_km"] or 0.0,
+                                       r.closed["mean_abs_offset_m"] or 0.0, r.name))
