@@ -13,6 +13,7 @@ on stderr naming the input and the fix); 130 interrupted (Ctrl-C) and 143 termin
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import signal
@@ -456,64 +457,71 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _library_configs():
-    """The library's config dataclasses (imported only when the parser is built)."""
-    from steerloop.training.dagger import DaggerConfig
-    from steerloop.training.record import RecordConfig
-    from steerloop.training.rl import RLConfig
-    from steerloop.training.train import TrainConfig
-
-    return RecordConfig, TrainConfig, RLConfig, DaggerConfig
+def _config(module: str, name: str):
+    """A library config dataclass, imported only for the command that needs it (the training
+    modules import torch: ~2 s that ``validate`` or ``--help`` should not pay)."""
+    return lambda: vars(importlib.import_module(module))[name]
 
 
-# (command, help, configs with their per-command details, handler, what an interrupted run keeps)
+def _own(config):
+    return lambda: config
+
+
+# (command, help, configs (loader, per-command details), handler, what an interrupted run keeps)
 def _commands():
-    record_cfg, train_cfg, rl_cfg, dagger_cfg = _library_configs()
     backend = {"backend": BACKENDS}
+    progress = (_own(Progress), {})
     return [
-        ("drive", "drive one episode and print its drift summary", [(DriveArgs, {})], cmd_drive, ""),
+        ("drive", "drive one episode and print its drift summary", [(_own(DriveArgs), {})], cmd_drive, ""),
         ("record", "record expert driving into a driving log (resumable)",
-         [(record_cfg, {"out": REQUIRED_OUT_DIR, "episodes": AT_LEAST_ONE, "workers": AT_LEAST_ONE, **backend}),
-          (Progress, {})], cmd_record, "completed episodes are kept; re-run the same command to record the rest"),
+         [(_config("steerloop.training.record", "RecordConfig"),
+           {"out": REQUIRED_OUT_DIR, "episodes": AT_LEAST_ONE, "workers": AT_LEAST_ONE, **backend}), progress],
+         cmd_record, "completed episodes are kept; re-run the same command to record the rest"),
         ("train", "behaviour cloning from driving logs (resumable)",
-         [(train_cfg, {"data": {"required": True}, "out": REQUIRED_OUT_DIR, "seq_len": {"min": 0},
-                       "epochs": AT_LEAST_ONE, "batch_frames": AT_LEAST_ONE, "threads": AT_LEAST_ONE}),
-          (Progress, {})], cmd_train, "re-run the same command to resume from OUT/trainer_state"),
+         [(_config("steerloop.training.train", "TrainConfig"),
+           {"data": {"required": True}, "out": REQUIRED_OUT_DIR, "seq_len": {"min": 0}, "epochs": AT_LEAST_ONE,
+            "batch_frames": AT_LEAST_ONE, "threads": AT_LEAST_ONE}), progress],
+         cmd_train, "re-run the same command to resume from OUT/trainer_state"),
         ("train-rl", "PPO (stable-baselines3) in closed loop on training tracks (resumable)",
-         [(rl_cfg, {"out": REQUIRED_OUT_DIR, "algo": {"choices": ("ppo",)}, "timesteps": AT_LEAST_ONE,
-                    "envs": AT_LEAST_ONE, "tracks": AT_LEAST_ONE, "n_steps": AT_LEAST_ONE,
-                    "save_every": AT_LEAST_ONE, "threads": AT_LEAST_ONE}),
-          (Progress, {})], cmd_train_rl, "re-run the same command to continue from the newest OUT/checkpoints/*.zip"),
+         [(_config("steerloop.training.rl", "RLConfig"),
+           {"out": REQUIRED_OUT_DIR, "algo": {"choices": ("ppo",)}, "timesteps": AT_LEAST_ONE, "envs": AT_LEAST_ONE,
+            "tracks": AT_LEAST_ONE, "n_steps": AT_LEAST_ONE, "save_every": AT_LEAST_ONE, "threads": AT_LEAST_ONE}),
+          progress], cmd_train_rl, "re-run the same command to continue from the newest OUT/checkpoints/*.zip"),
         ("evaluate", "closed-loop evaluation of a policy over a scenario suite (resumable)",
-         [(EvaluateArgs, {})], cmd_evaluate, "finished scenarios are kept; re-run the same command to finish"),
-        ("offline", "offline metrics on held-out logs, beside the all-zeros predictor", [(OfflineArgs, {})],
+         [(_own(EvaluateArgs), {})], cmd_evaluate, "finished scenarios are kept; re-run the same command to finish"),
+        ("offline", "offline metrics on held-out logs, beside the all-zeros predictor", [(_own(OfflineArgs), {})],
          cmd_offline, ""),
         ("dagger", "DAgger: learner drives, expert labels, retrain on the aggregate (resumable)",
-         [(dagger_cfg, {"init": {"required": True}, "data": {"required": True}, "out": REQUIRED_OUT_DIR,
-                        "iterations": AT_LEAST_ONE, "episodes_per_iter": AT_LEAST_ONE, "epochs": AT_LEAST_ONE,
-                        "workers": AT_LEAST_ONE, **backend}),
-          (DaggerArgs, {})], cmd_dagger, "re-run the same command to resume (OUT/dagger.json)"),
+         [(_config("steerloop.training.dagger", "DaggerConfig"),
+           {"init": {"required": True}, "data": {"required": True}, "out": REQUIRED_OUT_DIR,
+            "iterations": AT_LEAST_ONE, "episodes_per_iter": AT_LEAST_ONE, "epochs": AT_LEAST_ONE,
+            "workers": AT_LEAST_ONE, **backend}), (_own(DaggerArgs), {})],
+         cmd_dagger, "re-run the same command to resume (OUT/dagger.json)"),
         ("regress", "regression gate: compare a candidate policy with a baseline; exit 0 no regression, "
-         "1 regression, 2 could not compare", [(RegressArgs, {})], cmd_regress,
+         "1 regression, 2 could not compare", [(_own(RegressArgs), {})], cmd_regress,
          "finished scenarios are kept; re-run the same command to finish"),
-        ("validate", "check a driving log; one line per problem, non-zero exit if any", [(ValidateArgs, {})],
+        ("validate", "check a driving log; one line per problem, non-zero exit if any", [(_own(ValidateArgs), {})],
          cmd_validate, ""),
-        ("bench", "throughput benchmarks, measured side by side", [(BenchArgs, {})], cmd_bench, ""),
+        ("bench", "throughput benchmarks, measured side by side", [(_own(BenchArgs), {})], cmd_bench, ""),
         ("study", "the offline-vs-closed-loop gap study: record, train, evaluate, report (cached)",
-         [(StudyArgs, {})], cmd_study, "re-run the same command to resume"),
-        ("demo", "a small preset of the gap study (its measured run time is in the README)", [(DemoArgs, {})], cmd_study,
-         "re-run the same command to resume"),
+         [(_own(StudyArgs), {})], cmd_study, "re-run the same command to resume"),
+        ("demo", "a small preset of the gap study (its measured run time is in the README)",
+         [(_own(DemoArgs), {})], cmd_study, "re-run the same command to resume"),
     ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, the flags of that one command (the others are
+    listed by name and help), so a command imports only the configs it needs."""
     parser = _Parser(prog="steerloop", description=__doc__.split("\n\n")[0], epilog=POLICIES_HELP,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, configs, handler, interrupted in _commands():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        for config, details in configs:
-            add_flags(command, config, skip=("extra",), cli=details)
+        if only is not None and name != only:
+            continue
+        for load, details in configs:
+            add_flags(command, load(), skip=("extra",), cli=details)
         flags = {action.dest: action.option_strings[-1] for action in command._actions if action.option_strings
                  and action.dest != "help"}
         command.set_defaults(func=handler, interrupted=interrupted, flags=flags)
@@ -570,7 +578,10 @@ def _run_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; see the module docstring for the exit codes."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = {name for name, *_ in _commands()}
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(chosen if chosen in names else None).parse_args(argv)
     np.set_printoptions(precision=4)
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         return _run_command(args)

@@ -7,6 +7,7 @@ import pytest
 from steerloop.evaluation.bench import bench_scale
 
 
+@pytest.mark.slow  # ~15 s: Ray plus three timed runs; `steerloop bench scale` is the measurement itself
 def test_bench_scale_measures_every_backend_with_identical_results(ray_local):
     result = bench_scale(scenarios=2, track_length=40.0, repeats=1, progress=False)
     for key in ("local_w1_steps_per_s", "local_w2_steps_per_s", "ray_w2_steps_per_s"):
@@ -20,6 +21,7 @@ def test_bench_scale_measures_every_backend_with_identical_results(ray_local):
     assert ray_local.is_initialized()  # an instance it did not start is left running
 
 
+@pytest.mark.slow  # ~11 s: three closed-loop runs and a replay; `steerloop bench eval` is the measurement itself
 def test_bench_eval_replays_the_closed_loop_drive_and_reports_both_targets():
     from steerloop.evaluation.bench import bench_eval
 
