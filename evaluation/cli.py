@@ -542,11 +542,12 @@ def _one_line(error: BaseException) -> str:
 def _as_flags(message: str, flags: dict[str, str]) -> str:
     """A library message names config fields (``track_length must be ...``); on the command
     line the same names are flags (``--track-length must be ...``). A field name is rewritten
-    where it is the subject of the message: right before ``must``, ``needs`` or a colon."""
+    where it is the subject of the message: right before ``must``, ``needs``, a colon or an
+    index (``conditions[1]:``)."""
     def flag(match: re.Match) -> str:
         name = match.group(0)
         after = message[match.end():match.end() + 6]
-        return flags[name] if name in flags and after.startswith((" must", " needs", ":")) else name
+        return flags[name] if name in flags and after.startswith((" must", " needs", ":", "[")) else name
 
     return re.sub(r"(?<![\w.\-/])[a-z][a-z0-9_]*(?![\w.\-/])", flag, message)
 

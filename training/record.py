@@ -26,7 +26,7 @@ from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from steerloop.sim.env import LaneKeepEnv, load_track
 from steerloop.driving_log import DrivingLogWriter, EpisodeBuffer, episode_file
 from steerloop.parallel import check_backend, connect_ray, run_tasks
-from steerloop.sim.scene import CONDITIONS
+from steerloop.sim.conditions import resolve as resolve_condition
 from steerloop.sim.track import SPLIT_SEED_RANGES, check_route_length, split_seed
 
 SUITES = tuple(SPLIT_SEED_RANGES)  # train, val, test
@@ -95,9 +95,10 @@ class RecordConfig:
             raise ValueError(f"noise must be >= 0 (normalised steering units), got {self.noise}")
         if self.noise_kind not in NOISE_KINDS:
             raise ValueError(f"noise_kind must be one of {NOISE_KINDS}, got {self.noise_kind!r}")
-        unknown = [c for c in self.conditions if c not in CONDITIONS]
-        if unknown or not self.conditions:
-            raise ValueError(f"conditions: unknown {unknown}; choose from {sorted(CONDITIONS)}")
+        if not self.conditions:
+            raise ValueError("conditions: give at least one visual condition")
+        for index, condition in enumerate(self.conditions):
+            resolve_condition(condition, where=f"conditions[{index}]")  # named or scenery.weather.camera
         if self.expert not in CONTROLLERS:
             raise ValueError(f"expert must be one of {sorted(CONTROLLERS)}, got {self.expert!r}")
         if self.workers < 1:

@@ -38,7 +38,7 @@ import numpy as np
 
 from steerloop.files import atomic_write_json
 from steerloop.sim import ENV_ID
-from steerloop.sim.scene import CONDITIONS
+from steerloop.sim.conditions import resolve as resolve_condition
 from steerloop.sim.track import check_route_length, split_seed
 
 ALGOS = ("ppo",)
@@ -113,9 +113,10 @@ class RLConfig:
         check_route_length(self.track_length, "track_length")
         if self.tracks > 100_000:
             raise ValueError(f"tracks must be <= 100000 (the size of the training split), got {self.tracks}")
-        unknown = [c for c in self.conditions if c not in CONDITIONS]
-        if unknown or not self.conditions:
-            raise ValueError(f"conditions: unknown {unknown}; choose from {sorted(CONDITIONS)}")
+        if not self.conditions:
+            raise ValueError("conditions: give at least one visual condition")
+        for index, condition in enumerate(self.conditions):
+            resolve_condition(condition, where=f"conditions[{index}]")  # named or scenery.weather.camera
         if min(self.resolution) < 36:
             raise ValueError(f"resolution must be at least 36x36 for SB3's NatureCNN, got "
                              f"{self.resolution[0]}x{self.resolution[1]}")

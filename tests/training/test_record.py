@@ -168,7 +168,7 @@ def test_episode_jobs_on_a_track_file(tmp_path, short_spec_path):
 ])
 def test_record_config_validation(tmp_path, overrides, field):
     """The library names the config field; the command line names the flag."""
-    with pytest.raises(ValueError, match=f"^{field}(:| must)"):
+    with pytest.raises(ValueError, match=rf"^{field}(\[\d+\])?(:| must)"):
         tiny_config(tmp_path, **overrides)
 
 
