@@ -7,7 +7,7 @@ import math
 import numpy as np  # noqa: E402
 
 from steerloop.evaluation.report.rows import CLOSED_LOOP_METRICS, OFFLINE_METRICS, PolicyRow  # noqa: E402
-from steerloop.evaluation.stats import correlation_ci, pearson, spearman  # noqa: E402
+from steerloop.evaluation.stats import correlation_ci, kendall, pearson, ranking_inversions, spearman  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- tables
@@ -41,8 +41,13 @@ def offline_table(rows: list[PolicyRow]) -> str:
     return "\n".join(lines)
 
 
+HIGHER_IS_BETTER_CLOSED = ("success_rate", "autonomy_pct", "recovery_rate")  # the rest: lower is better
+
+
 def correlations(rows: list[PolicyRow]) -> dict:
-    """{(offline metric, closed metric): {pearson: (r, lo, hi), spearman: (...), n}}."""
+    """{(offline metric, closed metric): {pearson, spearman, kendall: (value, lo, hi), inversions,
+    pairs, n}}: ``inversions`` of the ``pairs`` policy pairs are ordered one way by the offline
+    metric (lower is better) and the other way by the closed-loop metric."""
     out = {}
     for off in OFFLINE_METRICS:
         for closed in CLOSED_LOOP_METRICS:
@@ -51,8 +56,10 @@ def correlations(rows: list[PolicyRow]) -> dict:
             if len(pairs) < 3:
                 continue
             x, y = np.asarray(pairs, np.float64).T
-            out[(off, closed)] = {"pearson": correlation_ci(x, y, pearson), "spearman": correlation_ci(x, y, spearman),
-                                  "n": len(pairs)}
+            out[(off, closed)] = {
+                "pearson": correlation_ci(x, y, pearson), "spearman": correlation_ci(x, y, spearman),
+                "kendall": correlation_ci(x, y, kendall), "n": len(pairs), "pairs": len(pairs) * (len(pairs) - 1) // 2,
+                "inversions": ranking_inversions(x, y, y_higher_is_better=closed in HIGHER_IS_BETTER_CLOSED)}
     return out
 
 
@@ -68,7 +75,8 @@ def correlation_table(corr: dict) -> str:
         cells = []
         for c in closed:
             entry = corr.get((off, c))
-            cells.append("" if entry is None else f"r {cell(entry['pearson'])}<br>ρ {cell(entry['spearman'])}")
+            cells.append("" if entry is None else f"r {cell(entry['pearson'])}<br>ρ {cell(entry['spearman'])}<br>"
+                         f"τ {cell(entry['kendall'])}<br>inverted {entry['inversions']}/{entry['pairs']}")
         lines.append(f"| {off} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -43,7 +43,8 @@ def write_report(plan) -> Path:
           "## Policies: offline beside closed loop", "", policy_table(rows), "",
           "Offline metrics on held-out logs, with the all-zeros predictor:", "", offline_table(rows), "",
           "## Correlation across the population (Codevilla et al. style)", "",
-          f"Pearson r and Spearman ρ with 95% bootstrap intervals over policies ({BOOTSTRAP_RESAMPLES} resamples). "
+          f"Pearson r, Spearman ρ and Kendall τ with 95% bootstrap intervals over policies ({BOOTSTRAP_RESAMPLES} "
+          "resamples), and how many policy pairs the two metrics order the opposite way (inverted k/N). "
           "Lower is better for every offline metric; for success, autonomy and recovery a useful offline metric "
           "correlates negatively.", "",
           correlation_table(corr) if corr else "Correlations need at least 3 policies with the metric.", "",

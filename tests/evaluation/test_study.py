@@ -85,7 +85,7 @@ def tiny_study(tmp_path_factory):
 def test_tiny_study_writes_the_report(tiny_study):
     _, out = tiny_study
     report = (out / "report.md").read_text()
-    for needle in ("## Findings", "| pilotnet |", "| lstm |", "*all-zeros*", "Pearson r and Spearman",
+    for needle in ("## Findings", "| pilotnet |", "| lstm |", "*all-zeros*", "Pearson r, Spearman ρ and Kendall τ", "inverted ",
                    "closed-loop rank", "figures/compounding.png", "figures/on_policy_vs_offline.png"):
         assert needle in report, f"report.md lacks {needle!r}"
     for figure in ("rmse_vs_success.png", "compounding.png", "on_policy_vs_offline.png"):
