@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 MAX_JSON_BYTES = 64 * 2**20  # [bytes] larger "configuration" files are refused before parsing
-MAX_NESTING = 64  # JSON/TOML nesting depth steerloop's own formats never approach
 
 
 class SteerloopError(ValueError):
@@ -39,37 +38,15 @@ def check_keys(obj: Mapping[str, Any], known: Iterable[str], where: str, error: 
             raise error(f"{where}: unknown key {key!r}{suggest(key, known)}; valid keys are {sorted(known)}")
 
 
-def nesting_depth(text: str) -> int:
-    """The deepest bracket nesting of a JSON document (strings are skipped), without parsing it."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
-
-
 def parse_json(text: str, where: str, error: type[Exception] = SteerloopError) -> Any:
-    """JSON from ``text`` (read from ``where``), refusing documents that are too deep to be a
-    steerloop file (which would otherwise exhaust the interpreter's recursion limit)."""
-    if nesting_depth(text) > MAX_NESTING:
-        raise error(f"{where}: nested more than {MAX_NESTING} levels deep; this is not a steerloop file")
+    """JSON from ``text`` (read from ``where``), refusing documents nested too deeply to be a
+    steerloop file (the decoder runs out of recursion on them)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise error(f"{where}: nested too deeply to be a steerloop file") from None
 
 
 def read_json(path: str | Path, what: str = "file", error: type[Exception] = SteerloopError) -> Any:

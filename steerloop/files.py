@@ -14,7 +14,6 @@ import math
 import os
 import platform
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 TMP_SUFFIX = ".tmp"  # atomic_write's temporary file is TARGET + TMP_SUFFIX
@@ -93,10 +92,3 @@ def software_versions() -> dict[str, str]:
     except ImportError:
         pass
     return versions
-
-
-def ensure_parent(path: str | os.PathLike) -> Path:
-    """``Path(path)`` after creating its parent directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path

@@ -17,7 +17,6 @@ allowed for notes).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -35,7 +34,7 @@ from steerloop.sim.track.geometry import (
     _is_number,
     check_route_length,
 )
-from steerloop.errors import MAX_NESTING, check_keys, nesting_depth, suggest
+from steerloop.errors import check_keys, parse_json, suggest
 
 
 TRACKS_DIR = Path(__file__).resolve().parents[1] / "tracks"  # shipped example specs
@@ -130,15 +129,9 @@ def track_from_json(path: str | Path, *, cls: type[Track] = Track, **kwargs: Any
         )
     try:
         text = path.read_text(encoding="utf-8")
-        if nesting_depth(text) > MAX_NESTING:
-            raise TrackSpecError(f"{path}: nested more than {MAX_NESTING} levels deep; not a track spec")
-        spec = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TrackSpecError(
-            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
     except UnicodeDecodeError as exc:
         raise TrackSpecError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+    spec = parse_json(text, str(path), TrackSpecError)
     if isinstance(spec, dict) and "name" not in spec:
         spec = {**spec, "name": path.stem}
     return track_from_spec(spec, source=str(path), cls=cls, **kwargs)
