@@ -61,7 +61,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _int_at_least(minimum: float | None, kind: type = int):
+def _number_at_least(minimum: float | None, kind: type = int):
     def parse(text: str):
         try:
             value = kind(text)
@@ -142,7 +142,7 @@ def _argparse_kwargs(field: dataclasses.Field, annotation: Any, default: Any, cl
             return {"action": argparse.BooleanOptionalAction, "default": default}
         return {"action": "store_true", "default": False}
     if inner is int or inner is float:
-        kind = {"type": _int_at_least(minimum, inner)}
+        kind = {"type": _number_at_least(minimum, inner)}
     elif inner is str:
         kind = {"type": str}
     elif origin is tuple and args == (int, int):
