@@ -94,6 +94,7 @@ Exit codes: 0 done, 1 a check failed (validate, regress), 2 a user error, 130 in
 OUT_DIR = {"type": _out_dir}
 REQUIRED_OUT_DIR = {"type": _out_dir, "required": True}
 AT_LEAST_ONE = {"min": 1}
+AT_LEAST_ZERO = {"min": 0}
 BACKENDS = {"choices": ("local", "ray")}
 
 
@@ -167,6 +168,20 @@ class OfflineArgs:
     """Held-out driving-log directory."""
     out: str | None = field(default=None, metadata={"cli": {"type": _out_file}})
     """Write the metrics as JSON to this file."""
+    rollouts: int = field(default=16, metadata={"cli": AT_LEAST_ZERO})
+    """K short closed-loop rollouts from states sampled from the logs (0 = none; docs/metrics.md)."""
+    horizon: float = 3.0
+    """[s] how long the policy drives in each short rollout."""
+    warmup: float = 1.0
+    """[s] logged frames fed to the policy before each short rollout starts."""
+    rollout_seed: int = 0
+    """Seeds the choice of the K logged states."""
+    workers: int = field(default=1, metadata={"cli": AT_LEAST_ONE})
+    """Short rollouts run at once, each worker with its own simulator (same results for any number)."""
+    backend: str = "local"
+    """Where short rollouts run: local (worker processes here) or ray (Ray tasks; same results)."""
+    address: str | None = None
+    """With backend ray: the cluster to use ("auto" or "HOST:PORT"); None starts a local Ray instance."""
 
 
 @dataclass
@@ -354,7 +369,12 @@ def cmd_evaluate(args) -> int:
 def cmd_offline(args) -> int:
     from steerloop.evaluation.offline import evaluate_offline, offline_table
 
-    result = evaluate_offline(args.policy, args.data, args.out, policy_kwargs=args.policy_kwargs)
+    from steerloop.evaluation.short_loop import ShortLoopConfig
+
+    short = ShortLoopConfig(rollouts=args.rollouts, horizon=args.horizon, warmup=args.warmup, seed=args.rollout_seed)
+    result = evaluate_offline(args.policy, args.data, args.out, policy_kwargs=args.policy_kwargs, short=short,
+                              workers=args.workers, backend=args.backend, address=args.address,
+                              progress=sys.stderr.isatty())
     print(offline_table(result))
     if args.out:
         print(f"written: {args.out}")

@@ -39,6 +39,8 @@ REWARD_WEIGHTS = {  # reward = progress [m] minus these named penalties per cont
     "off_road": 50.0,  # once, when the episode terminates off the road
 }
 OBSERVATION_MODES = ("dict", "image")
+RESET_OPTIONS = ("track", "condition", "start_s", "start_offset", "start_heading", "start_speed", "start_wheel_angle",
+                 "start_command")  # reset(options=...) keys
 
 
 @dataclass
@@ -263,7 +265,14 @@ class LaneKeepEnv(gym.Env):
     ## Arguments
     Every field of :class:`LaneKeepConfig` as a keyword, plus ``render_mode`` (``rgb_array``:
     a chase-camera view). ``reset(options=...)`` accepts ``track`` (seed, spec path, spec dict
-    or Track), ``condition``, ``start_offset`` [m], ``start_heading`` [rad] and ``start_s`` [m].
+    or Track), ``condition`` and a start state: ``start_s`` [m] along the route,
+    ``start_offset`` [m] left of centre (on the road: within ``offroad_threshold``),
+    ``start_heading`` [rad] relative to the road, ``start_speed`` [m/s] (default: the target
+    speed), ``start_wheel_angle`` [rad] and ``start_command`` (the normalised command pending
+    in the steering delay line; default: the wheel angle's). A driving log's state at step
+    ``t`` (``progress``, ``lateral_offset``, ``heading_error``, ``speed``, ``wheel_angle`` and
+    the ``steering`` of step ``t - 1``) restarts the car there
+    (:func:`steerloop.evaluation.short_loop.logged_start`).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
@@ -400,16 +409,18 @@ class LaneKeepEnv(gym.Env):
             choice = split_seed(cfg.split, index)
         return load_track(choice, length=cfg.track_length, lane_width=cfg.lane_width)
 
-    def place_car(self, s: float, offset: float = 0.0, heading: float = 0.0, speed: float | None = None) -> None:
+    def place_car(self, s: float, offset: float = 0.0, heading: float = 0.0, speed: float | None = None,
+                  wheel_angle: float = 0.0, command: float | None = None) -> None:
         """Put the car at progress ``s`` [m], ``offset`` [m] left of centre, ``heading`` [rad]
-        relative to the road, rolling at ``speed`` (default: the target speed). Used by
-        ``reset`` and by the intervention wrapper."""
+        relative to the road, rolling at ``speed`` (default: the target speed), front wheels at
+        ``wheel_angle`` [rad] with ``command`` pending in the steering delay line (default: the
+        wheel angle's command). Used by ``reset`` and by the intervention wrapper."""
         self._require_episode("place_car")
         s = float(np.clip(s, 0.0, self.track.length))
         x, y = self.track.lateral_points(s, offset)
         _, _, road_heading = self.track.pose(s)
         self.vehicle.reset(float(x), float(y), float(road_heading) + heading,
-                           self.config.speed if speed is None else speed)
+                           self.config.speed if speed is None else speed, wheel_angle, command)
         self.s = s
         self._update_state()
 
@@ -462,10 +473,10 @@ class LaneKeepEnv(gym.Env):
         if self.client is None:  # closed: open a new client (the old world went with the old one)
             self.client = _direct_client()
         options = dict(options or {})
-        known = {"track", "condition", "start_offset", "start_heading", "start_s"}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(options) - set(RESET_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown reset option(s) {unknown}; valid options: {sorted(known)}")
+            raise ValueError(f"unknown reset option(s) {unknown}; valid options: {sorted(RESET_OPTIONS)}")
+        start = self._start_state(options)
         track = self._draw_track(options)
         condition = options.get("condition", self.config.condition)
         if isinstance(condition, (tuple, list)):
@@ -482,12 +493,40 @@ class LaneKeepEnv(gym.Env):
         self.time = 0.0
         self.departures = 0
         self.in_departure = False
-        self.last_command = 0.0
         self.trail = []
-        self.place_car(float(options.get("start_s", 0.0)), float(options.get("start_offset", 0.0)),
-                       float(options.get("start_heading", 0.0)))
+        if start["s"] >= self.route_length:
+            raise ValueError(f"reset option start_s={start['s']} m is at or past the end of the route "
+                             f"({self.route_length:.1f} m on track {track.name}); give 0 <= start_s < route length")
+        self.last_command = start["command"] if start["command"] is not None else 0.0
+        self.place_car(start["s"], start["offset"], start["heading"], start["speed"], start["wheel_angle"],
+                       start["command"])
         self.in_departure = abs(self.lane.offset) > self.config.departure_threshold
         return self._observation(), self._info(steering=0.0, throttle=0.0, clipped=False, terms={})
+
+    def _start_state(self, options: dict) -> dict:
+        """The reset options' start state, each value checked (a clear error names the option)."""
+        cfg, params = self.config, self.vehicle_params
+        limits = {  # option: (default, low, high, unit)
+            "start_s": (0.0, 0.0, math.inf, "m"),
+            "start_offset": (0.0, -cfg.offroad_threshold, cfg.offroad_threshold, "m"),
+            "start_heading": (0.0, -math.pi / 2, math.pi / 2, "rad"),
+            "start_speed": (None, 0.0, MAX_SPEED_OBS, "m/s"),
+            "start_wheel_angle": (0.0, -params.max_wheel_angle, params.max_wheel_angle, "rad"),
+            "start_command": (None, -1.0, 1.0, "normalised"),
+        }
+        start = {}
+        for option, (default, low, high, unit) in limits.items():
+            value = options.get(option, default)
+            if value is not None:
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"reset option {option} must be a number [{unit}], got {value!r}") from None
+                if not (math.isfinite(value) and low <= value <= high):
+                    hint = " (off the road: the car would start off_road)" if option == "start_offset" else ""
+                    raise ValueError(f"reset option {option}={value} {unit} is outside [{low:g}, {high:g}]{hint}")
+            start[option.removeprefix("start_")] = value
+        return start
 
     def step(self, action):
         self._require_episode("step")
