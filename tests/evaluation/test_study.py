@@ -18,6 +18,15 @@ resolution = [24, 64]
 suites = ["smoke"]
 offline_data = "val"
 threads = 1
+short_loop = { rollouts = 3, horizon = 1.0, warmup = 0.5 }
+
+[cells.train]
+offline_data = "val"
+suite = "smoke"
+
+[cells.dusk]              # the mechanics of a second cell: other logs, the same suite
+offline_data = "val-dusk"
+suite = "smoke"
 
 [datasets.clean]
 episodes = 2
@@ -27,6 +36,12 @@ track_length = 60.0
 suite = "val"
 episodes = 1
 track_length = 60.0
+
+[datasets.val-dusk]
+suite = "val"
+episodes = 1
+track_length = 60.0
+conditions = ["dusk"]
 
 [policies.pilotnet]
 model = "pilotnet"
@@ -100,7 +115,17 @@ def test_tiny_study_writes_the_report(tiny_study):
         assert 0.0 <= policy["closed_loop"]["success_rate"] <= 1.0
         assert policy["offline"]["rmse"] >= 0 and policy["zeros"]["rmse"] > 0
     assert 1 <= summary["best_offline_closed_loop_rank"] <= 4
-    assert len(summary["correlations"]) == 6 * 4  # 6 offline x 4 closed-loop metrics on a plain suite
+    assert len(summary["correlations"]) == 11 * 4  # 8 offline + 3 short-loop x 4 closed-loop metrics on a plain suite
+    for policy in summary["policies"]:
+        assert policy["offline"]["balanced_mae"] > 0 and policy["offline"]["short_on_policy_rmse"] > 0
+        assert 0 <= policy["offline"]["short_departure_rate"] <= 1
+        cells = policy["cells"]
+        assert cells["train"]["offline"] == policy["offline"] and cells["train"]["closed"] == policy["closed_loop"]
+        assert cells["dusk"]["offline"]["rmse"] != policy["offline"]["rmse"]  # other logs
+    for needle in ("## Short closed loop from logged states", "from the same 3 states", "## Per cell",
+                   "**Cell `train`**: offline on `val`", "**Cell `dusk`**: offline on `val-dusk`", "short_final_offset_m",
+                   "balanced_mae", "change_point_rmse"):
+        assert needle in report, f"report.md lacks {needle!r}"
     history = {p["name"]: p["history"] for p in summary["policies"]}
     assert history["lstm-prev"]["fed_back"] and history["lstm-prev"]["mode"] == "scheduled"
     assert history["lstm-prev"]["teacher_forced"]["rmse"] > 0 and history["lstm"]["teacher_forced"] is None
@@ -126,7 +151,7 @@ def test_changing_one_policy_reruns_only_what_depends_on_it(tiny_study, tmp_path
     changed = write_study(tmp_path, TINY.replace("seq_len = 4", "seq_len = 2", 1))
     plan = plan_study(load_study(str(changed)), out)
     todo = [(s.kind, s.name) for s in plan.stages if not (out / "stages" / s.marker).exists()]
-    assert todo == [("train", "lstm"), ("offline", "lstm"), ("closed_loop", "lstm@smoke")]
+    assert todo == [("train", "lstm"), ("offline", "lstm"), ("offline", "lstm@val-dusk"), ("closed_loop", "lstm@smoke")]
 
 
 def test_the_same_study_plans_the_same_keys(tmp_path):
@@ -162,6 +187,10 @@ def test_presets_parse():
     (lambda t: t + '\n[policies.d]\ndagger = { init = "ghost" }\n', "dagger.init must name a policy defined above"),
     (lambda t: t.replace('model = "pilotnet"', 'model = "resnet"'), "[policies.pilotnet]: model must be one of"),
     (lambda t: t.replace("[study]", "[study\n"), "not valid TOML"),
+    (lambda t: t.replace("horizon = 1.0", "horizon = 0.0"), "study.short_loop: horizon must be > 0 s, got 0.0"),
+    (lambda t: t.replace("rollouts = 3", "rollout = 3"), "study.short_loop: unknown key(s) ['rollout']"),
+    (lambda t: t.replace('suite = "smoke"', 'suite = "test"', 1), "[cells.train]: suite 'test' is not one of"),
+    (lambda t: t.replace('offline_data = "val-dusk"', 'offline_data = "dusk"'), "cells.dusk.offline_data names 'dusk'"),
 ])
 def test_bad_study_files_name_the_field(tmp_path, edit, message):
     path = write_study(tmp_path, edit(TINY))
