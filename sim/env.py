@@ -57,9 +57,10 @@ class LaneKeepConfig:
     condition: str | tuple[str, ...] = "default"
     """Visual condition name (``sim.conditions.CONDITIONS``, or ``scenery.weather.camera``), or
     several to draw one per reset with ``np_random``."""
-    conditions_file: str | None = None
+    condition_file: str | dict | None = None
     """A JSON or TOML file of the user's own scenery, weather, camera values and named
-    conditions (``sim.conditions.load_condition_file``), added to the built-in ones."""
+    conditions (``sim.conditions.read_condition_file``), added to the built-in ones; or that
+    file's parsed content as a dict (what worker processes receive: they never re-read the file)."""
     speed: float = 10.0
     """Cruise-control target speed [m/s]."""
     resolution: tuple[int, int] = (66, 200)
@@ -152,10 +153,15 @@ class LaneKeepConfig:
 
     @property
     def condition_set(self) -> conditions_model.ConditionSet:
-        """The built-in conditions, plus those of ``conditions_file``."""
-        if self.conditions_file is None:
+        """The built-in conditions, plus those of ``condition_file``."""
+        if self.condition_file is None:
             return conditions_model.BUILTIN
-        return conditions_model.load_condition_file(self.conditions_file)
+        if isinstance(self.condition_file, dict):
+            return conditions_model.conditions_from_content(self.condition_file, "condition_file")
+        if not isinstance(self.condition_file, (str, os.PathLike)):
+            raise ValueError(f"condition_file must be a JSON/TOML file path or its parsed content (a dict), got "
+                             f"{type(self.condition_file).__name__}")
+        return conditions_model.load_condition_file(self.condition_file)
 
     @property
     def vehicle(self) -> VehicleParams:
