@@ -26,7 +26,7 @@ from steerloop.evaluation.suites import SuiteError, builtin_suite, load_suite
 from steerloop.sim import conditions
 from steerloop.sim.env import LaneKeepEnv
 from steerloop.training.record import RecordConfig, episode_jobs, record, record_episode
-from steerloop.training.rl import RLConfig
+from steerloop.training.rl import RLConfig, make_training_env, train_rl
 
 MINE = ('[weather.mist]\nbase = "haze"\nfog = 0.05\nsplit = "held_out"\n'
         '[conditions.misty]\nscenery = "forest"\nweather = "mist"\n')
@@ -143,6 +143,23 @@ def test_record_workers_rebuild_the_conditions_from_the_content(tmp_path, mine, 
     job = episode_jobs(sent)[0]
     _, buffer, attrs = record_episode(sent, job)
     assert attrs["condition"] == "misty" and attrs["success"] and len(buffer) > 0
+
+
+def test_train_rl_envs_rebuild_the_conditions_and_a_resume_checks_the_content(tmp_path, mine):
+    cfg = RLConfig(out=str(tmp_path / "rl"), conditions=("misty",), condition_file=str(mine), resolution=(36, 36),
+                   track_length=60.0)
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "config.json").write_text(json.dumps({"run": {**cfg.run_config(), "condition_file": {
+        "sha256": "0" * 64}}}))
+    with pytest.raises(ValueError, match=rf"condition file {mine}: its content .* is not what .*rl was trained with"):
+        train_rl(cfg, progress=False)
+    sent = pickle.loads(pickle.dumps(cfg))  # what SubprocVecEnv's workers receive
+    mine.unlink()
+    env = make_training_env(sent)
+    try:
+        assert env.reset(seed=0)[1]["condition"] == "misty"
+    finally:
+        env.close()
 
 
 # ----------------------------------------------------------------------------- the environment
