@@ -218,6 +218,16 @@ def _discard(out: Path, created: bool, written: list[Path]) -> None:
         path.unlink(missing_ok=True)
 
 
+def _check_condition_file_unchanged(previous: dict, suite: Suite, out: Path) -> None:
+    """Refuse to resume ``out`` when the suite's condition file now has other content, naming the file."""
+    recorded = (previous.get("suite") or {}).get("condition_file") if isinstance(previous, dict) else None
+    source = suite.condition_file
+    if source is not None and isinstance(recorded, dict) and recorded.get("sha256") != source.sha256:
+        raise ResultsError(f"condition file {source.path}: its content (sha256 {source.sha256[:12]}) is not what "
+                           f"{out} was evaluated with (sha256 {str(recorded.get('sha256'))[:12]}); restore that file "
+                           "to resume, or choose another --out (nothing was overwritten)")
+
+
 def evaluate(policy: str | Policy, suite: Suite, out: str | Path, *, policy_kwargs: dict | None = None,
              name: str | None = None, workers: int = 1, videos: int = 0, resolution=(66, 200), progress: bool = True,
              plots: bool = True, batch: int = DEFAULT_BATCH, backend: str = "local",
@@ -267,7 +277,9 @@ def evaluate(policy: str | Policy, suite: Suite, out: str | Path, *, policy_kwar
         run_id["policy_kwargs"] = ref.kwargs
     run_file = path_under(out, "run.json")
     if run_file.exists():
-        if json.loads(run_file.read_text()) != json_safe(run_id):
+        previous = json.loads(run_file.read_text())
+        _check_condition_file_unchanged(previous, suite, out)
+        if previous != json_safe(run_id):
             raise ResultsError(f"{out} already holds results of a different run (see {run_file}); "
                                "choose another --out, nothing was overwritten")
     elif (out / "results.json").exists():

@@ -267,7 +267,10 @@ class LaneKeepEnv(gym.Env):
     with ``privileged=True``, ``privileged=Box((FEATURE_SIZE,), float32)``: the lane features
     of :class:`sim.controllers.LaneFeatures` that the expert drivers use. With
     ``observation="image"`` the observation is the image ``Box`` alone; with
-    ``channels_first=True`` images are shaped (3, H, W).
+    ``channels_first=True`` images are shaped (3, H, W). ``extra_observations`` adds
+    ``depth=Box(0.3, 9000, (H, W, 1), float32)`` (z-depth [m]) and/or
+    ``semantic=Box(0, 5, (H, W, 1), uint8)`` (``sim.scene.SEMANTIC_CLASSES``) of the first
+    camera, (1, H, W) with ``channels_first``; docs/environment.md.
 
     ## Rewards
     Progress along the centre line [m] minus the named penalties in ``REWARD_WEIGHTS``;

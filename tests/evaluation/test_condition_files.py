@@ -20,7 +20,7 @@ from helpers import SHORT_SPEC, TINY
 from steerloop.driving_log import MANIFEST, LogError
 from steerloop.evaluation.cli import main
 from steerloop.evaluation.regress import suite_from_dict
-from steerloop.evaluation.runner import close_env_pool, evaluate
+from steerloop.evaluation.runner import ResultsError, close_env_pool, evaluate
 from steerloop.evaluation.study import StudyError, load_study, plan_study
 from steerloop.evaluation.suites import SuiteError, builtin_suite, load_suite
 from steerloop.sim import conditions
@@ -100,6 +100,9 @@ def test_evaluate_drives_the_file_s_condition_from_its_content(tmp_path, mine, s
     assert results["condition_file"]["sha256"] == suite.condition_file.sha256
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["suite"]["condition_file"]["content"]["weather"]["mist"]["fog"] == 0.05
+    mine.write_text(MINE.replace("0.05", "0.06"))
+    with pytest.raises(ResultsError, match=rf"condition file {mine}: its content .* is not what .*out was evaluated"):
+        evaluate("expert", load_suite(str(suite_file), str(mine)), tmp_path / "out", resolution=TINY, progress=False)
 
 
 def test_suite_condition_file_errors_name_the_file_and_field(tmp_path, mine):
