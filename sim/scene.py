@@ -380,11 +380,14 @@ class World:
         self.road_key = key
 
     def semantic_table(self, vehicles: tuple[int, ...] = ()) -> np.ndarray:
-        """The ``SEMANTIC_CLASSES`` id of every body, indexed by body id + 1 (index 0: no body,
-        the -1 of a segmentation mask), as uint8: ``table[mask + 1]`` is the semantic image."""
+        """The ``SEMANTIC_CLASSES`` id of every body of the client, indexed by body id + 1 (index 0:
+        no body, the -1 of a segmentation mask), as uint8: ``table[mask + 1]`` is the semantic
+        image. ``vehicles`` are the cars' bodies; a body this world did not build and that is not
+        among them is ``sky`` (0)."""
         classes = {self.ground: GROUND, self.sky: SKY, **{body: ROLE_CLASSES[role] for role, body in self.road_bodies},
                    **{body: VEHICLE for body in vehicles}}
-        table = np.zeros(max(classes) + 2, np.uint8)
+        bodies = [self.client.getBodyUniqueId(i) for i in range(self.client.getNumBodies())]
+        table = np.zeros(max([*classes, *bodies]) + 2, np.uint8)
         for body, value in classes.items():
             table[body + 1] = value
         return table
