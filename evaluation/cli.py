@@ -124,7 +124,10 @@ class DriveArgs:
     track: str = "200000"
     """Procedural track seed or a JSON track spec path."""
     condition: str = "default"
-    """Visual condition (default, dusk, worn, desert)."""
+    """Visual condition: a name (docs/world.md) or scenery.weather.camera."""
+    condition_file: str | None = None
+    """A JSON or TOML file of your own scenery/weather/camera values and named conditions that --condition may
+    name."""
     speed: float = 10.0
     """Cruise speed [m/s]."""
     resolution: tuple[int, int] = (66, 200)
@@ -146,6 +149,9 @@ class EvaluateArgs(Backend, Progress):
     """Keyword arguments (a JSON object) for a package.module:attr or file.py:attr policy's class or factory."""
     suite: str = "test"
     """smoke, val, test, recovery, shift, interventions or a suite JSON file."""
+    condition_file: str | None = None
+    """A JSON or TOML file of your own conditions that the suite's conditions may name (a suite file may name its
+    own condition_file instead)."""
     out: str = field(default="", metadata={"cli": REQUIRED_OUT_DIR})
     """Results directory (resumable: finished scenarios are kept)."""
     workers: int = field(default=1, metadata={"cli": AT_LEAST_ONE})
@@ -296,7 +302,8 @@ def cmd_drive(args) -> int:
 
     policy = load_policy(args.policy, args.policy_kwargs)
     track = load_track(args.track)
-    env = gym.make(ENV_ID, track=track, condition=args.condition, speed=args.speed, resolution=args.resolution,
+    env = gym.make(ENV_ID, track=track, condition=args.condition, condition_file=args.condition_file,
+                   speed=args.speed, resolution=args.resolution,
                    privileged=policy_capabilities(policy).requires_privileged)
     video_existed = args.video is not None and Path(args.video).exists()
     try:
@@ -356,7 +363,7 @@ def cmd_evaluate(args) -> int:
     from steerloop.evaluation.runner import evaluate, summary_table
     from steerloop.evaluation.suites import load_suite
 
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, args.condition_file)
     results = evaluate(args.policy, suite, args.out, policy_kwargs=args.policy_kwargs, workers=args.workers,
                        videos=args.video,
                        resolution=args.resolution, progress=not args.quiet, batch=args.batch,

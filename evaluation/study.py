@@ -252,6 +252,8 @@ def load_study(name_or_path: str) -> StudyConfig:
         table = dict(table)
         if table.get("track"):
             table["track"] = str((path.parent / table["track"]).resolve())
+        if isinstance(table.get("condition_file"), str):  # relative to the study file, like track
+            table["condition_file"] = str((path.parent / table["condition_file"]).resolve())
         try:
             RecordConfig(out="unused", resolution=resolution, **table)
         except (ValueError, TypeError) as error:

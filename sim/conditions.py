@@ -26,12 +26,14 @@ the ``ideal`` camera (no effect at all).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from steerloop.errors import SteerloopError, check_keys, read_json, suggest
+from steerloop.errors import SteerloopError, check_keys, parse_json, suggest
 from steerloop.sim.camera import Lighting
 
 SPLITS = ("train", "held_out")
@@ -235,6 +237,8 @@ class ConditionSet:
     weather: Mapping[str, Weather]
     camera: Mapping[str, CameraLook]
     named: Mapping[str, Composition]
+    source: str = ""
+    """Where the user's values come from (``condition file PATH``), or "" for the built-ins alone."""
 
     def axis(self, name: str) -> Mapping[str, Any]:
         return {"scenery": self.scenery, "weather": self.weather, "camera": self.camera}[name]
@@ -250,16 +254,19 @@ class ConditionSet:
             composition = Composition(*parts)
             self.check(composition, f"{where} {name!r}")
             return composition
+        origin = f" (built in or from {self.source})" if self.source else ""
         raise ConditionError(f"{where}: unknown condition {name!r}{suggest(name, self.named)}; choose from "
-                             f"{sorted(self.named)} or compose one as scenery{SEPARATOR}weather{SEPARATOR}camera")
+                             f"{sorted(self.named)}{origin} or compose one as "
+                             f"scenery{SEPARATOR}weather{SEPARATOR}camera")
 
     def check(self, composition: Composition, where: str) -> None:
         for axis in AXES:
             value = getattr(composition, axis)
             values = self.axis(axis)
             if value not in values:
+                origin = f" (built in or from {self.source})" if self.source else ""
                 raise ConditionError(f"{where}: unknown {axis} {value!r}{suggest(value, values)}; valid {axis} "
-                                     f"values are {sorted(values)}")
+                                     f"values are {sorted(values)}{origin}")
 
     def split(self, name: str) -> str:
         """``train`` when every value of the condition is a training value, else ``held_out``."""
@@ -360,8 +367,59 @@ def _parse_value(axis: str, name: str, spec, base_values: Mapping[str, Any], whe
     return dataclasses.replace(start, **changes)
 
 
-def load_condition_file(path: str | Path) -> ConditionSet:
-    """The built-in conditions plus a user's file (JSON or TOML, by extension).
+@dataclass(frozen=True)
+class ConditionFile:
+    """A user's condition file as read once: plain data that crosses to worker processes and
+    Ray tasks, which rebuild the :class:`ConditionSet` from ``content`` (nothing from a file
+    is pickled to disk or executed, and a worker never reads the file again)."""
+
+    path: str
+    """The file as named (for messages)."""
+    content: Mapping[str, Any]
+    """Its parsed JSON/TOML: sections ``scenery``, ``weather``, ``camera``, ``conditions``."""
+    sha256: str
+    """SHA-256 of the file's bytes (recorded in manifests; a resume with other content is refused)."""
+
+    @property
+    def conditions(self) -> ConditionSet:
+        return conditions_from_content(self.content, f"condition file {self.path}")
+
+    def values(self, names) -> dict[str, dict]:
+        """What the conditions ``names`` are made of under this file: each one's composition and
+        the fields of its scenery, weather and camera values (JSON-ready; stored in manifests)."""
+        conditions = self.conditions
+        out = {}
+        for name in names:
+            composition = conditions.resolve(name)
+            out[name] = {axis: {"name": getattr(composition, axis),
+                                **_plain(dataclasses.asdict(conditions.axis(axis)[getattr(composition, axis)]))}
+                         for axis in AXES}
+        return out
+
+    def identity(self, names) -> dict:
+        """The file's part of a recording's or run's identity: content hash and the values used."""
+        return {"sha256": self.sha256, "values": self.values(names)}
+
+    def to_dict(self) -> dict:
+        """Hash and content (no path: moving the file keeps the identity); :meth:`from_dict` reads it back."""
+        return {"sha256": self.sha256, "content": _plain(self.content)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: str = "<run.json>") -> ConditionFile:
+        return cls(path=path, content=data["content"], sha256=data["sha256"])
+
+
+def _plain(value):
+    """``value`` with tuples as lists and mappings as dicts (JSON's shape)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def read_condition_file(path: str | Path) -> ConditionFile:
+    """A user's condition file (JSON or TOML, by extension), read once and checked.
 
     Sections ``[scenery.NAME]``, ``[weather.NAME]``, ``[camera.NAME]`` define values (fields of
     :class:`Scenery`, :class:`Weather`, :class:`CameraLook`, optionally starting from
@@ -369,49 +427,72 @@ def load_condition_file(path: str | Path) -> ConditionSet:
     ``scenery``, ``weather`` and ``camera`` (default ``ideal``). Every error names the file
     and the field, and lists the valid values.
     """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ConditionError(f"condition_file: must be the path of a JSON or TOML condition file, got {path!r}")
     path = Path(path)
+    where = f"condition file {path}"
+    if path.suffix not in (".json", ".toml"):
+        raise ConditionError(f"{where}: must end in .json or .toml")
+    if not path.is_file():
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise ConditionError(f"{where} {state}; give the path of a JSON or TOML file")
+    if path.stat().st_size > MAX_CONDITION_FILE_BYTES:
+        raise ConditionError(f"{where} is larger than {MAX_CONDITION_FILE_BYTES} bytes")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConditionError(f"{where} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     if path.suffix == ".toml":
-        if not path.is_file():
-            raise ConditionError(f"condition file {path} does not exist; give the path of a JSON or TOML file")
-        if path.stat().st_size > MAX_CONDITION_FILE_BYTES:
-            raise ConditionError(f"condition file {path} is larger than {MAX_CONDITION_FILE_BYTES} bytes")
         try:
-            spec = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConditionError(f"condition file {path}: not valid TOML ({error})") from None
-    elif path.suffix == ".json":
-        spec = read_json(path, "condition file", ConditionError)
+            content = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConditionError(f"{where}: not valid TOML ({error})") from None
     else:
-        raise ConditionError(f"condition file {path}: must end in .json or .toml")
-    if not isinstance(spec, dict):
-        raise ConditionError(f"condition file {path}: must be an object/table with sections {list(FILE_SECTIONS)}")
-    check_keys(spec, FILE_SECTIONS, f"condition file {path}", ConditionError)
+        content = parse_json(text, where, ConditionError)
+    conditions_from_content(content, where)  # every error now, naming the file
+    return ConditionFile(str(path), content, hashlib.sha256(data).hexdigest())
+
+
+def load_condition_file(path: str | Path) -> ConditionSet:
+    """The built-in conditions plus a user's file (see :func:`read_condition_file`)."""
+    return read_condition_file(path).conditions
+
+
+def conditions_from_content(spec: Any, where: str = "condition_file") -> ConditionSet:
+    """The built-in conditions plus those of a condition file's parsed content ``spec``;
+    errors begin with ``where`` (the file, or the field that gave the content)."""
+    if not isinstance(spec, Mapping):
+        raise ConditionError(f"{where}: must be an object/table with sections {list(FILE_SECTIONS)}")
+    check_keys(spec, FILE_SECTIONS, where, ConditionError)
     axes = {axis: dict(BUILTIN.axis(axis)) for axis in AXES}
     for axis in AXES:
         section = spec.get(axis, {})
-        if not isinstance(section, dict):
-            raise ConditionError(f"condition file {path}: [{axis}] must be a table of named values")
+        if not isinstance(section, Mapping):
+            raise ConditionError(f"{where}: [{axis}] must be a table of named values")
         for name, value in section.items():
-            _check_name(name, f"condition file {path}: {axis}.{name}")
-            axes[axis][name] = _parse_value(axis, name, value, axes[axis], f"condition file {path}: {axis}.{name}")
+            _check_name(name, f"{where}: {axis}.{name}")
+            axes[axis][name] = _parse_value(axis, name, value, axes[axis], f"{where}: {axis}.{name}")
     named = dict(BUILTIN.named)
     conditions = ConditionSet(axes["scenery"], axes["weather"], axes["camera"], named)
     section = spec.get("conditions", {})
-    if not isinstance(section, dict):
-        raise ConditionError(f"condition file {path}: [conditions] must be a table of named compositions")
+    if not isinstance(section, Mapping):
+        raise ConditionError(f"{where}: [conditions] must be a table of named compositions")
     for name, value in section.items():
-        where = f"condition file {path}: conditions.{name}"
-        _check_name(name, where)
-        if not isinstance(value, dict):
-            raise ConditionError(f"{where}: must be a table with keys {list(CONDITION_KEYS)}")
-        check_keys(value, CONDITION_KEYS, where, ConditionError)
+        entry = f"{where}: conditions.{name}"
+        _check_name(name, entry)
+        if not isinstance(value, Mapping):
+            raise ConditionError(f"{entry}: must be a table with keys {list(CONDITION_KEYS)}")
+        check_keys(value, CONDITION_KEYS, entry, ConditionError)
         missing = [key for key in ("scenery", "weather") if key not in value]
         if missing:
-            raise ConditionError(f"{where}: missing {missing}")
+            raise ConditionError(f"{entry}: missing {missing}")
+        if not all(isinstance(item, str) for item in value.values()):
+            raise ConditionError(f"{entry}: scenery, weather and camera must be value names (strings)")
         composition = Composition(**value)
-        conditions.check(composition, where)
+        conditions.check(composition, entry)
         named[name] = composition
-    return ConditionSet(axes["scenery"], axes["weather"], axes["camera"], named)
+    return ConditionSet(axes["scenery"], axes["weather"], axes["camera"], named, source=where)
 
 
 def _check_name(name: str, where: str) -> None:

@@ -17,12 +17,13 @@ import pybullet as p
 from gymnasium import spaces
 from pybullet_utils import bullet_client
 
+from steerloop.errors import suggest
 from steerloop.sim import controllers
-from steerloop.sim.camera import (CAMERA_NAMES, FOV_RANGE_DEG, MIN_SIZE, PITCH_RANGE_DEG, CameraSpec,
-                                  body_camera_matrices, chase_camera_matrices, render)
+from steerloop.sim.camera import (CAMERA_NAMES, FAR_PLANE, FOV_RANGE_DEG, MIN_SIZE, NEAR_PLANE, PITCH_RANGE_DEG,
+                                  CameraSpec, body_camera_matrices, chase_camera_matrices, render)
 from steerloop.sim import conditions as conditions_model
 from steerloop.sim import imaging
-from steerloop.sim.scene import World, draw_appearance
+from steerloop.sim.scene import SEMANTIC_CLASSES, World, draw_appearance
 from steerloop.sim.track import Track, check_route_length, generate_track, split_seed
 from steerloop.sim.vehicle import Vehicle, VehicleParams
 
@@ -41,6 +42,7 @@ REWARD_WEIGHTS = {  # reward = progress [m] minus these named penalties per cont
 OBSERVATION_MODES = ("dict", "image")
 RESET_OPTIONS = ("track", "condition", "start_s", "start_offset", "start_heading", "start_speed", "start_wheel_angle",
                  "start_command")  # reset(options=...) keys
+EXTRA_OBSERVATIONS = ("depth", "semantic")  # optional observations the renderer gives in the same call
 
 
 @dataclass
@@ -59,9 +61,10 @@ class LaneKeepConfig:
     condition: str | tuple[str, ...] = "default"
     """Visual condition name (``sim.conditions.CONDITIONS``, or ``scenery.weather.camera``), or
     several to draw one per reset with ``np_random``."""
-    conditions_file: str | None = None
+    condition_file: str | dict | None = None
     """A JSON or TOML file of the user's own scenery, weather, camera values and named
-    conditions (``sim.conditions.load_condition_file``), added to the built-in ones."""
+    conditions (``sim.conditions.read_condition_file``), added to the built-in ones; or that
+    file's parsed content as a dict (what worker processes receive: they never re-read the file)."""
     speed: float = 10.0
     """Cruise-control target speed [m/s]."""
     resolution: tuple[int, int] = (66, 200)
@@ -104,6 +107,10 @@ class LaneKeepConfig:
     channels_first: bool = False
     """Images shaped (3, H, W) instead of (H, W, 3): PyTorch's layout, which SB3 uses as is (no
     ``VecTransposeImage``, so ``VecNormalize`` works with off-policy algorithms)."""
+    extra_observations: tuple[str, ...] = ()
+    """Add ``observation["depth"]`` (metric z-depth [m], float32) and/or ``observation["semantic"]``
+    (class ids of ``sim.scene.SEMANTIC_CLASSES``, uint8) of the first camera: one channel, in the
+    image's layout. The renderer gives both in the same call; the image is the same with or without."""
 
     def __post_init__(self):
         self.resolution = tuple(int(v) for v in self.resolution)
@@ -141,6 +148,23 @@ class LaneKeepConfig:
                              "with observation='image' read the lane state from info instead")
         if not isinstance(self.channels_first, bool):
             raise ValueError(f"channels_first must be True or False, got {self.channels_first!r}")
+        self._check_extra_observations()
+
+    def _check_extra_observations(self) -> None:
+        extras = self.extra_observations
+        extras = tuple(part for part in extras.split(",") if part) if isinstance(extras, str) else extras
+        if not isinstance(extras, (tuple, list)) or not all(isinstance(name, str) for name in extras):
+            raise ValueError(f"extra_observations must be a list of names from {EXTRA_OBSERVATIONS}, got {extras!r}")
+        for name in extras:
+            if name not in EXTRA_OBSERVATIONS:
+                raise ValueError(f"extra_observations: unknown observation {name!r}"
+                                 f"{suggest(name, EXTRA_OBSERVATIONS)}; valid names are {list(EXTRA_OBSERVATIONS)}")
+        if len(set(extras)) != len(extras):
+            raise ValueError(f"extra_observations names an observation twice: {list(extras)}")
+        if extras and self.observation == "image":
+            raise ValueError("extra_observations adds observation['depth'] / ['semantic'], which needs "
+                             "observation='dict'")
+        self.extra_observations = tuple(extras)
 
     def _check_cameras(self) -> None:
         """Camera geometry in the ranges the renderer supports (errors name the config field)."""
@@ -154,10 +178,15 @@ class LaneKeepConfig:
 
     @property
     def condition_set(self) -> conditions_model.ConditionSet:
-        """The built-in conditions, plus those of ``conditions_file``."""
-        if self.conditions_file is None:
+        """The built-in conditions, plus those of ``condition_file``."""
+        if self.condition_file is None:
             return conditions_model.BUILTIN
-        return conditions_model.load_condition_file(self.conditions_file)
+        if isinstance(self.condition_file, dict):
+            return conditions_model.conditions_from_content(self.condition_file, "condition_file")
+        if not isinstance(self.condition_file, (str, os.PathLike)):
+            raise ValueError(f"condition_file must be a JSON/TOML file path or its parsed content (a dict), got "
+                             f"{type(self.condition_file).__name__}")
+        return conditions_model.load_condition_file(self.condition_file)
 
     @property
     def vehicle(self) -> VehicleParams:
@@ -198,6 +227,13 @@ def _restore_physics(client, snapshot: bytes) -> None:
             raise RuntimeError(f"could not restore the copied LaneKeep physics state: {error}") from None
 
 
+def metric_depth(depth_buffer: np.ndarray) -> np.ndarray:
+    """observation["depth"]: the renderer's non-linear [0, 1] depth buffer as distances [m] along
+    the optical axis (z-depth), computed in float64 and stored as float32 within the near/far planes."""
+    metres = imaging.linear_depth(depth_buffer.astype(np.float64))
+    return np.clip(metres, NEAR_PLANE, FAR_PLANE).astype(np.float32)
+
+
 def load_track(track: int | str | dict | Track, *, length: float = 400.0, lane_width: float = 3.7) -> Track:
     """A Track from a seed, a JSON spec path, a spec dict, or a Track."""
     if isinstance(track, Track):
@@ -233,7 +269,10 @@ class LaneKeepEnv(gym.Env):
     with ``privileged=True``, ``privileged=Box((FEATURE_SIZE,), float32)``: the lane features
     of :class:`sim.controllers.LaneFeatures` that the expert drivers use. With
     ``observation="image"`` the observation is the image ``Box`` alone; with
-    ``channels_first=True`` images are shaped (3, H, W).
+    ``channels_first=True`` images are shaped (3, H, W). ``extra_observations`` adds
+    ``depth=Box(0.3, 9000, (H, W, 1), float32)`` (z-depth [m]) and/or
+    ``semantic=Box(0, 5, (H, W, 1), uint8)`` (``sim.scene.SEMANTIC_CLASSES``) of the first
+    camera, (1, H, W) with ``channels_first``; docs/environment.md.
 
     ## Rewards
     Progress along the centre line [m] minus the named penalties in ``REWARD_WEIGHTS``;
@@ -324,6 +363,9 @@ class LaneKeepEnv(gym.Env):
         self.rear_lane = None  # lane state of the rear axle centre (see _update_state)
         self.features: controllers.LaneFeatures | None = None
         self.frames: dict[str, np.ndarray] = {}
+        self.depth: np.ndarray | None = None  # (H, W) float32 [m] of the first camera (extra_observations)
+        self.semantic: np.ndarray | None = None  # (H, W) uint8 class ids of the first camera (extra_observations)
+        self.semantic_table: np.ndarray | None = None  # class id by body id + 1 (sim.scene.World.semantic_table)
         self.trail: list[tuple[float, float]] = []
 
     def _observation_space(self) -> spaces.Space:
@@ -336,6 +378,11 @@ class LaneKeepEnv(gym.Env):
         if cfg.privileged:
             obs_spaces["privileged"] = spaces.Box(-PRIVILEGED_BOUND, PRIVILEGED_BOUND,
                                                   (controllers.FEATURE_SIZE,), np.float32)
+        channel = (1, height, width) if cfg.channels_first else (height, width, 1)
+        if "depth" in cfg.extra_observations:
+            obs_spaces["depth"] = spaces.Box(NEAR_PLANE, FAR_PLANE, channel, np.float32)
+        if "semantic" in cfg.extra_observations:
+            obs_spaces["semantic"] = spaces.Box(0, len(SEMANTIC_CLASSES) - 1, channel, np.uint8)
         return spaces.Dict(obs_spaces)
 
     # ------------------------------------------------------------------ copies
@@ -398,6 +445,8 @@ class LaneKeepEnv(gym.Env):
         self.world.show(track, track_key, condition, self.conditions)
         self.world.paint(self.appearance)
         self.vehicle = Vehicle(c, self.vehicle_params, self.dt)
+        if "semantic" in self.config.extra_observations:
+            self.semantic_table = self.world.semantic_table((self.vehicle.body_id,))
         self.track = track
         self.route_length = max(track.length - END_MARGIN, 1.0)
 
@@ -627,16 +676,22 @@ class LaneKeepEnv(gym.Env):
         lighting = self.appearance.lighting
         self.frames = {}
         effects = self.effects
-        for spec in self.episode_cameras:
+        extras = self.config.extra_observations
+        for index, spec in enumerate(self.episode_cameras):
             view, projection = body_camera_matrices(self.client, spec, position, orientation,
                                                     self.vehicle_params.wheel_radius)
-            if effects is None:
-                self.frames[spec.name] = render(self.client, spec.width, spec.height, view, projection, lighting)
-                continue
-            if effects.needs_depth:
-                frame, depth = render(self.client, spec.width, spec.height, view, projection, lighting, depth=True)
-            else:
+            want_depth = (effects is not None and effects.needs_depth) or (index == 0 and "depth" in extras)
+            want_mask = index == 0 and "semantic" in extras
+            if not (want_depth or want_mask):
                 frame, depth = render(self.client, spec.width, spec.height, view, projection, lighting), None
+            else:
+                frame, *buffers = render(self.client, spec.width, spec.height, view, projection, lighting,
+                                         depth=want_depth, segmentation=want_mask)
+                depth = buffers[0] if want_depth else None
+                if want_mask:
+                    self.semantic = self.semantic_table[buffers[-1] + 1]
+                if index == 0 and "depth" in extras:
+                    self.depth = metric_depth(depth)
             self.frames[spec.name] = imaging.apply(frame, depth, effects)
 
     def expert_command(self, target_offset: float = 0.0) -> float:
@@ -658,6 +713,9 @@ class LaneKeepEnv(gym.Env):
         }
         if self.config.privileged:
             obs["privileged"] = np.clip(self.features.to_array(), -PRIVILEGED_BOUND, PRIVILEGED_BOUND)
+        for name in self.config.extra_observations:
+            plane = self.depth if name == "depth" else self.semantic
+            obs[name] = plane[None] if self.config.channels_first else plane[..., None]
         return obs
 
     def _info(self, *, steering: float, throttle: float, clipped: bool, terms: dict) -> dict[str, Any]:
