@@ -107,8 +107,12 @@ def env_for_log(log: DrivingLog):
     """A simulator configured as the log's recording was (resolution, speed, expert, routes)."""
     from steerloop.sim.env import LaneKeepEnv
 
+    from steerloop.sim.conditions import content_from_values
+
     config = log.manifest.get("config", {})
     kwargs = {key: config[key] for key in ("speed", "expert", "track_length") if key in config}
+    if config.get("condition_file"):  # recorded under a user's condition file: rebuilt from the manifest's values
+        kwargs["condition_file"] = content_from_values(config["condition_file"]["values"])
     if "control_hz" in config:
         kwargs["control_hz"] = int(config["control_hz"])
     return LaneKeepEnv(resolution=tuple(log.resolution), **kwargs)

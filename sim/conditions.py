@@ -409,6 +409,21 @@ class ConditionFile:
         return cls(path=path, content=data["content"], sha256=data["sha256"])
 
 
+def content_from_values(values: Mapping[str, Any]) -> dict:
+    """Condition-file content that defines the conditions described by ``values`` (as
+    :meth:`ConditionFile.values` stores them in a manifest): the values and names that are
+    not built in. Restarting from a log recorded under a user's file needs no file."""
+    content: dict = {section: {} for section in FILE_SECTIONS}
+    for name, parts in values.items():
+        for axis in AXES:
+            value = parts[axis]["name"]
+            if value not in BUILTIN.axis(axis):
+                content[axis][value] = {key: v for key, v in parts[axis].items() if key != "name"}
+        if name not in BUILTIN.named and len(name.split(SEPARATOR)) not in (2, 3):
+            content["conditions"][name] = {axis: parts[axis]["name"] for axis in AXES}
+    return content
+
+
 def _plain(value):
     """``value`` with tuples as lists and mappings as dicts (JSON's shape)."""
     if isinstance(value, Mapping):

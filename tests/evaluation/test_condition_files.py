@@ -249,3 +249,22 @@ def test_study_dataset_names_a_condition_file_relative_to_the_study(tmp_path, mi
     study.write_text(STUDY.replace("conds/mine.toml", "conds/none.toml"))
     with pytest.raises(StudyError, match=r"\[datasets.val\]: condition file .*none.toml does not exist"):
         load_study(str(study))
+
+
+def test_short_loop_restarts_a_log_recorded_under_a_condition_file(tmp_path, mine, short_track):
+    """The manifest's values rebuild the user's conditions: the file itself is not needed."""
+    from steerloop.driving_log import DrivingLog
+    from steerloop.evaluation.short_loop import env_for_log, logged_start
+
+    record(RecordConfig(out=str(tmp_path / "data"), episodes=1, track=str(short_track), resolution=TINY,
+                        conditions=("misty",), condition_file=str(mine)), progress=False)
+    mine.unlink()
+    with DrivingLog(tmp_path / "data") as log:
+        env = env_for_log(log)
+        data = log.read_episode(0, cameras=["center"])
+        attrs = log.episode_attrs(0)
+        obs, info = env.reset(seed=int(attrs["seed"]), options={"track": attrs["track_spec"], "condition": "misty",
+                                                                 **logged_start(data, 40)})
+        assert info["condition"] == "misty" and abs(info["lateral_offset"] - data["lateral_offset"][40]) < 0.01
+        np.testing.assert_array_equal(obs["image"], data["frames/center"][40])  # the same mist, the same pixels
+        env.close()
