@@ -75,7 +75,7 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
                f"{best_offline.name} ({best_offline.offline['rmse']:.4f}), has success "
                f"{best_offline.closed['success_rate']:.2f}; {len(better)} of {len(rows)} policies drive with a "
                "strictly higher success rate. "
-               + ("The published finding reproduces." if better else
+               + (_separated(rows, best_offline, better, primary) if better else
                   "None drives better: the published finding does not reproduce in this population."))
     recurrent = [r for r in rows if r.recurrent]
     single = [r for r in rows if not r.recurrent]
@@ -121,6 +121,20 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
                    + (f"Mean |offset| grows from the first to the last 10 s of the routes for: {', '.join(grew)}."
                       if grew else "Mean |offset| does not grow over the routes for any family."))
     return out
+
+
+def _separated(rows: list[PolicyRow], best_offline: PolicyRow, better: list[PolicyRow], primary: str) -> str:
+    """Whether the best driver's success interval clears the best-offline policy's (a sentence)."""
+    def interval(r: PolicyRow):
+        return r.results[primary][0]["aggregate"].get("success_rate_ci95") or [None, None]
+
+    top = max(better, key=lambda r: r.closed["success_rate"] or 0.0)
+    (lo_top, _), (_, hi_best) = interval(top), interval(best_offline)
+    if lo_top is not None and hi_best is not None and lo_top > hi_best:
+        return (f"The published finding reproduces: {top.name}'s 95% interval of success [{lo_top:.2f}, ...] lies "
+                f"above {best_offline.name}'s [..., {hi_best:.2f}].")
+    return (f"The direction matches the published finding, but the 95% intervals of success of {top.name} and "
+            f"{best_offline.name} overlap over these routes, so it is not established here.")
 
 
 def _overlap(a: tuple, b: tuple, name_a: str, name_b: str) -> str:
