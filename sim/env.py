@@ -23,6 +23,7 @@ from steerloop.sim.camera import (CAMERA_NAMES, FAR_PLANE, FOV_RANGE_DEG, MIN_SI
                                   CameraSpec, body_camera_matrices, chase_camera_matrices, render)
 from steerloop.sim import conditions as conditions_model
 from steerloop.sim import imaging
+from steerloop.sim import traffic as traffic_model
 from steerloop.sim.scene import SEMANTIC_CLASSES, World, draw_appearance
 from steerloop.sim.track import Track, check_route_length, generate_track, split_seed
 from steerloop.sim.vehicle import Vehicle, VehicleParams
@@ -367,6 +368,8 @@ class LaneKeepEnv(gym.Env):
         self.semantic: np.ndarray | None = None  # (H, W) uint8 class ids of the first camera (extra_observations)
         self.semantic_table: np.ndarray | None = None  # class id by body id + 1 (sim.scene.World.semantic_table)
         self.trail: list[tuple[float, float]] = []
+        self.traffic: traffic_model.TrafficPlan | None = None  # this episode's moving cars (sim.traffic)
+        self.traffic_bodies: traffic_model.TrafficBodies | None = None  # their bodies in this client
 
     def _observation_space(self) -> spaces.Space:
         cfg = self.config
@@ -390,7 +393,8 @@ class LaneKeepEnv(gym.Env):
         """Everything but the PyBullet client, with the physics world saved as a Bullet
         snapshot (bodies, velocities, contact points) and the car's controller memory, so a
         copy (pickle or ``copy.deepcopy``) continues bit-identically on its own client."""
-        state = {key: value for key, value in self.__dict__.items() if key not in ("client", "world", "vehicle")}
+        state = {key: value for key, value in self.__dict__.items()
+                 if key not in ("client", "world", "vehicle", "traffic_bodies")}
         state["_closed"] = self.client is None
         state["_physics"] = None
         if self.client is not None and self.vehicle is not None:
@@ -401,7 +405,7 @@ class LaneKeepEnv(gym.Env):
         state = dict(state)
         physics, closed = state.pop("_physics"), state.pop("_closed")
         self.__dict__.update(state)
-        self.client, self.world, self.vehicle = None, None, None
+        self.client, self.world, self.vehicle, self.traffic_bodies = None, None, None, None
         if closed:
             return
         self.client = _direct_client()
@@ -413,6 +417,7 @@ class LaneKeepEnv(gym.Env):
             if self.vehicle.base_state() != controller_state["base"]:
                 raise RuntimeError("the copied LaneKeep environment's car did not land where the original's is "
                                    "(the physics snapshot does not match the rebuilt world)")
+            self._move_traffic()  # from the plan: wherever the snapshot put the bodies
 
     def _require_episode(self, method: str) -> None:
         """Clear errors (not asserts, which ``python -O`` strips) for calls without a live episode."""
@@ -439,14 +444,20 @@ class LaneKeepEnv(gym.Env):
             c.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.config.physics_hz, numSubSteps=0,
                                         deterministicOverlappingPairs=1)
             self.world = World(c)
-            self.vehicle = None
+            self.vehicle, self.traffic_bodies = None, None
         if self.vehicle is not None:
             c.removeBody(self.vehicle.body_id)
+        if self.traffic_bodies is not None:
+            self.traffic_bodies.remove()
+            self.traffic_bodies = None
         self.world.show(track, track_key, condition, self.conditions)
         self.world.paint(self.appearance)
         self.vehicle = Vehicle(c, self.vehicle_params, self.dt)
+        if self.traffic is not None:  # after the car: its body (and the rest of the world) as without traffic
+            self.traffic_bodies = traffic_model.TrafficBodies(c, self.world.car_shape(), self.traffic)
         if "semantic" in self.config.extra_observations:
-            self.semantic_table = self.world.semantic_table((self.vehicle.body_id,))
+            moving = self.traffic_bodies.ids if self.traffic_bodies is not None else ()
+            self.semantic_table = self.world.semantic_table((self.vehicle.body_id, *moving))
         self.track = track
         self.route_length = max(track.length - END_MARGIN, 1.0)
 
@@ -536,6 +547,9 @@ class LaneKeepEnv(gym.Env):
         self.effects = imaging.draw_effects(self.conditions.weather[composition.weather],
                                             self.conditions.camera[composition.camera], self.np_random)
         self.episode_cameras = [imaging.mounted(spec, self.effects) for spec in self.camera_specs]
+        # drawn last (and only with traffic): every draw before it is what it was without traffic
+        self.traffic = traffic_model.draw_plan(self.conditions.scenery[composition.scenery], self.np_random,
+                                               start["s"])
         self._build_world(track, condition)
 
         self.steps = 0
@@ -626,6 +640,7 @@ class LaneKeepEnv(gym.Env):
             return None
         self._require_episode("render")
         height, width = RENDER_SIZE
+        self._move_traffic()
         position, _ = self.vehicle.base_state()
         view, projection = chase_camera_matrices(self.client, position, self.vehicle.pose()[2], width, height)
         return render(self.client, width, height, view, projection, self.appearance.lighting)
@@ -642,7 +657,7 @@ class LaneKeepEnv(gym.Env):
         if getattr(self, "client", None) is not None:
             self.client.disconnect()
             self.client = None
-        self.world, self.vehicle = None, None
+        self.world, self.vehicle, self.traffic_bodies = None, None, None
 
     # ------------------------------------------------------------------ internals
     def _update_state(self, render_cameras: bool = True) -> None:
@@ -671,7 +686,13 @@ class LaneKeepEnv(gym.Env):
         if render_cameras:
             self._render_cameras()
 
+    def _move_traffic(self) -> None:
+        """Put the moving cars where they are now (a function of the time and the car's progress)."""
+        if self.traffic_bodies is not None:
+            self.traffic_bodies.place(self.track, self.traffic, self.time, self.s, self.vehicle_params.body_length)
+
     def _render_cameras(self) -> None:
+        self._move_traffic()
         position, orientation = self.vehicle.base_state()
         lighting = self.appearance.lighting
         self.frames = {}
