@@ -150,7 +150,8 @@ class TrafficBodies:
                 c.changeVisualShape(body, -1, rgbaColor=[*plan.colours[index], 1.0])
                 self.showing[slot] = index
             x, y, heading = lane_pose(track, s, track.lane_width)
-            c.resetBasePositionAndOrientation(body, [x, y, 0.0], c.getQuaternionFromEuler([0.0, 0.0, heading + math.pi]))
+            facing = c.getQuaternionFromEuler([0.0, 0.0, heading + math.pi])  # towards the ego car
+            c.resetBasePositionAndOrientation(body, [x, y, 0.0], facing)
         if self.lead is not None:
             x, y, heading = lane_pose(track, plan.lead_progress(ego_s, ego_length), 0.0)
             c.resetBasePositionAndOrientation(self.lead, [x, y, 0.0], c.getQuaternionFromEuler([0.0, 0.0, heading]))
