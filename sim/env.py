@@ -42,7 +42,7 @@ REWARD_WEIGHTS = {  # reward = progress [m] minus these named penalties per cont
 }
 OBSERVATION_MODES = ("dict", "image")
 RESET_OPTIONS = ("track", "condition", "start_s", "start_offset", "start_heading", "start_speed", "start_wheel_angle",
-                 "start_command")  # reset(options=...) keys
+                 "start_command", "start_time")  # reset(options=...) keys
 EXTRA_OBSERVATIONS = ("depth", "semantic")  # optional observations the renderer gives in the same call
 
 
@@ -309,9 +309,11 @@ class LaneKeepEnv(gym.Env):
     ``start_offset`` [m] left of centre (on the road: within ``offroad_threshold``),
     ``start_heading`` [rad] relative to the road, ``start_speed`` [m/s] (default: the target
     speed), ``start_wheel_angle`` [rad] and ``start_command`` (the normalised command pending
-    in the steering delay line; default: the wheel angle's). A driving log's state at step
-    ``t`` (``progress``, ``lateral_offset``, ``heading_error``, ``speed``, ``wheel_angle`` and
-    the ``steering`` of step ``t - 1``) restarts the car there
+    in the steering delay line; default: the wheel angle's) and ``start_time`` [s] (the episode
+    clock, default 0: ``info["time"]`` counts from it and the moving cars of ``sim.traffic`` are
+    where they are at that time). A driving log's state at step
+    ``t`` (``progress``, ``lateral_offset``, ``heading_error``, ``speed``, ``wheel_angle``, ``time``
+    and the ``steering`` of step ``t - 1``) restarts the car there
     (:func:`steerloop.evaluation.short_loop.logged_start`).
     """
 
@@ -356,6 +358,7 @@ class LaneKeepEnv(gym.Env):
         self.condition = ""
         self.s = 0.0
         self.steps = 0
+        self.start_time = 0.0  # [s] the episode clock at reset (reset option start_time)
         self.time = 0.0
         self.departures = 0
         self.in_departure = False
@@ -548,12 +551,12 @@ class LaneKeepEnv(gym.Env):
                                             self.conditions.camera[composition.camera], self.np_random)
         self.episode_cameras = [imaging.mounted(spec, self.effects) for spec in self.camera_specs]
         # drawn last (and only with traffic): every draw before it is what it was without traffic
-        self.traffic = traffic_model.draw_plan(self.conditions.scenery[composition.scenery], self.np_random,
-                                               start["s"])
+        self.traffic = traffic_model.draw_plan(self.conditions.scenery[composition.scenery], self.np_random)
         self._build_world(track, condition)
 
         self.steps = 0
-        self.time = 0.0
+        self.start_time = start["time"]
+        self.time = self.start_time
         self.departures = 0
         self.in_departure = False
         self.trail = []
@@ -576,6 +579,7 @@ class LaneKeepEnv(gym.Env):
             "start_speed": (None, 0.0, MAX_SPEED_OBS, "m/s"),
             "start_wheel_angle": (0.0, -params.max_wheel_angle, params.max_wheel_angle, "rad"),
             "start_command": (None, -1.0, 1.0, "normalised"),
+            "start_time": (0.0, 0.0, math.inf, "s"),
         }
         start = {}
         for option, (default, low, high, unit) in limits.items():
@@ -608,7 +612,7 @@ class LaneKeepEnv(gym.Env):
             vehicle.set_throttle(float(action[1]))
         vehicle.step_physics(self.substeps)
         self.steps += 1
-        self.time = self.steps * self.dt
+        self.time = self.start_time + self.steps * self.dt
         previous_s = self.s
         self._update_state()
 

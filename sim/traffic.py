@@ -9,11 +9,12 @@ Oncoming cars drive along the centre of the left lane (lateral offset ``+lane_wi
 ego lane's centre, the track's centre line) towards the ego car at ``Scenery.traffic_speed``.
 Their positions along the road form a sequence drawn per episode from a generator seeded from
 ``np_random`` at reset: car ``k`` is at ``entries[k] - speed * time``, with gaps of at least
-``MIN_GAP`` and a mean of ``1000 / Scenery.traffic`` metres. Only the ``ONCOMING_BODIES`` nearest
+``MIN_GAP`` and a mean of ``1000 / Scenery.traffic`` metres, from ``ORIGIN`` whatever the start. Only the ``ONCOMING_BODIES`` nearest
 cars not yet ``BEHIND`` the ego car get a body (PyBullet's tiny renderer pays per body): a car
 that has passed behind the ego car gives its body to the next one ahead. What is shown is a pure
 function of (time, ego progress) and the episode's generator, so reruns, copies and any order of
-calls give the same frames.
+calls give the same frames, and a restart from a logged state (``start_s`` and ``start_time``
+reset options, :func:`steerloop.evaluation.short_loop.logged_start`) shows the cars of the log.
 
 The lead car drives in the ego lane ``Scenery.lead_gap`` metres (bumper to bumper) ahead of the
 ego car's progress: it holds the gap whatever the ego car does, so it is never reached. Beyond
@@ -36,6 +37,7 @@ CAR_LENGTH, CAR_WIDTH = 4.4, 1.8  # [m] (the parked cars' size, sim.scenery)
 ONCOMING_BODIES = 4  # bodies shared by the oncoming cars (at 20 cars/km they cover about 200 m ahead)
 BEHIND = 20.0  # [m] an oncoming car this far behind the ego car (past the chase camera, 9 m back) is gone
 MIN_GAP = 1000.0 / MAX_TRAFFIC  # [m] (20) least distance between consecutive oncoming cars
+ORIGIN = -BEHIND  # [m] progress from which the sequence of oncoming cars starts, wherever the car starts
 HIDDEN = (0.0, 0.0, -100.0)  # [m] where an unused body waits: under the ground, out of every camera's sight
 CAR_COLOURS = (  # body paints, one drawn per car
     (0.80, 0.80, 0.82), (0.12, 0.12, 0.14), (0.55, 0.12, 0.12), (0.15, 0.25, 0.55), (0.45, 0.47, 0.50),
@@ -69,8 +71,6 @@ class TrafficPlan:
     """Speed of the oncoming cars [m/s]."""
     lead_gap: float
     """Bumper-to-bumper gap of the lead car ahead of the ego car [m]; 0: no lead car."""
-    origin: float
-    """Progress [m] from which the oncoming cars' sequence starts (``BEHIND`` the ego car's start)."""
     rng: np.random.Generator
     """The episode's own generator (seeded from ``np_random``; never touches ``np_random`` again)."""
     lead_colour: tuple[float, float, float] | None = None
@@ -86,7 +86,7 @@ class TrafficPlan:
     def _add_car(self) -> None:
         mean = 1000.0 / self.density  # [m]
         gap = MIN_GAP + float(self.rng.exponential(max(mean - MIN_GAP, 0.0)))
-        self.entries.append((self.entries[-1] if self.entries else self.origin) + gap)
+        self.entries.append((self.entries[-1] if self.entries else ORIGIN) + gap)
         self.colours.append(self._paint())
 
     def oncoming(self, time: float, ego_s: float) -> list[tuple[int, float]]:
@@ -95,7 +95,10 @@ class TrafficPlan:
         if not self.density:
             return []
         travelled = self.speed * time
-        first = bisect.bisect_left(self.entries, ego_s - BEHIND + travelled)
+        threshold = ego_s - BEHIND + travelled  # cars whose entry is below it have passed
+        while not self.entries or self.entries[-1] < threshold:
+            self._add_car()
+        first = bisect.bisect_left(self.entries, threshold)
         while len(self.entries) < first + ONCOMING_BODIES:
             self._add_car()
         return [(k, self.entries[k] - travelled) for k in range(first, first + ONCOMING_BODIES)]
@@ -105,7 +108,7 @@ class TrafficPlan:
         return ego_s + self.lead_gap + 0.5 * (ego_length + CAR_LENGTH)
 
 
-def draw_plan(scenery: Scenery, np_random: np.random.Generator, start_s: float) -> TrafficPlan | None:
+def draw_plan(scenery: Scenery, np_random: np.random.Generator) -> TrafficPlan | None:
     """The moving vehicles of an episode of ``scenery``, or None if it has none.
 
     Draws one number from ``np_random`` (the seed of the plan's own generator) and only when
@@ -114,8 +117,7 @@ def draw_plan(scenery: Scenery, np_random: np.random.Generator, start_s: float) 
     if not (scenery.traffic or scenery.lead_gap):
         return None
     rng = np.random.default_rng(int(np_random.integers(2 ** 63)))
-    plan = TrafficPlan(density=scenery.traffic, speed=scenery.traffic_speed, lead_gap=scenery.lead_gap,
-                       origin=start_s - BEHIND, rng=rng)
+    plan = TrafficPlan(density=scenery.traffic, speed=scenery.traffic_speed, lead_gap=scenery.lead_gap, rng=rng)
     if plan.lead_gap:
         plan.lead_colour = plan._paint()
     return plan

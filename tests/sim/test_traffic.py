@@ -192,3 +192,33 @@ def test_bad_traffic_values_are_refused_naming_the_field(tmp_path, field, value,
 def test_bad_traffic_values_in_code_are_refused_naming_the_field(field, value):
     with pytest.raises(conditions.ConditionError, match=rf"Scenery.{field} must be .*got {value}"):
         conditions.Scenery(**{field: value})
+
+
+def test_a_restart_from_a_logged_state_shows_the_cars_of_the_log():
+    """The short loop's restart (logged progress, offset, ..., and time) puts the cars where they were."""
+    from steerloop.evaluation.short_loop import logged_start
+
+    env = make("busy-lead.noon")
+    try:
+        obs, info = env.reset(seed=6)
+        rows, frames, bodies, steering = [info], [obs["image"].copy()], [], []
+        for _ in range(30):
+            bodies.append([env.client.getBasePositionAndOrientation(b)[0] for b in env.traffic_bodies.ids])
+            steering.append(env.expert_command())
+            obs, *_, info = env.step(np.array([steering[-1]], np.float32))
+            rows.append(info)
+            frames.append(obs["image"].copy())
+        data = {key: np.array([row[key] for row in rows]) for key in
+                ("progress", "lateral_offset", "heading_error", "speed", "wheel_angle", "time")}
+        data["steering"] = np.array(steering)
+        t = 25
+        obs, info = env.reset(seed=6, options=logged_start(data, t))
+        assert info["time"] == pytest.approx(t * env.dt)
+        restarted = [env.client.getBasePositionAndOrientation(b)[0] for b in env.traffic_bodies.ids]
+        np.testing.assert_allclose(restarted, bodies[t], atol=1e-3)  # [m]
+        np.testing.assert_array_equal(obs["image"], frames[t])  # the same pixels, cars included
+        env.reset(seed=6, options={**logged_start(data, t), "start_time": 0.0})
+        moved = [env.client.getBasePositionAndOrientation(b)[0] for b in env.traffic_bodies.oncoming]
+        assert not np.allclose(moved, bodies[t][:len(moved)], atol=1.0)  # without the clock they would not be
+    finally:
+        env.close()
