@@ -73,11 +73,13 @@ class ShortLoopConfig:
 def logged_start(data: dict, t: int) -> dict:
     """The reset options that put the car into the logged state at step ``t`` of an episode
     read with :meth:`DrivingLog.read_episode` (the command pending in the steering delay line
-    is the one executed at step ``t - 1``)."""
+    is the one executed at step ``t - 1``; the episode clock is the logged ``time``, so moving
+    cars are where they were)."""
     return {"start_s": float(data["progress"][t]), "start_offset": float(data["lateral_offset"][t]),
             "start_heading": float(data["heading_error"][t]), "start_speed": float(data["speed"][t]),
             "start_wheel_angle": float(data["wheel_angle"][t]),
-            "start_command": float(data["steering"][t - 1]) if t > 0 else None}
+            "start_command": float(data["steering"][t - 1]) if t > 0 else None,
+            "start_time": float(data["time"][t])}  # the clock of the moving cars (sim.traffic)
 
 
 def _steps(seconds: float, dt: float) -> int:

@@ -42,6 +42,13 @@ MARKING_STYLES = ("dashed", "solid", "double_yellow", "none")  # centre-line sty
 EDGE_STYLES = ("both", "right_only", "none")  # which edge lines are painted
 OBJECT_KINDS = ("trees", "bushes", "poles", "posts", "fences", "buildings", "parked_cars")
 MAX_OBJECT_DENSITY = 20.0  # [objects per 100 m per side] (a fence counts one per 100 m)
+MAX_TRAFFIC = 50.0  # [oncoming cars per km]: at most one per 20 m (sim.traffic.MIN_GAP)
+TRAFFIC_SPEED_RANGE = (0.0, 30.0)  # [m/s] speed of the oncoming cars
+LEAD_GAP_RANGE = (5.0, 100.0)  # [m] bumper-to-bumper gap of a lead car (or 0: none)
+# Scenery fields added after condition files were first recorded: a value's recorded fields
+# (ConditionFile.values, part of datasets' and runs' identities) name them only when they
+# differ from the default, so files that do not use them keep their identities.
+LATER_FIELDS = {"scenery": ("traffic", "traffic_speed", "lead_gap")}
 MAX_CONDITION_FILE_BYTES = 1 << 20  # [bytes]
 
 RGB = tuple[float, float, float]
@@ -93,12 +100,29 @@ class Scenery:
     """Buildings per 100 m per side."""
     parked_cars: float = 0.0
     """Parked cars on the right shoulder per 100 m."""
+    traffic: float = 0.0
+    """Oncoming cars in the left lane per km (0 to ``MAX_TRAFFIC``; sim.traffic): moving,
+    visual only (no collision)."""
+    traffic_speed: float = 12.0
+    """Speed of the oncoming cars [m/s] (``TRAFFIC_SPEED_RANGE``)."""
+    lead_gap: float = 0.0
+    """A lead car in the ego lane this far ahead, bumper to bumper [m] (``LEAD_GAP_RANGE``),
+    holding the gap; 0: none. Visual only."""
     foliage: RGB = (0.16, 0.36, 0.14)
     """Colour of leaves."""
     building: RGB = (0.72, 0.66, 0.58)
     """Colour of walls."""
     split: str = "train"
     """train or held_out."""
+
+    def __post_init__(self):
+        for name, value, (low, high) in (("traffic", self.traffic, (0.0, MAX_TRAFFIC)),
+                                         ("traffic_speed", self.traffic_speed, TRAFFIC_SPEED_RANGE)):
+            if not low <= value <= high:
+                raise ConditionError(f"Scenery.{name} must be within [{low:g}, {high:g}], got {value!r}")
+        if self.lead_gap and not LEAD_GAP_RANGE[0] <= self.lead_gap <= LEAD_GAP_RANGE[1]:
+            raise ConditionError(f"Scenery.lead_gap must be 0 (no lead car) or within "
+                                 f"[{LEAD_GAP_RANGE[0]:g}, {LEAD_GAP_RANGE[1]:g}] m, got {self.lead_gap!r}")
 
 
 @dataclass(frozen=True)
@@ -183,6 +207,10 @@ SCENERY: dict[str, Scenery] = {
                     bushes=5.0, posts=3.0, poles=1.0, keep=0.8, edge_style="right_only", centre_style="none",
                     foliage=(0.45, 0.45, 0.25), patches=2.0, split="held_out"),
 }
+# with oncoming traffic (sim.traffic): the same kinds and densities of objects as their base
+# (placed anew: placement follows the scenery's name), plus moving cars in the other lane
+SCENERY["suburban-traffic"] = dataclasses.replace(SCENERY["suburban"], traffic=12.0, traffic_speed=12.0)
+SCENERY["town-traffic"] = dataclasses.replace(SCENERY["town"], traffic=20.0, traffic_speed=10.0)
 WEATHER: dict[str, Weather] = {
     "noon": Weather(),
     "dusk": Weather(sky=(0.98, 0.62, 0.45),
@@ -219,12 +247,14 @@ CONDITIONS: dict[str, Composition] = {
     "rural": Composition("rural", "noon", "dashcam"),
     "forest": Composition("forest", "overcast", "dashcam"),
     "suburban": Composition("suburban", "haze", "dashcam"),
+    "suburban-traffic": Composition("suburban-traffic", "haze", "dashcam"),
     "town-rain": Composition("town", "rain", "dashcam"),
     "forest-fog": Composition("forest", "fog", "dashcam"),
     "rural-night": Composition("rural", "night", "cheap"),
     "arid-glare": Composition("arid", "low_sun", "cheap"),
 }
 RICHEST = "town-rain"  # the built-in condition with the most geometry and effects (bench env)
+TRAFFIC = "town-traffic.rain.dashcam"  # RICHEST with oncoming cars (bench env: their cost side by side)
 AXES = {"scenery": SCENERY, "weather": WEATHER, "camera": CAMERAS}
 AXIS_TYPES = {"scenery": Scenery, "weather": Weather, "camera": CameraLook}
 
@@ -314,10 +344,11 @@ def _field_value(cls: type, f: dataclasses.Field, value, where: str):
         if value not in SPLITS:
             raise ConditionError(f"{where}: must be one of {list(SPLITS)}, got {value!r}")
         return value
-    if f.name == "centre_style" and value not in MARKING_STYLES:
-        raise ConditionError(f"{where}: must be one of {list(MARKING_STYLES)}, got {value!r}{suggest(value, MARKING_STYLES)}")
-    if f.name == "edge_style" and value not in EDGE_STYLES:
-        raise ConditionError(f"{where}: must be one of {list(EDGE_STYLES)}, got {value!r}{suggest(value, EDGE_STYLES)}")
+    styles = {"centre_style": MARKING_STYLES, "edge_style": EDGE_STYLES}.get(f.name)
+    if styles is not None:
+        if value not in styles:
+            raise ConditionError(f"{where}: must be one of {list(styles)}, got {value!r}{suggest(value, styles)}")
+        return value
     if isinstance(default, tuple):
         return _colour(value, where)
     if isinstance(default, Lighting):
@@ -342,6 +373,16 @@ def _field_value(cls: type, f: dataclasses.Field, value, where: str):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
             raise ConditionError(f"{where}: must be an integer in [0, 100], got {value!r}")
         return value
+    if f.name == "traffic":
+        return _number(value, f"{where} [oncoming cars per km]", 0.0, MAX_TRAFFIC)
+    if f.name == "traffic_speed":
+        return _number(value, f"{where} [m/s]", *TRAFFIC_SPEED_RANGE)
+    if f.name == "lead_gap":
+        number = _number(value, f"{where} [m]", 0.0, LEAD_GAP_RANGE[1])
+        if 0.0 < number < LEAD_GAP_RANGE[0]:
+            raise ConditionError(f"{where}: must be 0 (no lead car) or a gap in [{LEAD_GAP_RANGE[0]:g}, "
+                                 f"{LEAD_GAP_RANGE[1]:g}] m, got {value!r}")
+        return number
     return _number(value, where, 0.0, MAX_OBJECT_DENSITY if f.name in OBJECT_KINDS or f.name == "patches" else 10.0)
 
 
@@ -392,7 +433,7 @@ class ConditionFile:
         for name in names:
             composition = conditions.resolve(name)
             out[name] = {axis: {"name": getattr(composition, axis),
-                                **_plain(dataclasses.asdict(conditions.axis(axis)[getattr(composition, axis)]))}
+                                **_recorded_fields(axis, conditions.axis(axis)[getattr(composition, axis)])}
                          for axis in AXES}
         return out
 
@@ -422,6 +463,15 @@ def content_from_values(values: Mapping[str, Any]) -> dict:
         if name not in BUILTIN.named and len(name.split(SEPARATOR)) not in (2, 3):
             content["conditions"][name] = {axis: parts[axis]["name"] for axis in AXES}
     return content
+
+
+def _recorded_fields(axis: str, value) -> dict:
+    """The fields of one axis value as recorded in manifests: all of them, except the
+    ``LATER_FIELDS`` that hold their default (see there)."""
+    default = AXIS_TYPES[axis]()
+    later = LATER_FIELDS.get(axis, ())
+    return {key: item for key, item in _plain(dataclasses.asdict(value)).items()
+            if key not in later or getattr(value, key) != getattr(default, key)}
 
 
 def _plain(value):

@@ -23,6 +23,7 @@ from steerloop.sim.camera import (CAMERA_NAMES, FAR_PLANE, FOV_RANGE_DEG, MIN_SI
                                   CameraSpec, body_camera_matrices, chase_camera_matrices, render)
 from steerloop.sim import conditions as conditions_model
 from steerloop.sim import imaging
+from steerloop.sim import traffic as traffic_model
 from steerloop.sim.scene import SEMANTIC_CLASSES, World, draw_appearance
 from steerloop.sim.track import Track, check_route_length, generate_track, split_seed
 from steerloop.sim.vehicle import Vehicle, VehicleParams
@@ -41,7 +42,7 @@ REWARD_WEIGHTS = {  # reward = progress [m] minus these named penalties per cont
 }
 OBSERVATION_MODES = ("dict", "image")
 RESET_OPTIONS = ("track", "condition", "start_s", "start_offset", "start_heading", "start_speed", "start_wheel_angle",
-                 "start_command")  # reset(options=...) keys
+                 "start_command", "start_time")  # reset(options=...) keys
 EXTRA_OBSERVATIONS = ("depth", "semantic")  # optional observations the renderer gives in the same call
 
 
@@ -308,9 +309,11 @@ class LaneKeepEnv(gym.Env):
     ``start_offset`` [m] left of centre (on the road: within ``offroad_threshold``),
     ``start_heading`` [rad] relative to the road, ``start_speed`` [m/s] (default: the target
     speed), ``start_wheel_angle`` [rad] and ``start_command`` (the normalised command pending
-    in the steering delay line; default: the wheel angle's). A driving log's state at step
-    ``t`` (``progress``, ``lateral_offset``, ``heading_error``, ``speed``, ``wheel_angle`` and
-    the ``steering`` of step ``t - 1``) restarts the car there
+    in the steering delay line; default: the wheel angle's) and ``start_time`` [s] (the episode
+    clock, default 0: ``info["time"]`` counts from it and the moving cars of ``sim.traffic`` are
+    where they are at that time). A driving log's state at step
+    ``t`` (``progress``, ``lateral_offset``, ``heading_error``, ``speed``, ``wheel_angle``, ``time``
+    and the ``steering`` of step ``t - 1``) restarts the car there
     (:func:`steerloop.evaluation.short_loop.logged_start`).
     """
 
@@ -355,6 +358,7 @@ class LaneKeepEnv(gym.Env):
         self.condition = ""
         self.s = 0.0
         self.steps = 0
+        self.start_time = 0.0  # [s] the episode clock at reset (reset option start_time)
         self.time = 0.0
         self.departures = 0
         self.in_departure = False
@@ -367,6 +371,8 @@ class LaneKeepEnv(gym.Env):
         self.semantic: np.ndarray | None = None  # (H, W) uint8 class ids of the first camera (extra_observations)
         self.semantic_table: np.ndarray | None = None  # class id by body id + 1 (sim.scene.World.semantic_table)
         self.trail: list[tuple[float, float]] = []
+        self.traffic: traffic_model.TrafficPlan | None = None  # this episode's moving cars (sim.traffic)
+        self.traffic_bodies: traffic_model.TrafficBodies | None = None  # their bodies in this client
 
     def _observation_space(self) -> spaces.Space:
         cfg = self.config
@@ -390,7 +396,8 @@ class LaneKeepEnv(gym.Env):
         """Everything but the PyBullet client, with the physics world saved as a Bullet
         snapshot (bodies, velocities, contact points) and the car's controller memory, so a
         copy (pickle or ``copy.deepcopy``) continues bit-identically on its own client."""
-        state = {key: value for key, value in self.__dict__.items() if key not in ("client", "world", "vehicle")}
+        state = {key: value for key, value in self.__dict__.items()
+                 if key not in ("client", "world", "vehicle", "traffic_bodies")}
         state["_closed"] = self.client is None
         state["_physics"] = None
         if self.client is not None and self.vehicle is not None:
@@ -401,7 +408,7 @@ class LaneKeepEnv(gym.Env):
         state = dict(state)
         physics, closed = state.pop("_physics"), state.pop("_closed")
         self.__dict__.update(state)
-        self.client, self.world, self.vehicle = None, None, None
+        self.client, self.world, self.vehicle, self.traffic_bodies = None, None, None, None
         if closed:
             return
         self.client = _direct_client()
@@ -413,6 +420,7 @@ class LaneKeepEnv(gym.Env):
             if self.vehicle.base_state() != controller_state["base"]:
                 raise RuntimeError("the copied LaneKeep environment's car did not land where the original's is "
                                    "(the physics snapshot does not match the rebuilt world)")
+            self._move_traffic()  # from the plan: wherever the snapshot put the bodies
 
     def _require_episode(self, method: str) -> None:
         """Clear errors (not asserts, which ``python -O`` strips) for calls without a live episode."""
@@ -439,14 +447,20 @@ class LaneKeepEnv(gym.Env):
             c.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.config.physics_hz, numSubSteps=0,
                                         deterministicOverlappingPairs=1)
             self.world = World(c)
-            self.vehicle = None
+            self.vehicle, self.traffic_bodies = None, None
         if self.vehicle is not None:
             c.removeBody(self.vehicle.body_id)
+        if self.traffic_bodies is not None:
+            self.traffic_bodies.remove()
+            self.traffic_bodies = None
         self.world.show(track, track_key, condition, self.conditions)
         self.world.paint(self.appearance)
         self.vehicle = Vehicle(c, self.vehicle_params, self.dt)
+        if self.traffic is not None:  # after the car: its body (and the rest of the world) as without traffic
+            self.traffic_bodies = traffic_model.TrafficBodies(c, self.world.car_shape(), self.traffic)
         if "semantic" in self.config.extra_observations:
-            self.semantic_table = self.world.semantic_table((self.vehicle.body_id,))
+            moving = self.traffic_bodies.ids if self.traffic_bodies is not None else ()
+            self.semantic_table = self.world.semantic_table((self.vehicle.body_id, *moving))
         self.track = track
         self.route_length = max(track.length - END_MARGIN, 1.0)
 
@@ -536,10 +550,13 @@ class LaneKeepEnv(gym.Env):
         self.effects = imaging.draw_effects(self.conditions.weather[composition.weather],
                                             self.conditions.camera[composition.camera], self.np_random)
         self.episode_cameras = [imaging.mounted(spec, self.effects) for spec in self.camera_specs]
+        # drawn last (and only with traffic): every draw before it is what it was without traffic
+        self.traffic = traffic_model.draw_plan(self.conditions.scenery[composition.scenery], self.np_random)
         self._build_world(track, condition)
 
         self.steps = 0
-        self.time = 0.0
+        self.start_time = start["time"]
+        self.time = self.start_time
         self.departures = 0
         self.in_departure = False
         self.trail = []
@@ -562,6 +579,7 @@ class LaneKeepEnv(gym.Env):
             "start_speed": (None, 0.0, MAX_SPEED_OBS, "m/s"),
             "start_wheel_angle": (0.0, -params.max_wheel_angle, params.max_wheel_angle, "rad"),
             "start_command": (None, -1.0, 1.0, "normalised"),
+            "start_time": (0.0, 0.0, math.inf, "s"),
         }
         start = {}
         for option, (default, low, high, unit) in limits.items():
@@ -594,7 +612,7 @@ class LaneKeepEnv(gym.Env):
             vehicle.set_throttle(float(action[1]))
         vehicle.step_physics(self.substeps)
         self.steps += 1
-        self.time = self.steps * self.dt
+        self.time = self.start_time + self.steps * self.dt
         previous_s = self.s
         self._update_state()
 
@@ -626,6 +644,7 @@ class LaneKeepEnv(gym.Env):
             return None
         self._require_episode("render")
         height, width = RENDER_SIZE
+        self._move_traffic()
         position, _ = self.vehicle.base_state()
         view, projection = chase_camera_matrices(self.client, position, self.vehicle.pose()[2], width, height)
         return render(self.client, width, height, view, projection, self.appearance.lighting)
@@ -642,7 +661,7 @@ class LaneKeepEnv(gym.Env):
         if getattr(self, "client", None) is not None:
             self.client.disconnect()
             self.client = None
-        self.world, self.vehicle = None, None
+        self.world, self.vehicle, self.traffic_bodies = None, None, None
 
     # ------------------------------------------------------------------ internals
     def _update_state(self, render_cameras: bool = True) -> None:
@@ -671,7 +690,13 @@ class LaneKeepEnv(gym.Env):
         if render_cameras:
             self._render_cameras()
 
+    def _move_traffic(self) -> None:
+        """Put the moving cars where they are now (a function of the time and the car's progress)."""
+        if self.traffic_bodies is not None:
+            self.traffic_bodies.place(self.track, self.traffic, self.time, self.s, self.vehicle_params.body_length)
+
     def _render_cameras(self) -> None:
+        self._move_traffic()
         position, orientation = self.vehicle.base_state()
         lighting = self.appearance.lighting
         self.frames = {}

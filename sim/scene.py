@@ -22,6 +22,7 @@ import pybullet as p
 
 from steerloop.sim import conditions as conditions_model
 from steerloop.sim import scenery as scenery_model
+from steerloop.sim import traffic as traffic_model
 from steerloop.sim.camera import Lighting
 from steerloop.sim.track import WORLD_REACH, Track
 
@@ -349,6 +350,15 @@ class World:
         self.road_cache: dict[tuple[str, str], RoadShapes] = {}
         self.road_key: tuple[str, str] | None = None
         self.road_bodies: list[tuple[str, int]] = []
+        self._car_shape: int | None = None
+
+    def car_shape(self) -> int:
+        """The visual shape of a moving car (``sim.traffic``), built once per world and shared
+        by every car body (each body keeps its own paint)."""
+        if self._car_shape is None:
+            vertices, triangles, normals = traffic_model.car_mesh()
+            self._car_shape = _mesh_shape(self.client, vertices, triangles, normals=normals)
+        return self._car_shape
 
     @staticmethod
     def _key(track_key: str, condition: str, conditions) -> tuple[str, str]:

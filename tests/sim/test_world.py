@@ -196,6 +196,14 @@ def test_malformed_condition_files_are_refused_naming_the_field(tmp_path, text, 
         LaneKeepEnv(track=SHORT_SPEC, resolution=TINY, condition_file=str(path))
 
 
+def test_condition_files_set_marking_styles(tmp_path):
+    """Text fields of a scenery (marking styles) are taken from a file, not refused as non-numbers."""
+    path = tmp_path / "mine.toml"
+    path.write_text('[scenery.x]\ncentre_style = "solid"\nedge_style = "none"\n')
+    scenery = conditions.load_condition_file(path).scenery["x"]
+    assert (scenery.centre_style, scenery.edge_style) == ("solid", "none")
+
+
 def test_road_cache_is_shared_by_conditions_of_one_scenery():
     env = LaneKeepEnv(track=SHORT_SPEC, resolution=TINY)
     try:
