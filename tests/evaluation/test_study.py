@@ -152,8 +152,14 @@ def test_dagger_policy_depends_on_its_init(tmp_path):
 def test_presets_parse():
     for preset in PRESETS:
         cfg = load_study(preset)
-        assert len(cfg.policies) >= (12 if preset == "default" else 4)
-        plan_study(cfg, "/tmp/unused-study-dir")
+        assert len(cfg.policies) >= {"default": 12, "large": 48}.get(preset, 4)
+        plan = plan_study(cfg, "/tmp/unused-study-dir")
+        if preset == "large":  # Codevilla's population: architectures, data amounts, recipes, checkpoints
+            kinds = {stage.kind for stage in plan.policies.values()}
+            archs = {stage.params["config"].get("model") for stage in plan.policies.values() if stage.kind == "train"}
+            assert kinds == {"train", "dagger", "checkpoint"}
+            assert archs == {"pilotnet", "cnn-lstm", "conv3d-lstm", "komanda", "chauffeur"}
+            assert set(plan.suites) == {"test", "generalization", "recovery-10", "interventions-10"}
 
 
 # ----------------------------------------------------------------------------- checkpoints along training
