@@ -292,6 +292,19 @@ def test_kept_epochs_survive_resumption_and_match_the_uninterrupted_run(resume_r
     load_policy(str(root / "B" / "epoch_01"))  # a policy spec like best/
 
 
+def test_a_run_recorded_before_keep_epochs_existed_still_resumes(dataset, tmp_path):
+    """train_config.json written before the field existed has no keep_epochs: the same run
+    (keep_epochs at its default) is accepted as the same configuration, not refused."""
+    old = tmp_path / "old"
+    train(tiny_train_config(dataset, old), progress_bar=False)
+    config = json.loads((old / "train_config.json").read_text())
+    del config["keep_epochs"]
+    (old / "train_config.json").write_text(json.dumps(config))
+    before = (old / "last" / "model.safetensors").read_bytes()
+    assert train(tiny_train_config(dataset, old), progress_bar=False)["epochs_run"] == 1
+    assert (old / "last" / "model.safetensors").read_bytes() == before
+
+
 @pytest.mark.parametrize("keep, message", [((0,), "within 1..epochs (1..2), got [0]"),
                                            ((1, 3), "within 1..epochs (1..2), got [3]"),
                                            ((1.5,), "whole epoch numbers")])
