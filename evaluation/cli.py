@@ -262,13 +262,20 @@ class BenchArgs:
 @dataclass
 class StudyArgs(Backend, Progress):
     config: str = field(default="", metadata={"cli": {"required": True}})
-    """Study TOML file, or a preset: default, demo, history."""
-    out: str = field(default="", metadata={"cli": REQUIRED_OUT_DIR})
-    """Study directory (stages cached by content, report.md)."""
+    """Study TOML file, or a preset: default, demo, history, large."""
+    out: str | None = field(default=None, metadata={"cli": OUT_DIR})
+    """Study directory (stages cached by content, report.md); required unless --plan."""
     workers: int = field(default=2, metadata={"cli": AT_LEAST_ONE})
-    """Worker processes for recording and evaluation."""
+    """Worker processes for recording and evaluation (with --plan: the workers the wall time is estimated for)."""
     no_cache: bool = False
     """Run the stages of user policies ([policies.X] policy = SPEC) again, even when their cache key is unchanged."""
+    plan: bool = False
+    """Run nothing: print the stage counts by kind and, with --timings, an estimate of the compute."""
+    timings: str | None = None
+    """With --plan: a study output directory whose finished stages' measured times (OUT/stages/*.json) give the
+    estimate (core-hours, and wall-hours for --workers workers)."""
+    timings_cores: int = field(default=2, metadata={"cli": AT_LEAST_ONE})
+    """With --timings: CPU cores of the machine that measured them (training counts its recorded threads)."""
 
 
 @dataclass
@@ -458,9 +465,19 @@ def cmd_bench(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from steerloop.evaluation.study import load_study, run_study
+    from steerloop.evaluation.study import StudyError, load_study, plan_study, run_study
 
+    if args.timings is not None and not args.plan:
+        raise StudyError("--timings gives the measured times for --plan's estimate: add --plan")
+    if not args.plan and not args.out:
+        raise StudyError("--out is required: the study directory (only --plan runs without one)")
     cfg = load_study(args.config)
+    if args.plan:
+        from steerloop.evaluation.estimate import plan_text
+
+        print(plan_text(plan_study(cfg, args.out or "study-plan"), args.timings, workers=args.workers,
+                        cores=args.timings_cores))
+        return 0
     run_study(cfg, args.out, workers=args.workers, progress=not args.quiet, backend=args.backend,
               address=args.address, no_cache=args.no_cache)
     print(f"report: {Path(args.out) / 'report.md'}")
@@ -552,7 +569,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         flags = {action.dest: action.option_strings[-1] for action in command._actions if action.option_strings
                  and action.dest != "help"}
         command.set_defaults(func=handler, interrupted=interrupted, flags=flags)
-    sub.choices["demo"].set_defaults(config="demo", no_cache=False)
+    sub.choices["demo"].set_defaults(config="demo", no_cache=False, plan=False, timings=None, timings_cores=2)
     return parser
 
 

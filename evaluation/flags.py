@@ -17,8 +17,8 @@ Per-field command-line details go into the field's metadata under ``"cli"``:
 - ``{"type": callable, "metavar": "HxW"}`` and other ``argparse`` keywords pass through.
 
 Types understood: ``bool`` (``--x`` / ``--no-x`` when the default is true), ``int``,
-``float``, ``str``, ``X | None``, ``tuple[str, ...]`` and ``tuple[float, ...]`` (comma
-separated), ``tuple[int, int]`` (``HxW``), ``list[str]`` (repeat the flag), ``dict`` (a JSON
+``float``, ``str``, ``X | None``, ``tuple[str, ...]``, ``tuple[int, ...]`` and ``tuple[float, ...]``
+(comma separated), ``tuple[int, int]`` (``HxW``), ``list[str]`` (repeat the flag), ``dict`` (a JSON
 object).
 """
 
@@ -79,6 +79,13 @@ def _number_at_least(minimum: float | None, kind: type = int):
 def csv(text: str) -> tuple[str, ...]:
     """``"a, b,,c"`` -> ``("a", "b", "c")``; ``""`` -> ``()``."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers such as 1,2,4, got {text!r}") from None
 
 
 def csv_floats(text: str) -> tuple[float, ...]:
@@ -151,6 +158,8 @@ def _argparse_kwargs(field: dataclasses.Field, annotation: Any, default: Any, cl
         kind = {"type": csv, "metavar": "A,B"}
     elif origin is tuple and args == (float, ...):
         kind = {"type": csv_floats, "metavar": "X,Y"}
+    elif origin is tuple and args == (int, ...):
+        kind = {"type": csv_ints, "metavar": "N,M"}
     elif inner is dict or origin is dict:
         kind = {"type": json_object, "metavar": "JSON"}
     elif origin is list and args == (str,):

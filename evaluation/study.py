@@ -37,6 +37,11 @@ Study file (every key optional unless marked)::
     model = "pilotnet"
     data = ["clean"]
     augment = []
+    [policies.pilotnet-long]      # trained once; its checkpoints after epochs 1, 2 and 4 are policies too
+    model = "pilotnet"
+    data = ["clean"]
+    epochs = 4
+    checkpoints = [1, 2, 4]       # -> pilotnet-long-e01, pilotnet-long-e02, pilotnet-long-e04
     [policies.pilotnet-dagger]    # DAgger from another policy of the study
     dagger = { init = "pilotnet-clean", iterations = 2, episodes_per_iter = 6 }
 
@@ -51,6 +56,14 @@ policy). A user's policy has no training stage: it gets the offline and closed-l
 stages and a row in every table, correlation and figure of the report. Its stages are
 keyed by its cache key (``cache_key()``, else its module's source and the files its
 kwargs name); ``--no-cache`` runs them again regardless.
+
+Checkpoints along training (Codevilla et al.'s protocol): ``checkpoints = [EPOCH, ...]`` on
+a behaviour-cloning policy trains it once, keeping ``epoch_NN/`` (``TrainConfig.keep_epochs``),
+and adds the study policy ``NAME-eNN`` per listed epoch, evaluated offline and in closed loop
+like any other; the report's ``run`` column says which points come from one run. A policy
+without ``checkpoints`` keeps its cache key. An epoch that early stopping never reaches has
+no checkpoint: its stages are skipped (the log and the report say so); raise ``patience``
+to ``epochs`` to guarantee every listed epoch.
 """
 
 from __future__ import annotations
@@ -70,11 +83,11 @@ from steerloop.evaluation.suites import BUILTIN_SUITES, Suite, SuiteError, load_
 from steerloop.paths import UnsafeNameError, path_under, safe_name, shorten
 from steerloop.training.dagger import DaggerConfig
 from steerloop.training.record import RecordConfig
-from steerloop.training.train import TrainConfig
+from steerloop.training.train import STATE_DIR, TrainConfig, epoch_dir
 
 STUDY_SCHEMA_VERSION = "1.0.0"
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "studies"
-PRESETS = ("default", "demo", "history")
+PRESETS = ("default", "demo", "history", "large")
 KEY_LENGTH = 10  # hex digits of the content hash in stage directory names
 NAME_MAX_MARKER = 200  # [bytes] of a stage marker's name before ".json" (shortened with a hash beyond)
 
@@ -97,6 +110,8 @@ class PolicySpec:
     """DaggerConfig fields plus ``init`` (a policy name); None for behaviour cloning."""
     user: dict | None = None
     """A user's policy: {"policy": spec, "kwargs": {...}}; None for a policy the study trains."""
+    checkpoint: dict | None = None
+    """A checkpoint along another policy's training: {"run": that policy's name, "epoch": N}."""
 
 
 @dataclass
@@ -136,7 +151,7 @@ class StudyConfig:
         if not self.suites:
             raise StudyError(f"{where}: study.suites is empty; name at least one suite, e.g. [\"test\"]")
         for name, spec in self.policies.items():
-            if spec.user is not None:
+            if spec.user is not None or spec.checkpoint is not None:
                 continue
             if spec.dagger is None:
                 for key in ("data", "encoder_data"):
@@ -152,6 +167,10 @@ class StudyConfig:
             if self.policies[init].user is not None:
                 raise StudyError(f"{where}: policies.{name}.dagger.init names {init!r}, a user policy; DAgger "
                                  "starts from a policy the study trains (it retrains that policy's model)")
+            if self.policies[init].checkpoint is not None:
+                run = self.policies[init].checkpoint["run"]
+                raise StudyError(f"{where}: policies.{name}.dagger.init names {init!r}, a checkpoint along {run!r}'s "
+                                 f"training; DAgger starts from a trained policy's best checkpoint: name {run!r}")
 
 
 def _hash(value) -> str:
@@ -208,8 +227,41 @@ def _user_policy(table: dict, base: Path, where: str) -> dict:
     return {"policy": spec, "kwargs": kwargs}
 
 
+def checkpoint_name(run: str, epoch: int) -> str:
+    """The study policy of ``run``'s checkpoint after ``epoch``: ``RUN-eNN``."""
+    return f"{run}-e{epoch:02d}"
+
+
+def _checkpoint_epochs(value, epochs: int, where: str) -> list[int]:
+    """The sorted epochs of a policy's ``checkpoints`` list, each within 1..epochs."""
+    if not isinstance(value, list) or not value or any(isinstance(e, bool) or not isinstance(e, int) for e in value):
+        raise StudyError(f"{where}: checkpoints must be a list of epochs such as [1, 2, 4], got {value!r}")
+    outside = sorted({e for e in value if not 1 <= e <= epochs})
+    if outside:
+        raise StudyError(f"{where}: checkpoints: epoch(s) {outside} outside 1..epochs (1..{epochs}); list epochs "
+                         "the run trains, or raise epochs")
+    return sorted(set(value))
+
+
+def _checkpoint_policies(name: str, spec: PolicySpec, taken, path: Path) -> dict[str, PolicySpec]:
+    """One study policy per epoch in ``spec.train["keep_epochs"]``, named RUN-eNN (checked
+    as a file name, and against the policy names ``taken``)."""
+    policies = {}
+    for epoch in spec.train.get("keep_epochs", []):
+        child = checkpoint_name(name, epoch)
+        try:
+            safe_name(child, field=f"[policies.{name}] checkpoint policy name", source=str(path))
+        except UnsafeNameError as error:
+            raise StudyError(str(error)) from None
+        if child in taken:
+            raise StudyError(f"{path}: [policies.{name}] checkpoints: its policy {child!r} clashes with "
+                             f"[policies.{child}]; rename one of them")
+        policies[child] = PolicySpec(child, spec.family, checkpoint={"run": name, "epoch": epoch})
+    return policies
+
+
 def resolve_study_path(name_or_path: str) -> Path:
-    """A preset name (``default``, ``demo``, ``history``) or a study file path."""
+    """A preset name (``default``, ``demo``, ``history``, ``large``) or a study file path."""
     if name_or_path in PRESETS:
         return PRESETS_DIR / f"{name_or_path}.toml"
     path = Path(name_or_path)
@@ -225,6 +277,13 @@ def load_study(name_or_path: str) -> StudyConfig:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise StudyError(f"{path}: not valid TOML ({error})") from None
+    return parse_study(raw, path)
+
+
+def parse_study(raw: dict, path: Path) -> StudyConfig:
+    """A study from the parsed TOML ``raw`` of the file ``path`` (relative paths in it are
+    relative to ``path``'s directory); every error names the file and the field."""
+    path = Path(path)
     _check_keys(raw, {"study", "datasets", "policies", "cells"}, f"{path}")
     head = raw.get("study", {})
     _check_keys(head, {"name", "resolution", "suites", "offline_data", "threads", "short_loop"}, f"{path}: [study]")
@@ -259,7 +318,7 @@ def load_study(name_or_path: str) -> StudyConfig:
         except (ValueError, TypeError) as error:
             raise StudyError(f"{where}: {error}") from None
         datasets[name] = table
-    train_fields = _fields(TrainConfig) - {"out", "init", "threads", "encoder"}
+    train_fields = _fields(TrainConfig) - {"out", "init", "threads", "encoder", "keep_epochs"} | {"checkpoints"}
     dagger_fields = _fields(DaggerConfig) - {"out", "data", "workers", "backend", "address"}
     policies = {}
     for name, table in policies_raw.items():
@@ -280,6 +339,7 @@ def load_study(name_or_path: str) -> StudyConfig:
             policies[name] = PolicySpec(name, family or "dagger", dagger=dagger)
             continue
         _check_keys(table, train_fields, where)
+        checkpoints = table.pop("checkpoints", None)
         table["data"] = list(table.get("data", []))
         if "encoder_data" in table:
             table["encoder_data"] = list(table["encoder_data"])
@@ -287,7 +347,10 @@ def load_study(name_or_path: str) -> StudyConfig:
             TrainConfig(out="unused", **table)
         except (ValueError, TypeError) as error:
             raise StudyError(f"{where}: {error}") from None
+        if checkpoints is not None:  # only then: a table without checkpoints keeps its train stage's key
+            table["keep_epochs"] = _checkpoint_epochs(checkpoints, table.get("epochs", TrainConfig.epochs), where)
         policies[name] = PolicySpec(name, family or table.get("model", TrainConfig.model), train=table)
+        policies.update(_checkpoint_policies(name, policies[name], {*policies_raw, *policies}, path))
     return StudyConfig(name=head.get("name", path.stem), path=str(path), resolution=resolution,
                        suites=tuple(suites), offline_data=head.get("offline_data", "val"),
                        threads=int(head.get("threads", 2)), datasets=datasets, policies=policies,
@@ -361,23 +424,41 @@ class StudyPlan:
 
     @property
     def stages(self) -> list[Stage]:
-        """Every stage that runs (a user policy's entry in ``policies`` is not one: nothing trains it)."""
-        return [*self.datasets.values(), *(s for s in self.policies.values() if s.kind != "user"),
-                *self.offline.values(), *self.cell_offline.values(), *self.closed_loop.values()]
+        """Every stage that runs (a user policy's or a checkpoint's entry in ``policies`` is not one:
+        nothing trains it, or its run's train stage does)."""
+        trained = (s for s in self.policies.values() if s.kind not in ("user", "checkpoint"))
+        return [*self.datasets.values(), *trained, *self.offline.values(), *self.cell_offline.values(),
+                *self.closed_loop.values()]
 
     def offline_stage(self, policy: str, dataset: str) -> Stage:
         """The offline stage of ``policy`` on the held-out ``dataset``."""
         return self.offline[policy] if dataset == self.config.offline_data else self.cell_offline[(policy, dataset)]
 
     def checkpoint(self, policy: str) -> str:
-        """The policy spec of a study policy: its trained checkpoint, or a user policy's spec."""
+        """The policy spec of a study policy: its trained checkpoint (a checkpoint policy's
+        ``epoch_NN`` directory), or a user policy's spec."""
         stage = self.policies[policy]
         if stage.kind == "user":
             return stage.params["policy"]
+        if stage.kind == "checkpoint":
+            return str(stage.out)
         if stage.kind == "dagger":
             last = stage.params["config"]["iterations"] - 1
             return str(stage.out / f"iter_{last:02d}" / "model" / "best")
         return str(stage.out / "best")
+
+    def missing_checkpoint(self, policy: str) -> str | None:
+        """Why a checkpoint policy has no checkpoint after its run trained (early stopping
+        ended the run before that epoch); None for a policy that has one, or any other policy."""
+        stage = self.policies[policy]
+        if stage.kind != "checkpoint" or (stage.out / "config.json").is_file():
+            return None
+        run = self.policies[stage.params["run"]]
+        progress = run.out / STATE_DIR / "progress.json"
+        stopped = json.loads(progress.read_text())["epoch"] if progress.is_file() else 0
+        patience = stage.params["config"].get("patience", TrainConfig.patience)
+        return (f"{policy}: {stage.params['run']} stopped early after epoch {stopped} (patience {patience}), so "
+                f"epoch {stage.params['epoch']} was never reached; raise patience to epochs to keep every checkpoint")
 
     def policy_kwargs(self, policy: str) -> dict:
         """Keyword arguments of a user policy's class or factory ({} for a trained policy)."""
@@ -389,6 +470,8 @@ class StudyPlan:
         stage = self.policies[policy]
         if stage.kind == "user":
             return []
+        if stage.kind == "checkpoint":
+            return self.dataset_dirs(stage.params["run"])
         if stage.kind == "dagger":
             iterations = stage.params["config"]["iterations"]
             return [*self.dataset_dirs(stage.params["init"]),
@@ -426,6 +509,11 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
         if spec.user is not None:
             key = _hash({"user_policy": spec.user, "content": _user_fingerprint(cfg, name, spec.user)})
             policies[name] = Stage("user", name, key, out / "policies" / f"{name}-{key}", dict(spec.user))
+        elif spec.checkpoint is not None:  # nothing runs: the run's train stage writes epoch_NN/
+            run, epoch = policies[spec.checkpoint["run"]], spec.checkpoint["epoch"]
+            key = _hash({"checkpoint": run.key, "epoch": epoch})
+            policies[name] = Stage("checkpoint", name, key, epoch_dir(run.out, epoch),
+                                   {"run": run.name, "epoch": epoch, "config": run.params["config"]})
         elif spec.dagger is None:
             train_cfg = {**spec.train, "threads": cfg.threads}
             data_keys = [datasets[d].key for d in spec.train["data"]]
@@ -551,7 +639,13 @@ def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: 
         eta = f", ETA {elapsed / (n - 1) * (len(todo) - n + 1) / 60:.1f} min" if n > 1 else ""
         log(f"[{n}/{len(todo)}] {stage.kind} {stage.name} -> {stage.out} ({elapsed / 60:.1f} min elapsed{eta})")
         began = time.perf_counter()
-        summary = _run_stage(plan, stage, workers=workers, progress=progress, backend=backend, address=address)
+        policy = stage.params.get("policy", stage.name) if stage.kind in ("offline", "closed_loop") else None
+        missing = plan.missing_checkpoint(policy) if policy else None
+        if missing:
+            log(f"  skipped: {missing}")
+            summary = {"skipped": missing}
+        else:
+            summary = _run_stage(plan, stage, workers=workers, progress=progress, backend=backend, address=address)
         _write_json(path_under(markers, stage.marker), {"kind": stage.kind, "name": stage.name, "key": stage.key,
                                              "out": str(stage.out), "seconds": time.perf_counter() - began,
                                              "summary": summary})

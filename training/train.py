@@ -38,7 +38,7 @@ ENCODER_TARGETS = tuple(ENCODER_TARGETS_MAP)
 FEEDBACK_MODES = ("teacher", "scheduled", "dropout", "keyframe")
 ADDED_FIELDS = {"inputs": ["image"], "feedback_mode": "teacher", "sampling_final": 1.0, "input_dropout": 0.5,
                 "keyframe_strength": 2.0, "encoder": None, "encoder_data": [], "encoder_target": "steering",
-                "encoder_epochs": 4}  # TrainConfig fields newer than some resumable runs, at their defaults
+                "encoder_epochs": 4, "keep_epochs": []}  # TrainConfig fields newer than some resumable runs, at their defaults
 DEFAULT_SEQ_LEN = {"pilotnet": 1, "komanda": 10, "chauffeur": 50}  # [steps]; other archs: 16
 
 
@@ -71,6 +71,9 @@ class TrainConfig:
     """Window length T in steps; 0 picks 1 for pilotnet, 10 for komanda, 50 for chauffeur and 16 otherwise."""
     epochs: int = 4
     """Maximum number of epochs (early stopping may end sooner)."""
+    keep_epochs: tuple[int, ...] = ()
+    """Epochs (1..epochs) after which a full checkpoint OUT/epoch_NN/ is kept beside best/ and last/ (same format,
+    loadable as a policy); an epoch that early stopping never reaches has none."""
     batch_frames: int = 128
     """Frames per optimiser step; the batch holds batch_frames // seq_len windows."""
     camera: str = "center"
@@ -136,6 +139,12 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if any(isinstance(e, bool) or not isinstance(e, int) for e in self.keep_epochs):
+            raise ValueError(f"keep_epochs must be whole epoch numbers, got {list(self.keep_epochs)}")
+        self.keep_epochs = tuple(sorted(set(self.keep_epochs)))
+        outside = [e for e in self.keep_epochs if not 1 <= e <= self.epochs]
+        if outside:
+            raise ValueError(f"keep_epochs must be within 1..epochs (1..{self.epochs}), got {outside}")
 
     def _check_feedback(self) -> None:
         unknown = [a for a in self.inputs if a not in INPUTS]
@@ -180,6 +189,11 @@ class TrainConfig:
         if self.feedback_mode == "dropout":
             return {"drop_probability": self.input_dropout}
         return {}
+
+
+def epoch_dir(out: str | Path, epoch: int) -> Path:
+    """The checkpoint kept after ``epoch`` (1-based) with keep_epochs: ``OUT/epoch_NN``."""
+    return Path(out) / f"epoch_{epoch:02d}"
 
 
 def git_revision() -> str:
@@ -410,6 +424,8 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
             progress["epoch"] = epoch + 1
             checkpoint_meta = {**meta, "epoch": epoch + 1, "metrics": scores}
             save_checkpoint(out / "last", model, model_config, checkpoint_meta)
+            if epoch + 1 in cfg.keep_epochs:
+                save_checkpoint(epoch_dir(out, epoch + 1), model, model_config, checkpoint_meta)
             if improved:
                 progress["best_val_loss"] = scores["val_loss"]
                 progress["best_epoch"] = epoch

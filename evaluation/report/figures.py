@@ -19,8 +19,11 @@ from steerloop.sim.env import load_track  # noqa: E402
 
 # ----------------------------------------------------------------------------- figures
 def _scatter(rows, y_key: str, ylabel: str, path: Path) -> None:
+    """Offline RMSE against a closed-loop metric, coloured by family; the checkpoints along
+    one training run are joined in epoch order (dashed), ending at the run's best checkpoint."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     families = sorted({r.family for r in rows})
+    joined = False
     for i, family in enumerate(families):
         pts = [(r.offline["rmse"], r.closed[y_key], r.name) for r in rows if r.family == family
                and r.closed.get(y_key) is not None]
@@ -28,6 +31,12 @@ def _scatter(rows, y_key: str, ylabel: str, path: Path) -> None:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=family, color=f"C{i}")
             for x, y, name in pts:
                 ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for run in sorted({r.run for r in rows if r.family == family and r.epoch is not None}):
+            line = sorted((r for r in rows if r.run == run and r.closed.get(y_key) is not None),
+                          key=lambda r: (r.epoch is None, r.epoch or 0))  # checkpoints by epoch, then the run's best
+            ax.plot([r.offline["rmse"] for r in line], [r.closed[y_key] for r in line], color=f"C{i}", ls="--",
+                    lw=0.8, alpha=0.7, label=None if joined else "checkpoints of one run")
+            joined = True
     ax.axvline(rows[0].zeros["rmse"] / 2, color="grey", ls=":", lw=0.8, label="half all-zeros RMSE")
     ax.set_xlabel("offline RMSE on held-out logs")
     ax.set_ylabel(ylabel)

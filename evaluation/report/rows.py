@@ -45,6 +45,8 @@ class PolicyRow:
     results: dict = field(default_factory=dict)  # suite name -> (results.json dict, results directory)
     history: dict = field(default_factory=dict)  # inputs, fed-back outputs, training mode, window, copycat measures
     cells: dict = field(default_factory=dict)  # cell name -> {"offline": predictors, "closed": closed-loop metrics}
+    run: str = ""  # the training run the policy comes from (its own name, or RUN for RUN's checkpoint RUN-eNN)
+    epoch: int | None = None  # a checkpoint along RUN's training: the epoch after which it was kept
 
 
 
@@ -111,12 +113,19 @@ def _cells(plan, name: str, results: dict) -> dict:
     return out
 
 
+def missing_checkpoints(plan) -> list[str]:
+    """Why each checkpoint policy without a checkpoint (early stopping) has no row."""
+    return [reason for name in plan.policies if (reason := plan.missing_checkpoint(name))]
+
+
 def collect(plan) -> list[PolicyRow]:
-    """One row per policy from the stages' outputs."""
+    """One row per policy from the stages' outputs (none for a checkpoint early stopping never wrote)."""
     suites = list(plan.suites.values())
     primary = suites[0]
     rows = []
     for name, stage in plan.policies.items():
+        if plan.missing_checkpoint(name):
+            continue
         offline = _read_json(plan.offline[name].out / "offline.json")
         results = {suite.name: (load_results(plan.closed_loop[(name, suite.name)].out).data,
                                 plan.closed_loop[(name, suite.name)].out) for suite in suites}
@@ -136,6 +145,11 @@ def collect(plan) -> list[PolicyRow]:
         row.closed = closed_metrics(results, suites)
         row.cells = _cells(plan, name, results)
         row.history = history_of(meta, offline, row.results[primary.name][1])
+        if stage.kind == "checkpoint":  # one run's checkpoints are not a history-length sweep of it
+            row.run, row.epoch = stage.params["run"], stage.params["epoch"]
+            row.history["recipe"] = {**row.history["recipe"], "checkpoint_epoch": row.epoch}
+        else:
+            row.run = name
         rows.append(row)
     return rows
 
@@ -149,7 +163,8 @@ def history_of(meta: dict, offline: dict, primary_dir: Path) -> dict:
     fed_back = bool(model.get("fed_back")) or model["arch"] == "komanda" or "prev_steering" in inputs
     return {"inputs": inputs, "fed_back": fed_back, "mode": training.get("feedback_mode", "teacher"),
             "seq_len": training.get("seq_len"), "recipe": {k: v for k, v in training.items()
-                                                           if k not in ("seq_len", "out", "init", "threads")},
+                                                           if k not in ("seq_len", "out", "init", "threads",
+                                                                        "keep_epochs")},
             "teacher_forced": offline.get("teacher_forced"), "repeat_previous": offline.get("repeat_previous"),
             "events": offline.get("events", {}), "expert_probe": offline.get("copycat_probe", {}).get("expert"),
             "probe": closed_loop_probe(primary_dir)}

@@ -18,12 +18,18 @@ def _fmt(value, digits: int = 3, scale: float = 1.0) -> str:
 
 
 def policy_table(rows: list[PolicyRow]) -> str:
-    head = ("| policy | family | data | frames | offline RMSE | zeros RMSE | offline MAE | QCE | TRE | success | "
-            "mean abs offset [m] | departures/km | autonomy % | recovery | on-policy RMSE | on-policy / offline |")
-    lines = [head, "|" + "|".join(["---"] * 16) + "|"]
+    """One line per policy; with checkpoints along training, a ``run`` column names the
+    training run each policy comes from (``RUN @ epoch N`` for a checkpoint)."""
+    runs = any(r.epoch is not None for r in rows)
+    head = ("| policy |" + (" run |" if runs else "") + " family | data | frames | offline RMSE | zeros RMSE | "
+            "offline MAE | QCE | TRE | success | mean abs offset [m] | departures/km | autonomy % | recovery | "
+            "on-policy RMSE | on-policy / offline |")
+    lines = [head, "|" + "|".join(["---"] * (17 if runs else 16)) + "|"]
     for r in rows:
         ratio = r.closed["on_policy_rmse"] / r.offline["rmse"] if r.offline["rmse"] else math.nan
-        lines.append(f"| {r.name} | {r.family} | {r.regime} | {_fmt(r.frames, 0)} | {_fmt(r.offline['rmse'], 4)} | "
+        run = (f" {r.run} @ epoch {r.epoch} |" if r.epoch is not None else f" {r.run} |") if runs else ""
+        lines.append(f"| {r.name} |{run} {r.family} | {r.regime} | {_fmt(r.frames, 0)} | "
+                     f"{_fmt(r.offline['rmse'], 4)} | "
                      f"{_fmt(r.zeros['rmse'], 4)} | {_fmt(r.offline['mae'], 4)} | {_fmt(r.offline['qce'])} | "
                      f"{_fmt(r.offline['tre'])} | {_fmt(r.closed['success_rate'], 2)} | "
                      f"{_fmt(r.closed['mean_abs_offset_m'])} | {_fmt(r.closed['departures_per_km'], 2)} | "

@@ -8,7 +8,7 @@ from pathlib import Path
 from steerloop.evaluation.report.figures import _scatter, compounding_figure, contrast_figure, contrast_video, on_policy_figure, pick_contrast  # noqa: E402
 from steerloop.evaluation.report.findings import dagger_comparisons, dagger_table, findings  # noqa: E402
 from steerloop.evaluation.report.history import history_baselines, history_findings, history_table, sweep_groups, sweep_table  # noqa: E402
-from steerloop.evaluation.report.rows import VIDEO_STEM_MAX, collect  # noqa: E402
+from steerloop.evaluation.report.rows import VIDEO_STEM_MAX, collect, missing_checkpoints  # noqa: E402
 from steerloop.evaluation.report.tables import _fmt, cell_tables, closed_loop_order, correlation_table, correlations, offline_table, policy_table, short_loop_table  # noqa: E402
 from steerloop.evaluation.stats import BOOTSTRAP_RESAMPLES  # noqa: E402
 from steerloop.files import json_safe  # noqa: E402
@@ -25,6 +25,21 @@ def _short_loop_section(plan, rows) -> list[str]:
             f"{short['seed']}) from `{plan.config.offline_data}`, after a {short['warmup']:g} s warm-up on the logged "
             "frames before each state; scored by |offset| at the end, departures within the horizon and the "
             "steering error on the states it visited (docs/metrics.md).", "", short_loop_table(rows), ""]
+
+
+def checkpoint_note(rows, missing: list[str]) -> list[str]:
+    """Report lines on checkpoints along training: how many runs the population comes from,
+    and which listed checkpoints early stopping never wrote (none: no lines)."""
+    runs = {r.run for r in rows}
+    if len(runs) == len(rows) and not missing:
+        return []
+    lines = [f"The {len(rows)} policies come from {len(runs)} training runs: a checkpoint along a run is "
+             "`RUN-eNN` (the `run` column; in the scatter plots a dashed line joins one run's checkpoints, in epoch "
+             "order, to its best checkpoint).", ""]
+    if missing:
+        lines += ["Not evaluated (early stopping ended the run before the listed epoch):", "",
+                  *[f"- {reason}" for reason in missing], ""]
+    return lines
 
 
 def write_report(plan) -> Path:
@@ -50,6 +65,7 @@ def write_report(plan) -> Path:
           f"({rows[0].offline['frames']} frames); closed loop on "
           + ", ".join(f"`{name}` ({len(s.scenarios)} scenarios)" for name, s in plan.suites.items())
           + f". Success, mean |offset|, departures/km and on-policy RMSE are from `{primary}`.", "",
+          *checkpoint_note(rows, missing_checkpoints(plan)),
           "## Findings", "", *[f"- {line}" for line in findings(rows, corr, compounding, primary, dagger)], "",
           "## Policies: offline beside closed loop", "", policy_table(rows), "",
           "Offline metrics on held-out logs, with the all-zeros predictor (`balanced_mae`: the MAE averaged over "
@@ -117,11 +133,13 @@ def write_report(plan) -> Path:
            "does nothing; changing a policy re-runs only its stages).", ""]
     path = path_under(plan.out, "report.md")
     path.write_text("\n".join(md))
-    summary = {"policies": [{"name": r.name, "family": r.family, "regime": r.regime, "frames": r.frames,
+    summary = {"policies": [{"name": r.name, "run": r.run, "epoch": r.epoch, "family": r.family, "regime": r.regime,
+                             "frames": r.frames,
                              "val_rmse": r.val_rmse, "offline": r.offline, "zeros": r.zeros, "closed_loop": r.closed,
                              "history": {k: v for k, v in r.history.items() if k != "recipe"}, "cells": r.cells}
                             for r in rows],
                "correlations": [{"offline": k[0], "closed_loop": k[1], **v} for k, v in corr.items()],
-               "best_offline": best_offline.name, "best_offline_closed_loop_rank": order.index(best_offline) + 1}
+               "best_offline": best_offline.name, "best_offline_closed_loop_rank": order.index(best_offline) + 1,
+               "missing_checkpoints": missing_checkpoints(plan)}
     path_under(plan.out, "report.json").write_text(json.dumps(json_safe(summary), indent=1, sort_keys=True))
     return path

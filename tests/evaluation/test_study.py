@@ -1,5 +1,6 @@
 """The gap study: config checks, content-addressed caching, the report, and its statistics."""
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,8 @@ import pytest
 
 from steerloop.evaluation.cli import main
 from steerloop.evaluation.stats import correlation_ci, pearson, spearman
+from steerloop.evaluation import study as study_module
+from steerloop.evaluation.report.write import checkpoint_note
 from steerloop.evaluation.study import PRESETS, StudyError, load_study, plan_study
 
 TINY = """
@@ -51,6 +54,7 @@ augment = []
 crop_top = 4
 input_size = [16, 48]
 val_fraction = 0.5
+checkpoints = [1]
 
 [policies.lstm]
 model = "cnn-lstm"
@@ -106,7 +110,7 @@ def test_tiny_study_writes_the_report(tiny_study):
     for figure in ("rmse_vs_success.png", "compounding.png", "on_policy_vs_offline.png"):
         assert (out / "figures" / figure).stat().st_size > 1000
     summary = json.loads((out / "report.json").read_text())
-    assert [p["name"] for p in summary["policies"]] == ["pilotnet", "lstm", "dagger", "lstm-prev"]
+    assert [p["name"] for p in summary["policies"]] == ["pilotnet", "pilotnet-e01", "lstm", "dagger", "lstm-prev"]
     frames = {p["name"]: p["frames"] for p in summary["policies"]}
     assert frames["dagger"] > frames["pilotnet"], "DAgger's aggregate includes its init's data and its own"
     assert "## DAgger against behaviour cloning" in report and "(BC it started from)" in report
@@ -114,7 +118,7 @@ def test_tiny_study_writes_the_report(tiny_study):
         assert policy["frames"] > 0
         assert 0.0 <= policy["closed_loop"]["success_rate"] <= 1.0
         assert policy["offline"]["rmse"] >= 0 and policy["zeros"]["rmse"] > 0
-    assert 1 <= summary["best_offline_closed_loop_rank"] <= 4
+    assert 1 <= summary["best_offline_closed_loop_rank"] <= 5
     assert len(summary["correlations"]) == 11 * 4  # 8 offline + 3 short-loop x 4 closed-loop metrics on a plain suite
     for policy in summary["policies"]:
         assert policy["offline"]["balanced_mae"] > 0 and policy["offline"]["short_on_policy_rmse"] > 0
@@ -173,8 +177,97 @@ def test_dagger_policy_depends_on_its_init(tmp_path):
 def test_presets_parse():
     for preset in PRESETS:
         cfg = load_study(preset)
-        assert len(cfg.policies) >= (12 if preset == "default" else 4)
-        plan_study(cfg, "/tmp/unused-study-dir")
+        assert len(cfg.policies) >= {"default": 12, "large": 48}.get(preset, 4)
+        plan = plan_study(cfg, "/tmp/unused-study-dir")
+        if preset == "large":  # Codevilla's population: architectures, data amounts, recipes, checkpoints
+            kinds = {stage.kind for stage in plan.policies.values()}
+            archs = {stage.params["config"].get("model") for stage in plan.policies.values() if stage.kind == "train"}
+            assert kinds == {"train", "dagger", "checkpoint"}
+            assert archs == {"pilotnet", "cnn-lstm", "conv3d-lstm", "komanda", "chauffeur"}
+            assert set(plan.suites) == {"test", "generalization", "recovery-10", "interventions-10"}
+
+
+# ----------------------------------------------------------------------------- checkpoints along training
+# The record, train and DAgger stage keys of the presets as planned on main (2b4bfb5), before
+# checkpoints existed: sha256 of "kind:name:key" lines, first 16 hex digits. Equal keys keep
+# existing study caches valid (the running default study's directories are named by them).
+POPULATION_KEYS = {"default": "15470af9a36439bc", "demo": "d4beaddf7f53c2de", "history": "8765f811b6ff4a72"}
+
+
+def test_presets_without_checkpoints_keep_their_stage_keys():
+    for preset, digest in POPULATION_KEYS.items():
+        plan = plan_study(load_study(preset), "/tmp/unused-study-dir")
+        assert all("keep_epochs" not in s.params["config"] for s in plan.policies.values() if s.kind == "train")
+        population = [f"{s.kind}:{s.name}:{s.key}" for s in plan.stages if s.kind in ("record", "train", "dagger")]
+        assert hashlib.sha256("\n".join(population).encode()).hexdigest()[:16] == digest, preset
+
+
+def test_checkpoints_change_only_their_runs_train_key(tmp_path):
+    with_them = plan_study(load_study(str(write_study(tmp_path, TINY))), tmp_path / "out")
+    without = plan_study(load_study(str(write_study(tmp_path, TINY.replace("checkpoints = [1]\n", "")))),
+                         tmp_path / "out")
+    assert "keep_epochs" not in without.policies["pilotnet"].params["config"]
+    changed = {name for name, stage in without.policies.items() if stage.key != with_them.policies[name].key}
+    assert changed == {"pilotnet", "dagger"}, "the run, and the DAgger that starts from it"
+    assert list(with_them.policies) == ["pilotnet", "pilotnet-e01", "lstm", "dagger", "lstm-prev"]
+    assert len(with_them.stages) == len(without.stages) + 3  # the checkpoint's two offline (2 cells) and closed-loop stages
+
+
+def test_checkpoint_policies_are_evaluated_like_any_other(tiny_study):
+    config, out = tiny_study
+    plan = plan_study(load_study(str(config)), out)
+    run = plan.policies["pilotnet"].out
+    assert plan.policies["pilotnet"].params["config"]["keep_epochs"] == [1]
+    assert plan.checkpoint("pilotnet-e01") == str(run / "epoch_01")
+    assert plan.dataset_dirs("pilotnet-e01") == plan.dataset_dirs("pilotnet")
+    assert [(s.kind, s.name) for s in plan.stages if s.name.startswith("pilotnet-e01")] == \
+        [("offline", "pilotnet-e01"), ("offline", "pilotnet-e01@val-dusk"), ("closed_loop", "pilotnet-e01@smoke")]
+    # one epoch: the kept checkpoint is the best one, so it scores exactly as its run does
+    assert (run / "epoch_01" / "model.safetensors").read_bytes() == (run / "best" / "model.safetensors").read_bytes()
+    summary = json.loads((out / "report.json").read_text())
+    policies = {p["name"]: p for p in summary["policies"]}
+    assert policies["pilotnet-e01"]["offline"] == policies["pilotnet"]["offline"]
+    assert policies["pilotnet-e01"]["closed_loop"] == policies["pilotnet"]["closed_loop"]
+    assert {name: (p["run"], p["epoch"]) for name, p in policies.items()} == {
+        "pilotnet": ("pilotnet", None), "pilotnet-e01": ("pilotnet", 1), "lstm": ("lstm", None),
+        "dagger": ("dagger", None), "lstm-prev": ("lstm-prev", None)}
+    report = (out / "report.md").read_text()
+    assert "| policy | run | family |" in report and "| pilotnet-e01 | pilotnet @ epoch 1 | pilotnet |" in report
+    assert "The 5 policies come from 4 training runs" in report and summary["missing_checkpoints"] == []
+
+
+def test_a_checkpoint_early_stopping_never_wrote_is_skipped(tmp_path, monkeypatch):
+    """The run stops after epoch 2 of 3: its epoch_03 policy's stages are recorded as skipped
+    (nothing runs them), the log says why, and the report notes it."""
+    text = TINY.replace('data = ["clean"]\nepochs = 1', 'data = ["clean"]\nepochs = 3', 1)
+    text = text.replace("checkpoints = [1]", "checkpoints = [1, 3]")
+    cfg = load_study(str(write_study(tmp_path, text)))
+    ran = []
+
+    def fake_stage(plan, stage, **_):
+        ran.append((stage.kind, stage.name))
+        if (stage.kind, stage.name) == ("train", "pilotnet"):  # early stopping after epoch 2
+            (stage.out / "epoch_01").mkdir(parents=True)
+            (stage.out / "epoch_01" / "config.json").write_text("{}")
+            (stage.out / "trainer_state").mkdir()
+            (stage.out / "trainer_state" / "progress.json").write_text(json.dumps({"epoch": 2}))
+        return {}
+
+    monkeypatch.setattr(study_module, "_run_stage", fake_stage)
+    monkeypatch.setattr("steerloop.evaluation.report.write_report", lambda plan: None)
+    lines = []
+    study_module.run_study(cfg, tmp_path / "out", log=lines.append)
+    reason = ("pilotnet-e03: pilotnet stopped early after epoch 2 (patience 3), so epoch 3 was never reached; "
+              "raise patience to epochs to keep every checkpoint")
+    assert ("offline", "pilotnet-e01") in ran and ("closed_loop", "pilotnet-e01@smoke") in ran
+    assert not [r for r in ran if r[1].startswith("pilotnet-e03")]
+    assert lines.count(f"  skipped: {reason}") == 3  # offline in both cells and closed loop
+    plan = plan_study(cfg, tmp_path / "out")
+    for stage in (plan.offline["pilotnet-e03"], plan.closed_loop[("pilotnet-e03", "smoke")]):
+        marker = json.loads((tmp_path / "out" / "stages" / stage.marker).read_text())
+        assert marker["summary"] == {"skipped": reason}
+    assert plan.missing_checkpoint("pilotnet-e03") == reason and plan.missing_checkpoint("pilotnet-e01") is None
+    assert f"- {reason}" in checkpoint_note([], [reason])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -191,6 +284,13 @@ def test_presets_parse():
     (lambda t: t.replace("rollouts = 3", "rollout = 3"), "study.short_loop: unknown key(s) ['rollout']"),
     (lambda t: t.replace('suite = "smoke"', 'suite = "test"', 1), "[cells.train]: suite 'test' is not one of"),
     (lambda t: t.replace('offline_data = "val-dusk"', 'offline_data = "dusk"'), "cells.dusk.offline_data names 'dusk'"),
+    (lambda t: t.replace("checkpoints = [1]", "checkpoints = [0, 2]"),
+     "[policies.pilotnet]: checkpoints: epoch(s) [0, 2] outside 1..epochs (1..1)"),
+    (lambda t: t.replace("checkpoints = [1]", "checkpoints = 1"), "checkpoints must be a list of epochs"),
+    (lambda t: t.replace("checkpoints = [1]", "keep_epochs = [1]"), "unknown key(s) ['keep_epochs']"),
+    (lambda t: t + '\n[policies.pilotnet-e01]\nmodel = "pilotnet"\ndata = ["clean"]\n',
+     "its policy 'pilotnet-e01' clashes with [policies.pilotnet-e01]"),
+    (lambda t: t.replace('init = "pilotnet"', 'init = "pilotnet-e01"'), "a checkpoint along 'pilotnet''s training"),
 ])
 def test_bad_study_files_name_the_field(tmp_path, edit, message):
     path = write_study(tmp_path, edit(TINY))

@@ -204,12 +204,15 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
+RESUMED = {"epochs": 2, "keep_epochs": (1, 2)}  # the resumed runs keep a checkpoint after every epoch
+
+
 @pytest.fixture(scope="module")
 def resume_runs(dataset, tmp_path_factory):
     """Run A: 2 epochs uninterrupted. Run B: the same config, interrupted at the first step of
-    epoch 2 (KeyboardInterrupt), then re-run to completion."""
+    epoch 2 (KeyboardInterrupt), then re-run to completion. Both keep epoch_01/ and epoch_02/."""
     root = tmp_path_factory.mktemp("resume")
-    cfg_a = tiny_train_config(dataset, root / "A", epochs=2)
+    cfg_a = tiny_train_config(dataset, root / "A", **RESUMED)
     result_a = train(cfg_a, progress_bar=False)
     cfg_b = dataclasses.replace(cfg_a, out=str(root / "B"))
     real_lr_at = train_module.lr_at
@@ -230,6 +233,8 @@ def resume_runs(dataset, tmp_path_factory):
         "progress": json.loads((root / "B" / STATE_DIR / "progress.json").read_text()),
         "last_epoch": load_checkpoint(root / "B" / "last")[2]["epoch"],
         "step": seen.get("step"),
+        "epoch_dirs": sorted(p.name for p in (root / "B").glob("epoch_*")),
+        "epoch_01": (root / "B" / "epoch_01" / "model.safetensors").read_bytes(),
     }
     result_b = train(cfg_b, progress_bar=False)
     return root, result_a, result_b, interrupted
@@ -242,6 +247,7 @@ def test_interruption_keeps_the_state_of_the_finished_epoch(resume_runs):
     assert interrupted["progress"]["step"] == interrupted["step"]
     assert len(interrupted["progress"]["history"]) == 1
     assert interrupted["last_epoch"] == 1
+    assert interrupted["epoch_dirs"] == ["epoch_01"], "only the finished epoch's checkpoint exists"
 
 
 def test_resumed_run_is_bit_identical_to_uninterrupted(resume_runs):
@@ -264,23 +270,78 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(resume_runs):
     assert meta_a["metrics"] == meta_b["metrics"] and meta_a["epoch"] == meta_b["epoch"] == 2
 
 
+def test_kept_epochs_survive_resumption_and_match_the_uninterrupted_run(resume_runs):
+    """keep_epochs: the resumed run kept the epoch_01/ written before the interruption (same
+    bytes) and wrote epoch_02/; both equal the uninterrupted run's, and load as policies."""
+    from steerloop.agents import load_policy
+
+    root, _, _, interrupted = resume_runs
+    assert sorted(p.name for p in (root / "B").glob("epoch_*")) == ["epoch_01", "epoch_02"]
+    assert (root / "B" / "epoch_01" / "model.safetensors").read_bytes() == interrupted["epoch_01"]
+    history = json.loads((root / "A" / STATE_DIR / "progress.json").read_text())["history"]
+    for epoch in (1, 2):
+        name = f"epoch_{epoch:02d}"
+        assert (root / "A" / name / "model.safetensors").read_bytes() == \
+            (root / "B" / name / "model.safetensors").read_bytes(), name
+        meta_a, meta_b = load_checkpoint(root / "A" / name)[2], load_checkpoint(root / "B" / name)[2]
+        assert meta_a["epoch"] == meta_b["epoch"] == epoch
+        assert meta_a["metrics"] == meta_b["metrics"] == {k: v for k, v in history[epoch - 1].items() if k != "epoch"}
+        assert meta_a["training"]["keep_epochs"] == [1, 2]
+    assert_same_tensors(tensors(root / "A" / "epoch_02" / "model.safetensors"),
+                        tensors(root / "A" / "last" / "model.safetensors"))
+    load_policy(str(root / "B" / "epoch_01"))  # a policy spec like best/
+
+
+def test_a_run_recorded_before_keep_epochs_existed_still_resumes(dataset, tmp_path):
+    """train_config.json written before the field existed has no keep_epochs: the same run
+    (keep_epochs at its default) is accepted as the same configuration, not refused."""
+    old = tmp_path / "old"
+    train(tiny_train_config(dataset, old), progress_bar=False)
+    config = json.loads((old / "train_config.json").read_text())
+    del config["keep_epochs"]
+    (old / "train_config.json").write_text(json.dumps(config))
+    before = (old / "last" / "model.safetensors").read_bytes()
+    assert train(tiny_train_config(dataset, old), progress_bar=False)["epochs_run"] == 1
+    assert (old / "last" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("keep, message", [((0,), "within 1..epochs (1..2), got [0]"),
+                                           ((1, 3), "within 1..epochs (1..2), got [3]"),
+                                           ((1.5,), "whole epoch numbers")])
+def test_keep_epochs_outside_the_run_are_refused(keep, message):
+    with pytest.raises(ValueError, match=r"^keep_epochs must be") as error:
+        TrainConfig(data=["somewhere"], out="nowhere", epochs=2, keep_epochs=keep)
+    assert message in str(error.value)
+
+
+def test_keep_epochs_flag_parses_and_a_bad_value_exits_2(tmp_path, capsys):
+    from steerloop.evaluation.cli import build_parser, main
+
+    args = build_parser("train").parse_args(["train", "--data", "d", "--out", "o", "--keep-epochs", "3,1"])
+    assert args.keep_epochs == (3, 1)
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--epochs", "2",
+                 "--keep-epochs", "1,5"]) == 2
+    assert "--keep-epochs must be within 1..epochs (1..2), got [5]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_rerunning_a_finished_run_changes_nothing(resume_runs, dataset):
     root, result_a, _, _ = resume_runs
     before = tensors(root / "A" / "last" / "model.safetensors")
-    result = train(tiny_train_config(dataset, root / "A", epochs=2), progress_bar=False)
+    result = train(tiny_train_config(dataset, root / "A", **RESUMED), progress_bar=False)
     assert result["epochs_run"] == 2 and result["val_rmse"] == result_a["val_rmse"]
     assert_same_tensors(before, tensors(root / "A" / "last" / "model.safetensors"))
 
 
 @pytest.mark.parametrize("overrides", [{"epochs": 3}, {"lr": 5e-4}, {"model": "pilotnet", "seq_len": 1},
-                                       {"seed": 1}])
+                                       {"seed": 1}, {"keep_epochs": (1,)}])
 def test_a_different_config_on_the_same_out_is_refused(resume_runs, dataset, overrides):
     root, _, _, _ = resume_runs
     config_file = root / "A" / "train_config.json"
     before_config = config_file.read_bytes()
     before_weights = (root / "A" / "last" / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="different configuration") as error:
-        train(tiny_train_config(dataset, root / "A", **{"epochs": 2, **overrides}), progress_bar=False)
+        train(tiny_train_config(dataset, root / "A", **{**RESUMED, **overrides}), progress_bar=False)
     assert str(root / "A") in str(error.value)
     assert config_file.read_bytes() == before_config
     assert (root / "A" / "last" / "model.safetensors").read_bytes() == before_weights
