@@ -165,6 +165,7 @@ def test_ray_backend_gives_the_same_results(smoke_expert, tmp_path, ray_local):
     assert (out1 / "results.json").read_bytes() == (tmp_path / "ray" / "results.json").read_bytes()
 
 
+@pytest.mark.slow  # test_ray_backend_gives_the_same_results covers Ray in the default suite
 def test_ray_backend_gives_a_learned_policy_bit_identical_results(tmp_path, ray_local):
     import torch
 

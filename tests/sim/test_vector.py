@@ -120,7 +120,7 @@ print(obs["image"].shape, first["image"].shape)
 """
 
 
-@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+@pytest.mark.parametrize("method", ["spawn", pytest.param("forkserver", marks=pytest.mark.slow)])
 def test_string_id_from_a_plain_python_parent(method, tmp_path):
     result = subprocess.run([sys.executable, "-c", PARENT_SCRIPT, method], capture_output=True, text=True,
                             timeout=180, cwd=tmp_path)

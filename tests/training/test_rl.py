@@ -39,6 +39,7 @@ def bc_checkpoint(tmp_path_factory):
     return str(save_checkpoint(tmp_path_factory.mktemp("bc") / "ckpt", build_model(config), config))
 
 
+@pytest.mark.slow  # ~10 s; the recurrent-PPO test below covers train-rl in the default suite
 def test_cli_trains_ppo_on_two_subprocess_envs_and_the_zip_is_evaluated(tmp_path):
     out = tmp_path / "ppo"
     result = cli("train-rl", "--algo", "ppo", "--out", str(out), "--timesteps", "256", "--envs", "2",
