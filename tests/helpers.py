@@ -51,3 +51,18 @@ def alive(processes: list) -> list:
         except psutil.NoSuchProcess:
             pass
     return running
+
+
+def record_short_log(root, episodes: int, **record_fields) -> str:
+    """Record ``episodes`` expert episodes on SHORT_SPEC at TINY resolution into ``root/log``
+    (``record_fields``: any other RecordConfig field, e.g. DART ``noise``); returns the path."""
+    import json
+
+    from steerloop.training.record import RecordConfig, record
+
+    spec = root / "short.json"
+    spec.write_text(json.dumps(SHORT_SPEC))
+    out = root / "log"
+    record(RecordConfig(out=str(out), episodes=episodes, track=str(spec), resolution=TINY, **record_fields),
+           progress=False)
+    return str(out)

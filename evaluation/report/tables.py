@@ -6,7 +6,7 @@ import math
 
 import numpy as np  # noqa: E402
 
-from steerloop.evaluation.report.rows import CLOSED_LOOP_METRICS, OFFLINE_METRICS, PREDICTORS, SHORT_LOOP_METRICS, PolicyRow  # noqa: E402
+from steerloop.evaluation.report.rows import CLOSED_LOOP_METRICS, OFFLINE_METRICS, PREDICTORS, PolicyRow  # noqa: E402
 from steerloop.evaluation.stats import correlation_ci, kendall, pearson, ranking_inversions, spearman  # noqa: E402
 
 

@@ -5,7 +5,6 @@ sequences."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -19,9 +18,8 @@ from steerloop.evaluation.copycat import (change_points, closed_loop_probe, even
 from steerloop.evaluation.offline import evaluate_offline, offline_metrics, offline_table, replay
 from steerloop.driving_log import DrivingLog
 from steerloop.training.copycat import copycat_probe
-from steerloop.training.record import RecordConfig, record
 
-from helpers import SHORT_SPEC, TINY
+from helpers import record_short_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,12 +66,7 @@ def test_closed_loop_probe_reads_every_saved_trajectory(tmp_path):
 @pytest.fixture(scope="module")
 def noisy_log(tmp_path_factory) -> str:
     """2 DART-noisy expert episodes on the short spec: the executed command differs from the label."""
-    root = tmp_path_factory.mktemp("offline-history")
-    spec = root / "short.json"
-    spec.write_text(json.dumps(SHORT_SPEC))
-    out = root / "log"
-    record(RecordConfig(out=str(out), episodes=2, track=str(spec), resolution=TINY, noise=0.2), progress=False)
-    return str(out)
+    return record_short_log(tmp_path_factory.mktemp("offline-history"), 2, noise=0.2)
 
 
 def _logged(path: str):

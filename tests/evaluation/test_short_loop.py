@@ -13,11 +13,10 @@ from steerloop.agents.spec import policy_ref
 from steerloop.driving_log import DrivingLog
 from steerloop.evaluation.cli import main
 from steerloop.evaluation.offline import balanced_mae, evaluate_offline
-from steerloop.evaluation.short_loop import (ShortLoopConfig, ShortLoopError, env_for_log, logged_start,
-                                             rollout_from, sample_states, short_loop)
-from steerloop.training.record import RecordConfig, record
+from steerloop.evaluation.short_loop import (ShortLoopConfig, env_for_log, logged_start, rollout_from, sample_states,
+                                             short_loop)
 
-from helpers import SHORT_SPEC, TINY
+from helpers import record_short_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,13 +50,7 @@ def load(gain=4.0):
 @pytest.fixture(scope="module")
 def noisy_log(tmp_path_factory) -> str:
     """2 DART-noisy expert episodes on the short spec (~150 steps each): off-centre states."""
-    root = tmp_path_factory.mktemp("short-loop")
-    spec = root / "short.json"
-    spec.write_text(json.dumps(SHORT_SPEC))
-    out = root / "log"
-    record(RecordConfig(out=str(out), episodes=2, track=str(spec), resolution=TINY, noise=0.3, noise_kind="ou"),
-           progress=False)
-    return str(out)
+    return record_short_log(tmp_path_factory.mktemp("short-loop"), 2, noise=0.3, noise_kind="ou")
 
 
 @pytest.fixture(scope="module")

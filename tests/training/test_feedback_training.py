@@ -15,10 +15,9 @@ from steerloop.errors import SteerloopError
 from steerloop.sim.camera import CameraSpec
 from steerloop.training.copycat import copycat_probe, history_design, keyframe_weights, probe_ratio
 from steerloop.training.data import BatchMaker, Episode, previous, windows
-from steerloop.training.record import RecordConfig, record
 from steerloop.training.train import TrainConfig, train
 
-from helpers import SHORT_SPEC, TINY
+from helpers import TINY, record_short_log
 
 
 def episodes_with_noise(lengths) -> list[Episode]:
@@ -130,12 +129,7 @@ def test_schedules():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     """3 DART-noisy expert episodes on the short spec at 16x32: executed != label."""
-    root = tmp_path_factory.mktemp("feedback-data")
-    spec = root / "short.json"
-    spec.write_text(json.dumps(SHORT_SPEC))
-    out = root / "log"
-    record(RecordConfig(out=str(out), episodes=3, track=str(spec), resolution=TINY, noise=0.1), progress=False)
-    return str(out)
+    return record_short_log(tmp_path_factory.mktemp("feedback-data"), 3, noise=0.1)
 
 
 @pytest.mark.usefixtures("one_thread")

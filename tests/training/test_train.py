@@ -20,7 +20,7 @@ from steerloop.training.data import BatchMaker, Episode, load_episodes, manifest
 from steerloop.training.record import RecordConfig, record
 from steerloop.training.train import STATE_DIR, TrainConfig, train
 
-from helpers import SHORT_SPEC
+from helpers import SHORT_SPEC, record_short_log
 
 TINY = (16, 32)
 
@@ -101,12 +101,7 @@ def test_batches_of_windows_stay_in_one_episode():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     """3 expert episodes (~150 steps each) on the short spec at 16x32."""
-    root = tmp_path_factory.mktemp("train-data")
-    spec = root / "short.json"
-    spec.write_text(json.dumps(SHORT_SPEC))
-    out = root / "log"
-    record(RecordConfig(out=str(out), episodes=3, track=str(spec), resolution=TINY), progress=False)
-    return str(out)
+    return record_short_log(tmp_path_factory.mktemp("train-data"), 3)
 
 
 def tiny_train_config(data: str, out, **overrides) -> TrainConfig:
