@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from steerloop.sim.camera import body_camera_matrices, render
-from steerloop.sim.conditions import RICHEST
+from steerloop.sim.conditions import RICHEST, TRAFFIC
 from steerloop.sim.env import LaneKeepEnv
 
 BENCH_TRACK = 200_000  # the first test-split track
@@ -28,7 +28,8 @@ def _median_rate(fn, steps: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-BENCH_CONDITIONS = ("flat", "default", RICHEST)  # side by side: today's look, the default, the richest
+# side by side: today's look, the default, the richest, and the richest with oncoming traffic
+BENCH_CONDITIONS = ("flat", "default", RICHEST, TRAFFIC)
 DEFAULT_MIN_OVER_FLAT = 0.8  # the default condition keeps this fraction of the flat world's env steps/s
 RICHEST_MIN_OVER_FLAT = 0.4  # the richest built-in condition keeps this fraction
 ENV_OVERHEAD_MAX = 1.15  # env time over (bare render + bare physics) of the same scene
@@ -74,7 +75,8 @@ class _ConditionBench:
 def bench_env(steps: int = 300, repeats: int = 5, resolution: tuple[int, int] = (66, 200),
               conditions: tuple[str, ...] = BENCH_CONDITIONS) -> dict:
     """Bare getCameraImage frames/s and bare physics control-steps/s on the same scene, next
-    to the environment's own steps/s, for each of ``conditions`` (flat, default and richest),
+    to the environment's own steps/s, for each of ``conditions`` (flat, default, richest, and the
+    richest with oncoming traffic: ``env_over_without_traffic`` is its env steps/s over the richest's),
     interleaved repeat by repeat and condition by condition.
 
     The car follows the expert along a test track (300 steps stay on the route, so no reset
@@ -97,6 +99,9 @@ def bench_env(steps: int = 300, repeats: int = 5, resolution: tuple[int, int] = 
     for row in per_condition.values():
         row["env_over_flat"] = round(row["env_steps_per_s"] / flat, 3)
     main = per_condition.get("default", per_condition[conditions[0]])
+    if TRAFFIC in per_condition and RICHEST in per_condition:  # the moving cars' cost: same scene, cars or not
+        per_condition[TRAFFIC]["env_over_without_traffic"] = round(
+            per_condition[TRAFFIC]["env_steps_per_s"] / per_condition[RICHEST]["env_steps_per_s"], 3)
     return {
         "resolution": list(resolution),
         "steps_per_repeat": steps,

@@ -94,6 +94,7 @@ Exit codes: 0 done, 1 a check failed (validate, regress), 2 a user error, 130 in
 OUT_DIR = {"type": _out_dir}
 REQUIRED_OUT_DIR = {"type": _out_dir, "required": True}
 AT_LEAST_ONE = {"min": 1}
+AT_LEAST_ZERO = {"min": 0}
 BACKENDS = {"choices": ("local", "ray")}
 
 
@@ -123,7 +124,10 @@ class DriveArgs:
     track: str = "200000"
     """Procedural track seed or a JSON track spec path."""
     condition: str = "default"
-    """Visual condition (default, dusk, worn, desert)."""
+    """Visual condition: a name (docs/world.md) or scenery.weather.camera."""
+    condition_file: str | None = None
+    """A JSON or TOML file of your own scenery/weather/camera values and named conditions that --condition may
+    name."""
     speed: float = 10.0
     """Cruise speed [m/s]."""
     resolution: tuple[int, int] = (66, 200)
@@ -145,6 +149,9 @@ class EvaluateArgs(Backend, Progress):
     """Keyword arguments (a JSON object) for a package.module:attr or file.py:attr policy's class or factory."""
     suite: str = "test"
     """smoke, val, test, recovery, shift, interventions or a suite JSON file."""
+    condition_file: str | None = None
+    """A JSON or TOML file of your own conditions that the suite's conditions may name (a suite file may name its
+    own condition_file instead)."""
     out: str = field(default="", metadata={"cli": REQUIRED_OUT_DIR})
     """Results directory (resumable: finished scenarios are kept)."""
     workers: int = field(default=1, metadata={"cli": AT_LEAST_ONE})
@@ -167,6 +174,20 @@ class OfflineArgs:
     """Held-out driving-log directory."""
     out: str | None = field(default=None, metadata={"cli": {"type": _out_file}})
     """Write the metrics as JSON to this file."""
+    rollouts: int = field(default=16, metadata={"cli": AT_LEAST_ZERO})
+    """K short closed-loop rollouts from states sampled from the logs (0 = none; docs/metrics.md)."""
+    horizon: float = 3.0
+    """[s] how long the policy drives in each short rollout."""
+    warmup: float = 1.0
+    """[s] logged frames fed to the policy before each short rollout starts."""
+    rollout_seed: int = 0
+    """Seeds the choice of the K logged states."""
+    workers: int = field(default=1, metadata={"cli": AT_LEAST_ONE})
+    """Short rollouts run at once, each worker with its own simulator (same results for any number)."""
+    backend: str = "local"
+    """Where short rollouts run: local (worker processes here) or ray (Ray tasks; same results)."""
+    address: str | None = None
+    """With backend ray: the cluster to use ("auto" or "HOST:PORT"); None starts a local Ray instance."""
 
 
 @dataclass
@@ -288,7 +309,8 @@ def cmd_drive(args) -> int:
 
     policy = load_policy(args.policy, args.policy_kwargs)
     track = load_track(args.track)
-    env = gym.make(ENV_ID, track=track, condition=args.condition, speed=args.speed, resolution=args.resolution,
+    env = gym.make(ENV_ID, track=track, condition=args.condition, condition_file=args.condition_file,
+                   speed=args.speed, resolution=args.resolution,
                    privileged=policy_capabilities(policy).requires_privileged)
     video_existed = args.video is not None and Path(args.video).exists()
     try:
@@ -348,7 +370,7 @@ def cmd_evaluate(args) -> int:
     from steerloop.evaluation.runner import evaluate, summary_table
     from steerloop.evaluation.suites import load_suite
 
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, args.condition_file)
     results = evaluate(args.policy, suite, args.out, policy_kwargs=args.policy_kwargs, workers=args.workers,
                        videos=args.video,
                        resolution=args.resolution, progress=not args.quiet, batch=args.batch,
@@ -361,7 +383,12 @@ def cmd_evaluate(args) -> int:
 def cmd_offline(args) -> int:
     from steerloop.evaluation.offline import evaluate_offline, offline_table
 
-    result = evaluate_offline(args.policy, args.data, args.out, policy_kwargs=args.policy_kwargs)
+    from steerloop.evaluation.short_loop import ShortLoopConfig
+
+    short = ShortLoopConfig(rollouts=args.rollouts, horizon=args.horizon, warmup=args.warmup, seed=args.rollout_seed)
+    result = evaluate_offline(args.policy, args.data, args.out, policy_kwargs=args.policy_kwargs, short=short,
+                              workers=args.workers, backend=args.backend, address=args.address,
+                              progress=sys.stderr.isatty())
     print(offline_table(result))
     if args.out:
         print(f"written: {args.out}")

@@ -23,17 +23,32 @@ import numpy as np
 from steerloop.agents.protocol import Policy, PolicyError, checked_predict, policy_capabilities
 from steerloop.driving_log import DrivingLog, LogError
 from steerloop.evaluation.copycat import CHANGE_MARGIN, change_points, event_errors, repeat_previous
+from steerloop.evaluation.short_loop import ShortLoopConfig, short_loop
 from steerloop.files import atomic_write_json
 from steerloop.training.copycat import copycat_probe
 
 WINDOW = 16  # [steps] window of the cumulative speed-weighted error
 TRE_FRACTION = 0.1  # thresholded relative error: |a - a_hat| > 0.1 |a|
 CHUNK = 128  # [frames] preprocessed at once in the teacher-forced replay
+BALANCE_EDGES = (0.01, 0.03, 0.1, 0.3)  # bins of expert |steering| (normalised) for the balanced MAE
+
+
+def balanced_mae(a_hat: np.ndarray, a: np.ndarray) -> tuple[float, list[dict]]:
+    """MAE averaged over bins of the expert's |steering| (edges BALANCE_EDGES), so the many
+    near-straight frames do not drown the few large commands; empty bins are left out.
+    Returns (balanced MAE, per bin {"low", "high", "frames", "mae"})."""
+    err, magnitude = np.abs(a_hat - a), np.abs(a)
+    index = np.digitize(magnitude, BALANCE_EDGES)
+    bounds = (0.0, *BALANCE_EDGES, 1.0)
+    bins = [{"low": bounds[i], "high": bounds[i + 1], "frames": int(np.sum(index == i)),
+             "mae": float(np.mean(err[index == i])) if np.any(index == i) else None} for i in range(len(bounds) - 1)]
+    return float(np.mean([b["mae"] for b in bins if b["mae"] is not None])), bins
 
 
 def offline_metrics(predictions: list[np.ndarray], labels: list[np.ndarray], speeds: list[np.ndarray],
                     dt: float) -> dict:
-    """RMSE, MAE, speed-weighted MAE, cumulative speed-weighted error, QCE and TRE.
+    """RMSE, MAE, MAE balanced over steering-magnitude bins, speed-weighted MAE, cumulative
+    speed-weighted error, QCE and TRE.
 
     Each argument is a list with one (N_e,) array per episode.
     """
@@ -52,6 +67,7 @@ def offline_metrics(predictions: list[np.ndarray], labels: list[np.ndarray], spe
     return {
         "rmse": float(math.sqrt(np.mean(err ** 2))),
         "mae": float(np.mean(np.abs(err))),
+        "balanced_mae": balanced_mae(a_hat, a)[0],
         "speed_weighted_mae": float(np.mean(np.abs(err) * np.abs(v))),
         "cumulative_speed_weighted_error": float(np.mean(cumulative)) if cumulative else None,
         "qce": float(np.mean(bins(a_hat) != bins(a))),
@@ -106,10 +122,16 @@ def replay_teacher_forced(policy, log: DrivingLog, index: int, camera: str = "ce
 
 
 def evaluate_offline(policy: str | Policy, data: str, out: str | None = None, dt: float | None = None,
-                     series: str | None = None, *, policy_kwargs: dict | None = None, name: str | None = None) -> dict:
+                     series: str | None = None, *, policy_kwargs: dict | None = None, name: str | None = None,
+                     short: ShortLoopConfig | None = None, workers: int = 1, backend: str = "local",
+                     address: str | None = None, progress: bool = False) -> dict:
     """Offline metrics of ``policy`` (a policy spec, with ``policy_kwargs`` for a user's class
     or factory, or a policy object) on every episode of ``data``, beside all-zeros. ``name``
     is what the result calls the policy (default: the spec or the class name).
+
+    ``short``: also drive short closed-loop rollouts from states of the logs
+    (:mod:`steerloop.evaluation.short_loop`; ``result["short_loop"]``), spread over
+    ``workers`` processes or Ray (``backend``/``address``) with identical results.
 
     ``series``: also save the open-loop replay as an ``.npz`` holding, per episode ``i``,
     ``prediction_i``, ``label_i`` and ``time_i`` ((N_i,) arrays; load with ``np.load``)."""
@@ -119,6 +141,8 @@ def evaluate_offline(policy: str | Policy, data: str, out: str | None = None, dt
     from steerloop.agents.spec import policy_ref
 
     ref = policy_ref(policy, policy_kwargs, name)
+    if short is not None:
+        short.check()  # bad settings fail before any work
     policy = ref.load()
     log = DrivingLog(data, verify=True)  # a corrupted label would silently skew every metric
     if not log.episodes:
@@ -159,7 +183,11 @@ def evaluate_offline(policy: str | Policy, data: str, out: str | None = None, dt
         events["teacher_forced"] = event_errors(forced, labels, masks)
     result["events"] = {"change_threshold_per_s": threshold / dt, **events}
     result["copycat_probe"] = {"expert": copycat_probe(labels)}
+    result["steering_bins"] = balanced_mae(np.concatenate(predictions), np.concatenate(labels))[1]
     log.close()
+    if short is not None and short.rollouts > 0:
+        result["short_loop"] = short_loop(ref, data, short, workers=workers, backend=backend, address=address,
+                                          progress=progress)
     if series:
         arrays = {}
         for i, (pred, label, t) in enumerate(zip(predictions, labels, times)):
@@ -182,7 +210,7 @@ def _cell(value) -> str:
 def offline_table(result: dict) -> str:
     """The printed table: every metric for the model (free running and teacher forced for a
     fed-back model), all-zeros and repeat-previous; the RMSE split by event; the probe."""
-    keys = ("rmse", "mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
+    keys = ("rmse", "mae", "balanced_mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
     columns = [("model", "model")] if "teacher_forced" not in result else [("model", "free-run"),
                                                                             ("teacher_forced", "teacher")]
     columns += [("zeros", "all-zeros"), ("repeat_previous", "repeat-prev")]
@@ -197,6 +225,14 @@ def offline_table(result: dict) -> str:
             lines.append(f"  {title:<32}" + "".join(f" {_cell(events[c][key])}" for c, _ in columns))
         lines.append(f"  ({events['model']['change_point_frames']} change-point frames: the expert's command changes "
                      f"faster than {events['change_threshold_per_s']:.3f}/s, +-{CHANGE_MARGIN} steps)")
+    short = result.get("short_loop")
+    if short:
+        lines.append(f"  short closed loop: {short['rollouts']} rollouts of {short['horizon_s']:g} s from logged states "
+                     f"(warm-up {short['warmup_s']:g} s, seed {short['seed']}, {short['steps']} steps)")
+        for key, title in (("final_abs_offset_m", "|offset| at the end [m]"), ("departure_rate", "departure rate")):
+            lo, hi = short[f"{key}_ci95"]
+            lines.append(f"    {title:<30} {short[key]:.4f} [{lo:.4f}, {hi:.4f}]")
+        lines.append(f"    {'on-policy RMSE':<30} {short['on_policy_rmse']:.4f}")
     probe = result.get("copycat_probe", {}).get("expert")
     if probe and probe.get("r2") is not None:
         lines.append(f"  copycat probe on the logged expert: the previous {probe['k']} commands explain "

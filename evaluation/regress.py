@@ -40,6 +40,7 @@ from steerloop.evaluation.runner import ResultsError
 from steerloop.evaluation.suites import Scenario, Suite, SuiteError, check_scenario_names, load_suite
 from steerloop.paths import path_under
 from steerloop.sim.wrappers import Perturbation
+from steerloop.sim.conditions import ConditionFile
 
 __all__ = [  # the gate's public API, including what it builds on (results, tolerances, the cache)
     "EXIT_OK", "EXIT_REGRESSION", "EXIT_INCOMPARABLE", "GATE_METRICS", "NEWLY_FAILING", "Comparison", "EvaluationResult",
@@ -330,7 +331,8 @@ def suite_from_dict(spec: dict) -> Suite:
         fields = dict(s)
         fields["perturbations"] = tuple(Perturbation(**p) for p in s.get("perturbations", ()))
         scenarios.append(Scenario(**fields))
-    return Suite(spec["name"], tuple(scenarios))
+    source = spec.get("condition_file")  # a suite with a condition file carries its content
+    return Suite(spec["name"], tuple(scenarios), ConditionFile.from_dict(source) if source is not None else None)
 
 
 def _suite_of(results: EvaluationResult) -> Suite | None:

@@ -35,6 +35,7 @@ from steerloop.evaluation.stats import bootstrap_ci
 from steerloop.evaluation.rollout import rollout_batch
 from steerloop.evaluation.suites import Scenario, Suite, check_scenario_names
 from steerloop.sim import MAX_EPISODE_STEPS
+from steerloop.sim.conditions import ConditionFile
 from steerloop.sim.env import LaneKeepEnv
 from steerloop.parallel import check_backend, connect_ray, run_tasks
 from steerloop.paths import path_under
@@ -49,15 +50,19 @@ AGGREGATE_KEYS = ("success", "mean_abs_offset_m", "max_abs_offset_m", "rms_headi
 _ENV_POOL: dict[tuple, list[LaneKeepEnv]] = {}
 
 
-def _pooled_env(scenario: Scenario, slot: int, privileged: bool, resolution) -> LaneKeepEnv:
+def _pooled_env(scenario: Scenario, slot: int, privileged: bool, resolution,
+                condition_file: ConditionFile | None = None) -> LaneKeepEnv:
     """The ``slot``-th simulator of this process for the scenario's settings. Simulators are
     reused across scenarios (track and condition come through ``reset``): the car is
-    reloaded at every reset, so a reused simulator gives the same results as a new one."""
-    key = (scenario.speed, scenario.track_length, tuple(resolution), privileged)
+    reloaded at every reset, so a reused simulator gives the same results as a new one.
+    A suite's condition file reaches the simulator as its content (never re-read here)."""
+    key = (scenario.speed, scenario.track_length, tuple(resolution), privileged,
+           condition_file.sha256 if condition_file is not None else None)
     pool = _ENV_POOL.setdefault(key, [])
+    extra = {"condition_file": dict(condition_file.content)} if condition_file is not None else {}
     while len(pool) <= slot:
         pool.append(LaneKeepEnv(speed=scenario.speed, track_length=scenario.track_length,
-                                resolution=tuple(resolution), privileged=privileged))
+                                resolution=tuple(resolution), privileged=privileged, **extra))
     return pool[slot]
 
 
@@ -68,10 +73,12 @@ def close_env_pool() -> None:
     _ENV_POOL.clear()
 
 
-def make_env(scenario: Scenario, *, privileged: bool, resolution=(66, 200), slot: int = 0):
+def make_env(scenario: Scenario, *, privileged: bool, resolution=(66, 200), slot: int = 0,
+             condition_file: ConditionFile | None = None):
     """The scenario's environment: a pooled LaneKeep simulator + perturbations /
-    interventions + TimeLimit. Reset it with :func:`reset_options` of the scenario."""
-    env = _pooled_env(scenario, slot, privileged, resolution)
+    interventions + TimeLimit. Reset it with :func:`reset_options` of the scenario.
+    ``condition_file`` is its suite's (``Suite.condition_file``)."""
+    env = _pooled_env(scenario, slot, privileged, resolution, condition_file)
     if scenario.perturbations:
         env = PerturbationWrapper(env, list(scenario.perturbations))
     if scenario.interventions:
@@ -123,11 +130,13 @@ def lockstep_groups(n: int, batch: int) -> list[list[int]]:
 
 
 def run_group(policy: Policy, scenarios: list[Scenario], *, resolution=(66, 200), videos=None,
-              name: str | None = None) -> list[tuple[dict, dict]]:
+              name: str | None = None, condition_file: ConditionFile | None = None) -> list[tuple[dict, dict]]:
     """Drive ``policy`` through ``scenarios`` in lockstep (batched inference); returns
-    (metrics, trajectory) per scenario. ``name`` names the policy in errors."""
+    (metrics, trajectory) per scenario. ``name`` names the policy in errors; ``condition_file``
+    is the scenarios' suite's."""
     privileged = policy_capabilities(policy).requires_privileged
-    envs = [make_env(scenario, privileged=privileged, resolution=resolution, slot=slot)
+    envs = [make_env(scenario, privileged=privileged, resolution=resolution, slot=slot,
+                     condition_file=condition_file)
             for slot, scenario in enumerate(scenarios)]
     episodes = rollout_batch(envs, policy, seeds=[s.seed for s in scenarios],
                              options=[reset_options(s) for s in scenarios], videos=videos,
@@ -136,9 +145,10 @@ def run_group(policy: Policy, scenarios: list[Scenario], *, resolution=(66, 200)
 
 
 def run_scenario(policy: Policy, scenario: Scenario, *, resolution=(66, 200), video: str | None = None,
-                 name: str | None = None):
+                 name: str | None = None, condition_file: ConditionFile | None = None):
     """Drive ``policy`` through one ``scenario``; returns (metrics dict, trajectory dict)."""
-    return run_group(policy, [scenario], resolution=resolution, videos=[video], name=name)[0]
+    return run_group(policy, [scenario], resolution=resolution, videos=[video], name=name,
+                     condition_file=condition_file)[0]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -160,8 +170,10 @@ def _worker_init(ref: PolicyRef) -> None:
     _POLICY["policy"], _POLICY["name"] = ref.load(), ref.name
 
 
-def _worker_run(indices: list[int], scenarios: list[Scenario], resolution, videos):
-    results = run_group(_POLICY["policy"], scenarios, resolution=resolution, videos=videos, name=_POLICY["name"])
+def _worker_run(indices: list[int], scenarios: list[Scenario], resolution, videos,
+                condition_file: ConditionFile | None = None):
+    results = run_group(_POLICY["policy"], scenarios, resolution=resolution, videos=videos, name=_POLICY["name"],
+                        condition_file=condition_file)
     return [(i, metrics, trajectory) for i, (metrics, trajectory) in zip(indices, results)]
 
 
@@ -204,6 +216,16 @@ def _discard(out: Path, created: bool, written: list[Path]) -> None:
         return
     for path in written:
         path.unlink(missing_ok=True)
+
+
+def _check_condition_file_unchanged(previous: dict, suite: Suite, out: Path) -> None:
+    """Refuse to resume ``out`` when the suite's condition file now has other content, naming the file."""
+    recorded = (previous.get("suite") or {}).get("condition_file") if isinstance(previous, dict) else None
+    source = suite.condition_file
+    if source is not None and isinstance(recorded, dict) and recorded.get("sha256") != source.sha256:
+        raise ResultsError(f"condition file {source.path}: its content (sha256 {source.sha256[:12]}) is not what "
+                           f"{out} was evaluated with (sha256 {str(recorded.get('sha256'))[:12]}); restore that file "
+                           "to resume, or choose another --out (nothing was overwritten)")
 
 
 def evaluate(policy: str | Policy, suite: Suite, out: str | Path, *, policy_kwargs: dict | None = None,
@@ -255,7 +277,9 @@ def evaluate(policy: str | Policy, suite: Suite, out: str | Path, *, policy_kwar
         run_id["policy_kwargs"] = ref.kwargs
     run_file = path_under(out, "run.json")
     if run_file.exists():
-        if json.loads(run_file.read_text()) != json_safe(run_id):
+        previous = json.loads(run_file.read_text())
+        _check_condition_file_unchanged(previous, suite, out)
+        if previous != json_safe(run_id):
             raise ResultsError(f"{out} already holds results of a different run (see {run_file}); "
                                "choose another --out, nothing was overwritten")
     elif (out / "results.json").exists():
@@ -305,12 +329,14 @@ def evaluate(policy: str | Policy, suite: Suite, out: str | Path, *, policy_kwar
             if index in todo:
                 save(index, metrics, trajectory)
 
-    jobs = [(g, [suite.scenarios[i] for i in g], tuple(resolution), [video_for(i) for i in g]) for g in groups]
+    jobs = [(g, [suite.scenarios[i] for i in g], tuple(resolution), [video_for(i) for i in g], suite.condition_file)
+            for g in groups]
     try:
         if backend == "local" and (workers <= 1 or len(jobs) <= 1):
             _single_threaded()
-            for indices, scenarios, res, video_paths in jobs:
-                results = run_group(policy, scenarios, resolution=res, videos=video_paths, name=ref.name)
+            for indices, scenarios, res, video_paths, condition_file in jobs:
+                results = run_group(policy, scenarios, resolution=res, videos=video_paths, name=ref.name,
+                                    condition_file=condition_file)
                 save_group([(i, m, t) for i, (m, t) in zip(indices, results)])
         else:
             run_tasks(_worker_run, jobs, save_group, workers=max(workers, 1), backend=backend, address=address,
@@ -336,6 +362,8 @@ def evaluate(policy: str | Policy, suite: Suite, out: str | Path, *, policy_kwar
                       for s, m in zip(suite.scenarios, scenario_metrics)],
         "aggregate": aggregate(scenario_metrics, suite),
     }
+    if suite.condition_file is not None:  # the conditions' source (its content is in run.json)
+        results["condition_file"] = {"path": suite.condition_file.path, "sha256": suite.condition_file.sha256}
     tmp = path_under(out, "results.json.tmp")
     tmp.write_text(json.dumps(json_safe(results), indent=1, sort_keys=True))
     os.replace(tmp, path_under(out, "results.json"))

@@ -85,16 +85,53 @@ def ranking_inversions(x, y, *, x_higher_is_better: bool = False, y_higher_is_be
     return int(np.sum(sx * sy < 0))
 
 
+# ----------------------------------------------------------------------------- over many resamples at once
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """:func:`pearson` of every row pair of (B, n) arrays (nan where a row is constant)."""
+    x, y = x - x.mean(axis=1, keepdims=True), y - y.mean(axis=1, keepdims=True)
+    denominator = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+    constant = (np.ptp(x, axis=1) == 0) | (np.ptp(y, axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(constant, np.nan, (x * y).sum(axis=1) / np.where(constant, 1.0, denominator))
+
+
+def _ranks_rows(x: np.ndarray) -> np.ndarray:
+    """:func:`ranks` of every row of a (B, n) array: average 0-based ranks."""
+    less = (x[:, None, :] < x[:, :, None]).sum(axis=2)
+    at_most = (x[:, None, :] <= x[:, :, None]).sum(axis=2)
+    return (less + at_most - 1) / 2.0
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return _pearson_rows(_ranks_rows(x), _ranks_rows(y))
+
+
+def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    i, j = np.triu_indices(x.shape[1], k=1)
+    sx, sy = np.sign(x[:, i] - x[:, j]), np.sign(y[:, i] - y[:, j])
+    denominator = np.sqrt((sx != 0).sum(axis=1) * (sy != 0).sum(axis=1).astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator == 0, np.nan, (sx * sy).sum(axis=1) / np.where(denominator == 0, 1.0, denominator))
+
+
+_BATCHED = {pearson: _pearson_rows, spearman: _spearman_rows, kendall: _kendall_rows}
+
+
 def correlation_ci(x, y, fn, samples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                    level: float = CONFIDENCE):
     """(point, lo, hi): ``fn`` over the paired values with a percentile bootstrap interval
     (pairs resampled with replacement; resamples with a constant variable are dropped, and
-    fewer than a tenth of them left gives no interval)."""
+    fewer than a tenth of them left gives no interval). Pearson, Spearman and Kendall are
+    computed over all resamples at once."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     point = fn(x, y)
     rng = np.random.default_rng(seed)
-    values = [fn(x[i], y[i]) for i in rng.integers(0, len(x), size=(samples, len(x)))]
-    values = np.asarray([v for v in values if not math.isnan(v)])
+    index = rng.integers(0, len(x), size=(samples, len(x)))
+    if fn in _BATCHED:
+        values = _BATCHED[fn](x[index], y[index])
+    else:
+        values = np.asarray([fn(x[i], y[i]) for i in index], np.float64)
+    values = values[~np.isnan(values)]
     if math.isnan(point) or len(values) < samples // 10:
         return point, math.nan, math.nan
     tail = (1 - level) / 2 * 100

@@ -20,6 +20,12 @@ Study file (every key optional unless marked)::
     suites = ["test", "recovery", "interventions"]   # built-in names or suite JSON paths
     offline_data = "val"          # dataset (recorded on the val split) for offline metrics
     threads = 2                   # torch threads when training
+    short_loop = { rollouts = 16, horizon = 3.0, warmup = 1.0, seed = 0 }   # short closed-loop rollouts
+                                  # from logged states of offline_data (docs/metrics.md); rollouts = 0: none
+
+    [cells.new-conditions]        # optional: Codevilla's cells (tracks x conditions), each an offline
+    offline_data = "val-new"      # dataset and the closed-loop suite (one of study.suites) of the same
+    suite = "generalization"      # cell; the report gives every correlation per cell
 
     [datasets.clean]              # any RecordConfig field except out / workers
     episodes = 20
@@ -128,14 +134,20 @@ class StudyConfig:
     """RecordConfig fields per dataset name."""
     policies: dict[str, PolicySpec] = field(default_factory=dict)
     """The population, in file order."""
+    short_loop: dict = field(default_factory=dict)
+    """ShortLoopConfig fields (rollouts, horizon [s], warmup [s], seed) of the offline stage."""
+    cells: dict[str, dict] = field(default_factory=dict)
+    """Cell name -> {"offline_data": dataset name, "suite": suite (as in ``suites``)}."""
 
     def __post_init__(self):
         where = self.path
         if not self.policies:
             raise StudyError(f"{where}: no [policies.NAME] tables; a study needs at least one policy")
-        if self.offline_data not in self.datasets:
-            raise StudyError(f"{where}: study.offline_data names {self.offline_data!r}, which is not a "
-                             f"[datasets.NAME] table (have {sorted(self.datasets)})")
+        for key, dataset in [("study.offline_data", self.offline_data),
+                             *((f"cells.{name}.offline_data", cell["offline_data"]) for name, cell in self.cells.items())]:
+            if dataset not in self.datasets:
+                raise StudyError(f"{where}: {key} names {dataset!r}, which is not a [datasets.NAME] table "
+                                 f"(have {sorted(self.datasets)})")
         if not self.suites:
             raise StudyError(f"{where}: study.suites is empty; name at least one suite, e.g. [\"test\"]")
         for name, spec in self.policies.items():
@@ -272,22 +284,23 @@ def parse_study(raw: dict, path: Path) -> StudyConfig:
     """A study from the parsed TOML ``raw`` of the file ``path`` (relative paths in it are
     relative to ``path``'s directory); every error names the file and the field."""
     path = Path(path)
-    _check_keys(raw, {"study", "datasets", "policies"}, f"{path}")
+    _check_keys(raw, {"study", "datasets", "policies", "cells"}, f"{path}")
     head = raw.get("study", {})
-    _check_keys(head, {"name", "resolution", "suites", "offline_data", "threads"}, f"{path}: [study]")
+    _check_keys(head, {"name", "resolution", "suites", "offline_data", "threads", "short_loop"}, f"{path}: [study]")
     datasets_raw, policies_raw = _tables(raw, "datasets", path), _tables(raw, "policies", path)
-    suites = []
-    for suite in head.get("suites", StudyConfig.suites):
-        if not isinstance(suite, str):
-            raise StudyError(f"{path}: study.suites: {suite!r} is not a string; give built-in suite names "
-                             f"{BUILTIN_SUITES} or suite file paths")
-        if suite in BUILTIN_SUITES:
-            suites.append(suite)
-        elif (path.parent / suite).is_file():
-            suites.append(str((path.parent / suite).resolve()))
-        else:
-            raise StudyError(f"{path}: study.suites: {suite!r} is neither a built-in suite {BUILTIN_SUITES} "
-                             f"nor a suite file next to the study file")
+    suites = [_suite_path(suite, path, "study.suites") for suite in head.get("suites", StudyConfig.suites)]
+    short_loop = _short_loop(head.get("short_loop", {}), path)
+    cells = {}
+    for name, cell in _tables(raw, "cells", path).items():
+        where = f"{path}: [cells.{name}]"
+        _check_keys(cell, {"offline_data", "suite"}, where)
+        if "offline_data" not in cell or "suite" not in cell:
+            raise StudyError(f"{where}: a cell needs offline_data (a dataset name) and suite (one of study.suites)")
+        suite = _suite_path(cell["suite"], path, f"cells.{name}.suite")
+        if suite not in suites:
+            raise StudyError(f"{where}: suite {cell['suite']!r} is not one of study.suites {head.get('suites')}; "
+                             "add it there so the study runs it")
+        cells[name] = {"offline_data": cell["offline_data"], "suite": suite}
     resolution = tuple(int(v) for v in head.get("resolution", (66, 200)))
     record_fields = _fields(RecordConfig) - {"out", "workers", "resolution", "learner", "beta", "mixture", "extra",
                                              "backend", "address"}
@@ -298,6 +311,8 @@ def parse_study(raw: dict, path: Path) -> StudyConfig:
         table = dict(table)
         if table.get("track"):
             table["track"] = str((path.parent / table["track"]).resolve())
+        if isinstance(table.get("condition_file"), str):  # relative to the study file, like track
+            table["condition_file"] = str((path.parent / table["condition_file"]).resolve())
         try:
             RecordConfig(out="unused", resolution=resolution, **table)
         except (ValueError, TypeError) as error:
@@ -338,7 +353,37 @@ def parse_study(raw: dict, path: Path) -> StudyConfig:
         policies.update(_checkpoint_policies(name, policies[name], {*policies_raw, *policies}, path))
     return StudyConfig(name=head.get("name", path.stem), path=str(path), resolution=resolution,
                        suites=tuple(suites), offline_data=head.get("offline_data", "val"),
-                       threads=int(head.get("threads", 2)), datasets=datasets, policies=policies)
+                       threads=int(head.get("threads", 2)), datasets=datasets, policies=policies,
+                       short_loop=short_loop, cells=cells)
+
+
+def _suite_path(suite, path: Path, key: str) -> str:
+    """A built-in suite name, or a suite file next to the study file (as an absolute path)."""
+    if not isinstance(suite, str):
+        raise StudyError(f"{path}: {key}: {suite!r} is not a string; give built-in suite names "
+                         f"{BUILTIN_SUITES} or suite file paths")
+    if suite in BUILTIN_SUITES:
+        return suite
+    if (path.parent / suite).is_file():
+        return str((path.parent / suite).resolve())
+    raise StudyError(f"{path}: {key}: {suite!r} is neither a built-in suite {BUILTIN_SUITES} "
+                     f"nor a suite file next to the study file")
+
+
+def _short_loop(table, path: Path) -> dict:
+    """study.short_loop as ShortLoopConfig fields (every field filled in: it is part of stage keys)."""
+    from steerloop.evaluation.short_loop import ShortLoopConfig, ShortLoopError
+
+    if not isinstance(table, dict):
+        raise StudyError(f"{path}: study.short_loop must be a table such as {{ rollouts = 16, horizon = 3.0 }}, "
+                         f"got {table!r}")
+    _check_keys(table, _fields(ShortLoopConfig), f"{path}: study.short_loop")
+    try:
+        config = ShortLoopConfig(**table)
+        config.check()
+    except ShortLoopError as error:
+        raise StudyError(f"{path}: study.short_loop: {error}") from None
+    return dataclasses.asdict(config)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -374,13 +419,20 @@ class StudyPlan:
     offline: dict[str, Stage]
     closed_loop: dict[tuple[str, str], Stage]
     suites: dict[str, Suite]
+    cell_offline: dict[tuple[str, str], Stage] = field(default_factory=dict)
+    """(policy, dataset) -> offline stage on a cell's dataset other than ``offline_data``."""
 
     @property
     def stages(self) -> list[Stage]:
         """Every stage that runs (a user policy's or a checkpoint's entry in ``policies`` is not one:
         nothing trains it, or its run's train stage does)."""
         trained = (s for s in self.policies.values() if s.kind not in ("user", "checkpoint"))
-        return [*self.datasets.values(), *trained, *self.offline.values(), *self.closed_loop.values()]
+        return [*self.datasets.values(), *trained, *self.offline.values(), *self.cell_offline.values(),
+                *self.closed_loop.values()]
+
+    def offline_stage(self, policy: str, dataset: str) -> Stage:
+        """The offline stage of ``policy`` on the held-out ``dataset``."""
+        return self.offline[policy] if dataset == self.config.offline_data else self.cell_offline[(policy, dataset)]
 
     def checkpoint(self, policy: str) -> str:
         """The policy spec of a study policy: its trained checkpoint (a checkpoint policy's
@@ -479,12 +531,17 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
             key = _hash({"dagger": dagger, "init": policies[init].key, "resolution": list(cfg.resolution)})
             policies[name] = Stage("dagger", name, key, path_under(out, "policies", f"{name}-{key}"),
                                    {"config": dagger, "init": init})
-    held_out = datasets[cfg.offline_data]
-    offline = {}
-    for name, stage in policies.items():
-        key = _hash({"policy": stage.key, "data": held_out.key})
-        offline[name] = Stage("offline", name, key, path_under(out, "offline", f"{name}-{key}"),
-                              {"user": stage.kind == "user"})
+    offline, cell_offline = {}, {}
+    for dataset in dict.fromkeys([cfg.offline_data, *(cell["offline_data"] for cell in cfg.cells.values())]):
+        for name, stage in policies.items():
+            key = _hash({"policy": stage.key, "data": datasets[dataset].key, "short_loop": cfg.short_loop})
+            if dataset == cfg.offline_data:
+                offline[name] = Stage("offline", name, key, path_under(out, "offline", f"{name}-{key}"),
+                                      {"user": stage.kind == "user", "data": dataset})
+            else:
+                cell_offline[(name, dataset)] = Stage("offline", f"{name}@{dataset}", key,
+                                                      path_under(out, "offline", f"{name}-{dataset}-{key}"),
+                                                      {"user": stage.kind == "user", "data": dataset, "policy": name})
     try:
         suites = {path: load_suite(path) for path in cfg.suites}
     except SuiteError as error:
@@ -497,7 +554,7 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
                                                     path_under(out, "closed_loop", f"{name}-{key}", suite.name),
                                                     {"suite": path, "policy": name, "user": stage.kind == "user"})
     return StudyPlan(cfg, out, datasets, policies, offline, closed_loop,
-                     {suite.name: suite for suite in suites.values()})
+                     {suite.name: suite for suite in suites.values()}, cell_offline)
 
 
 def _write_json(path: Path, value) -> None:
@@ -536,10 +593,17 @@ def _run_stage(plan: StudyPlan, stage: Stage, *, workers: int, progress: bool, b
                                        **where, **stage.params["config"]), progress=progress)
         return {"iterations": len(rows), "frames": [row["frames"] for row in rows]}
     if stage.kind == "offline":
-        held_out = str(plan.datasets[cfg.offline_data].out)
-        result = evaluate_offline(plan.checkpoint(stage.name), held_out, out=str(stage.out / "offline.json"),
-                                  series=str(stage.out / "replay.npz"), policy_kwargs=plan.policy_kwargs(stage.name))
-        return {"rmse": result["model"]["rmse"], "zeros_rmse": result["zeros"]["rmse"]}
+        from steerloop.evaluation.short_loop import ShortLoopConfig
+
+        name = stage.params.get("policy", stage.name)
+        held_out = str(plan.datasets[stage.params.get("data", cfg.offline_data)].out)
+        result = evaluate_offline(plan.checkpoint(name), held_out, out=str(stage.out / "offline.json"),
+                                  series=str(stage.out / "replay.npz"), policy_kwargs=plan.policy_kwargs(name),
+                                  name=name, short=ShortLoopConfig(**cfg.short_loop), progress=progress, **where)
+        summary = {"rmse": result["model"]["rmse"], "zeros_rmse": result["zeros"]["rmse"]}
+        if "short_loop" in result:
+            summary["short_loop_departure_rate"] = result["short_loop"]["departure_rate"]
+        return summary
     if stage.kind == "closed_loop":
         suite = load_suite(stage.params["suite"])
         name = stage.params["policy"]
@@ -575,7 +639,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, workers: int = 1, progress: 
         eta = f", ETA {elapsed / (n - 1) * (len(todo) - n + 1) / 60:.1f} min" if n > 1 else ""
         log(f"[{n}/{len(todo)}] {stage.kind} {stage.name} -> {stage.out} ({elapsed / 60:.1f} min elapsed{eta})")
         began = time.perf_counter()
-        policy = {"offline": stage.name, "closed_loop": stage.params.get("policy")}.get(stage.kind)
+        policy = stage.params.get("policy", stage.name) if stage.kind in ("offline", "closed_loop") else None
         missing = plan.missing_checkpoint(policy) if policy else None
         if missing:
             log(f"  skipped: {missing}")

@@ -65,9 +65,15 @@ class Scenario:
 class Suite:
     name: str
     scenarios: tuple[Scenario, ...] = field(default_factory=tuple)
+    condition_file: conditions_model.ConditionFile | None = None
+    """The user's condition file whose conditions the scenarios may name (its content travels
+    with the suite to worker processes and into run.json; the file is read once)."""
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "scenarios": [s.to_dict() for s in self.scenarios]}
+        d = {"name": self.name, "scenarios": [s.to_dict() for s in self.scenarios]}
+        if self.condition_file is not None:  # suites without one keep their dict (run ids, cache keys)
+            d["condition_file"] = self.condition_file.to_dict()
+        return d
 
     @property
     def has_perturbations(self) -> bool:
@@ -149,8 +155,8 @@ def builtin_suite(name: str) -> Suite:
 
 
 BUILTIN_SUITES = ("smoke", "val", "test", "recovery", "shift", "generalization", "interventions")
-SUITE_KEYS = ("name", "tracks", "conditions", "speed", "interventions", "perturbations", "track_length", "comment",
-              "description")  # the keys of a suite JSON file
+SUITE_KEYS = ("name", "tracks", "conditions", "condition_file", "speed", "interventions", "perturbations",
+              "track_length", "comment", "description")  # the keys of a suite JSON file
 PERTURBATION_KEYS = ("kind", "start_step", "magnitude", "duration")
 
 
@@ -195,8 +201,9 @@ def check_scenario_names(suite: Suite, source: str) -> None:
         seen.add(scenario.name)
 
 
-def load_suite_file(path: str | Path) -> Suite:
-    """A suite from a JSON file; track paths are relative to the file."""
+def load_suite_file(path: str | Path, condition_file: str | None = None) -> Suite:
+    """A suite from a JSON file; track and condition-file paths are relative to the file.
+    ``condition_file`` (e.g. ``evaluate --condition-file``) serves a suite that names none."""
     path = Path(path)
     if not path.is_file():
         raise SuiteError(f"suite file {path} does not exist; give a built-in suite name {BUILTIN_SUITES} "
@@ -210,10 +217,11 @@ def load_suite_file(path: str | Path) -> Suite:
     tracks = spec.get("tracks")
     if not isinstance(tracks, list) or not tracks:
         raise SuiteError(f"{path}: 'tracks' must be a non-empty list of track seeds or spec paths")
+    source = _condition_file(spec, path, condition_file)
     conditions = spec.get("conditions", ["default"])
     if not isinstance(conditions, list) or not conditions:
         raise SuiteError(f"{path}: 'conditions' must be a non-empty list")
-    conditions = _expand_conditions(conditions, path)
+    conditions = _expand_conditions(conditions, path, source.conditions if source else conditions_model.BUILTIN)
     speed = spec.get("speed", DEFAULT_SPEED)
     if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed <= 40:
         raise SuiteError(f"{path}: 'speed' must be a number in (0, 40] m/s, got {speed!r}")
@@ -254,29 +262,57 @@ def load_suite_file(path: str | Path) -> Suite:
                                       interventions=interventions, seed=scenario_seed(name, index),
                                       track_length=float(track_length)))
             index += 1
-    return Suite(name, tuple(scenarios))
+    return Suite(name, tuple(scenarios), source)
 
 
-def _expand_conditions(conditions: list, path: Path) -> list[str]:
-    """The suite file's conditions, with "train" / "held_out" standing for every built-in
-    condition of that split; each checked (the error names the entry and the valid values)."""
+def _condition_file(spec: dict, path: Path, given: str | None) -> conditions_model.ConditionFile | None:
+    """The suite's condition file: its own ``condition_file`` (relative to the suite file), else ``given``."""
+    own = spec.get("condition_file")
+    if own is None:
+        return read_condition_file(given) if given is not None else None
+    if not isinstance(own, str) or not own:
+        raise SuiteError(f"{path}: 'condition_file' must be the path of a JSON or TOML condition file (relative "
+                         f"to the suite file), got {own!r}")
+    source = read_condition_file(path.parent / own)
+    if given is not None and read_condition_file(given).sha256 != source.sha256:
+        raise SuiteError(f"{path}: the suite names condition_file {own!r}, and {given} (another content) was given "
+                         "as well; give only one")
+    return source
+
+
+def read_condition_file(path) -> conditions_model.ConditionFile:
+    """A condition file; its errors are SuiteErrors (they name the file, the field and the valid values)."""
+    try:
+        return conditions_model.read_condition_file(path)
+    except conditions_model.ConditionError as error:
+        raise SuiteError(str(error)) from None
+
+
+def _expand_conditions(conditions: list, path: Path,
+                       available: conditions_model.ConditionSet = conditions_model.BUILTIN) -> list[str]:
+    """The suite file's conditions, with "train" / "held_out" standing for every named
+    condition of that split (built in, and from the suite's condition file); each checked (the
+    error names the entry and the valid values)."""
     out = []
     for i, condition in enumerate(conditions):
         if isinstance(condition, str) and condition in CONDITION_GROUPS:
-            out += CONDITION_GROUPS[condition]
+            out += available.names(condition)
             continue
         try:
-            conditions_model.resolve(condition, where=f"{path}: conditions[{i}]")
+            available.resolve(condition, where=f"{path}: conditions[{i}]")
         except conditions_model.ConditionError as error:
             raise SuiteError(f"{error}, or \"train\" / \"held_out\" for every condition of that split") from None
         out.append(condition)
     return out
 
 
-def load_suite(name_or_path: str) -> Suite:
-    """A built-in suite by name, or a user's suite JSON file."""
+def load_suite(name_or_path: str, condition_file: str | None = None) -> Suite:
+    """A built-in suite by name, or a user's suite JSON file; ``condition_file`` adds a user's
+    condition file (a suite file may name its own instead)."""
     if name_or_path in BUILTIN_SUITES:
-        return builtin_suite(name_or_path)
+        suite = builtin_suite(name_or_path)
+        return suite if condition_file is None else Suite(suite.name, suite.scenarios,
+                                                          read_condition_file(condition_file))
     if name_or_path.endswith(".json") or Path(name_or_path).exists():
-        return load_suite_file(name_or_path)
+        return load_suite_file(name_or_path, condition_file)
     raise SuiteError(f"unknown suite {name_or_path!r}; built-in suites: {BUILTIN_SUITES}, or give a suite JSON file")

@@ -75,19 +75,26 @@ class Lighting:
 
 
 def render(client, width: int, height: int, view: list, projection: list, lighting: Lighting,
-           depth: bool = False):
+           depth: bool = False, segmentation: bool = False):
     """One frame from the tiny renderer as a (H, W, 3) uint8 RGB array; with ``depth``, also
-    the (H, W) float32 depth buffer in [0, 1] (see :func:`sim.imaging.linear_depth`)."""
-    _, _, rgba, depth_buffer, _ = client.getCameraImage(
+    the (H, W) float32 depth buffer in [0, 1] (see :func:`sim.imaging.linear_depth`); with
+    ``segmentation``, also the (H, W) int32 mask of the body id seen at each pixel (-1: none),
+    which the same call computes (the RGB is the same with or without it)."""
+    _, _, rgba, depth_buffer, mask = client.getCameraImage(
         width, height, view, projection, renderer=p.ER_TINY_RENDERER,
-        flags=p.ER_NO_SEGMENTATION_MASK, shadow=0,
+        flags=0 if segmentation else p.ER_NO_SEGMENTATION_MASK, shadow=0,
         lightDirection=list(lighting.direction), lightColor=list(lighting.color),
         lightAmbientCoeff=lighting.ambient, lightDiffuseCoeff=lighting.diffuse,
         lightSpecularCoeff=lighting.specular)
     rgb = np.ascontiguousarray(np.reshape(rgba, (height, width, 4))[:, :, :3])
+    if not depth and not segmentation:
+        return rgb
+    out = [rgb]
     if depth:
-        return rgb, np.reshape(np.asarray(depth_buffer, np.float32), (height, width))
-    return rgb
+        out.append(np.reshape(np.asarray(depth_buffer, np.float32), (height, width)))
+    if segmentation:
+        out.append(np.reshape(np.asarray(mask, np.int32), (height, width)))
+    return tuple(out)
 
 
 def body_camera_matrices(client, spec: CameraSpec, base_position, base_orientation,

@@ -26,12 +26,14 @@ the ``ideal`` camera (no effect at all).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from steerloop.errors import SteerloopError, check_keys, read_json, suggest
+from steerloop.errors import SteerloopError, check_keys, parse_json, suggest
 from steerloop.sim.camera import Lighting
 
 SPLITS = ("train", "held_out")
@@ -40,6 +42,13 @@ MARKING_STYLES = ("dashed", "solid", "double_yellow", "none")  # centre-line sty
 EDGE_STYLES = ("both", "right_only", "none")  # which edge lines are painted
 OBJECT_KINDS = ("trees", "bushes", "poles", "posts", "fences", "buildings", "parked_cars")
 MAX_OBJECT_DENSITY = 20.0  # [objects per 100 m per side] (a fence counts one per 100 m)
+MAX_TRAFFIC = 50.0  # [oncoming cars per km]: at most one per 20 m (sim.traffic.MIN_GAP)
+TRAFFIC_SPEED_RANGE = (0.0, 30.0)  # [m/s] speed of the oncoming cars
+LEAD_GAP_RANGE = (5.0, 100.0)  # [m] bumper-to-bumper gap of a lead car (or 0: none)
+# Scenery fields added after condition files were first recorded: a value's recorded fields
+# (ConditionFile.values, part of datasets' and runs' identities) name them only when they
+# differ from the default, so files that do not use them keep their identities.
+LATER_FIELDS = {"scenery": ("traffic", "traffic_speed", "lead_gap")}
 MAX_CONDITION_FILE_BYTES = 1 << 20  # [bytes]
 
 RGB = tuple[float, float, float]
@@ -91,12 +100,29 @@ class Scenery:
     """Buildings per 100 m per side."""
     parked_cars: float = 0.0
     """Parked cars on the right shoulder per 100 m."""
+    traffic: float = 0.0
+    """Oncoming cars in the left lane per km (0 to ``MAX_TRAFFIC``; sim.traffic): moving,
+    visual only (no collision)."""
+    traffic_speed: float = 12.0
+    """Speed of the oncoming cars [m/s] (``TRAFFIC_SPEED_RANGE``)."""
+    lead_gap: float = 0.0
+    """A lead car in the ego lane this far ahead, bumper to bumper [m] (``LEAD_GAP_RANGE``),
+    holding the gap; 0: none. Visual only."""
     foliage: RGB = (0.16, 0.36, 0.14)
     """Colour of leaves."""
     building: RGB = (0.72, 0.66, 0.58)
     """Colour of walls."""
     split: str = "train"
     """train or held_out."""
+
+    def __post_init__(self):
+        for name, value, (low, high) in (("traffic", self.traffic, (0.0, MAX_TRAFFIC)),
+                                         ("traffic_speed", self.traffic_speed, TRAFFIC_SPEED_RANGE)):
+            if not low <= value <= high:
+                raise ConditionError(f"Scenery.{name} must be within [{low:g}, {high:g}], got {value!r}")
+        if self.lead_gap and not LEAD_GAP_RANGE[0] <= self.lead_gap <= LEAD_GAP_RANGE[1]:
+            raise ConditionError(f"Scenery.lead_gap must be 0 (no lead car) or within "
+                                 f"[{LEAD_GAP_RANGE[0]:g}, {LEAD_GAP_RANGE[1]:g}] m, got {self.lead_gap!r}")
 
 
 @dataclass(frozen=True)
@@ -181,6 +207,10 @@ SCENERY: dict[str, Scenery] = {
                     bushes=5.0, posts=3.0, poles=1.0, keep=0.8, edge_style="right_only", centre_style="none",
                     foliage=(0.45, 0.45, 0.25), patches=2.0, split="held_out"),
 }
+# with oncoming traffic (sim.traffic): the same kinds and densities of objects as their base
+# (placed anew: placement follows the scenery's name), plus moving cars in the other lane
+SCENERY["suburban-traffic"] = dataclasses.replace(SCENERY["suburban"], traffic=12.0, traffic_speed=12.0)
+SCENERY["town-traffic"] = dataclasses.replace(SCENERY["town"], traffic=20.0, traffic_speed=10.0)
 WEATHER: dict[str, Weather] = {
     "noon": Weather(),
     "dusk": Weather(sky=(0.98, 0.62, 0.45),
@@ -217,12 +247,14 @@ CONDITIONS: dict[str, Composition] = {
     "rural": Composition("rural", "noon", "dashcam"),
     "forest": Composition("forest", "overcast", "dashcam"),
     "suburban": Composition("suburban", "haze", "dashcam"),
+    "suburban-traffic": Composition("suburban-traffic", "haze", "dashcam"),
     "town-rain": Composition("town", "rain", "dashcam"),
     "forest-fog": Composition("forest", "fog", "dashcam"),
     "rural-night": Composition("rural", "night", "cheap"),
     "arid-glare": Composition("arid", "low_sun", "cheap"),
 }
 RICHEST = "town-rain"  # the built-in condition with the most geometry and effects (bench env)
+TRAFFIC = "town-traffic.rain.dashcam"  # RICHEST with oncoming cars (bench env: their cost side by side)
 AXES = {"scenery": SCENERY, "weather": WEATHER, "camera": CAMERAS}
 AXIS_TYPES = {"scenery": Scenery, "weather": Weather, "camera": CameraLook}
 
@@ -235,6 +267,8 @@ class ConditionSet:
     weather: Mapping[str, Weather]
     camera: Mapping[str, CameraLook]
     named: Mapping[str, Composition]
+    source: str = ""
+    """Where the user's values come from (``condition file PATH``), or "" for the built-ins alone."""
 
     def axis(self, name: str) -> Mapping[str, Any]:
         return {"scenery": self.scenery, "weather": self.weather, "camera": self.camera}[name]
@@ -250,16 +284,19 @@ class ConditionSet:
             composition = Composition(*parts)
             self.check(composition, f"{where} {name!r}")
             return composition
+        origin = f" (built in or from {self.source})" if self.source else ""
         raise ConditionError(f"{where}: unknown condition {name!r}{suggest(name, self.named)}; choose from "
-                             f"{sorted(self.named)} or compose one as scenery{SEPARATOR}weather{SEPARATOR}camera")
+                             f"{sorted(self.named)}{origin} or compose one as "
+                             f"scenery{SEPARATOR}weather{SEPARATOR}camera")
 
     def check(self, composition: Composition, where: str) -> None:
         for axis in AXES:
             value = getattr(composition, axis)
             values = self.axis(axis)
             if value not in values:
+                origin = f" (built in or from {self.source})" if self.source else ""
                 raise ConditionError(f"{where}: unknown {axis} {value!r}{suggest(value, values)}; valid {axis} "
-                                     f"values are {sorted(values)}")
+                                     f"values are {sorted(values)}{origin}")
 
     def split(self, name: str) -> str:
         """``train`` when every value of the condition is a training value, else ``held_out``."""
@@ -307,10 +344,11 @@ def _field_value(cls: type, f: dataclasses.Field, value, where: str):
         if value not in SPLITS:
             raise ConditionError(f"{where}: must be one of {list(SPLITS)}, got {value!r}")
         return value
-    if f.name == "centre_style" and value not in MARKING_STYLES:
-        raise ConditionError(f"{where}: must be one of {list(MARKING_STYLES)}, got {value!r}{suggest(value, MARKING_STYLES)}")
-    if f.name == "edge_style" and value not in EDGE_STYLES:
-        raise ConditionError(f"{where}: must be one of {list(EDGE_STYLES)}, got {value!r}{suggest(value, EDGE_STYLES)}")
+    styles = {"centre_style": MARKING_STYLES, "edge_style": EDGE_STYLES}.get(f.name)
+    if styles is not None:
+        if value not in styles:
+            raise ConditionError(f"{where}: must be one of {list(styles)}, got {value!r}{suggest(value, styles)}")
+        return value
     if isinstance(default, tuple):
         return _colour(value, where)
     if isinstance(default, Lighting):
@@ -335,6 +373,16 @@ def _field_value(cls: type, f: dataclasses.Field, value, where: str):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
             raise ConditionError(f"{where}: must be an integer in [0, 100], got {value!r}")
         return value
+    if f.name == "traffic":
+        return _number(value, f"{where} [oncoming cars per km]", 0.0, MAX_TRAFFIC)
+    if f.name == "traffic_speed":
+        return _number(value, f"{where} [m/s]", *TRAFFIC_SPEED_RANGE)
+    if f.name == "lead_gap":
+        number = _number(value, f"{where} [m]", 0.0, LEAD_GAP_RANGE[1])
+        if 0.0 < number < LEAD_GAP_RANGE[0]:
+            raise ConditionError(f"{where}: must be 0 (no lead car) or a gap in [{LEAD_GAP_RANGE[0]:g}, "
+                                 f"{LEAD_GAP_RANGE[1]:g}] m, got {value!r}")
+        return number
     return _number(value, where, 0.0, MAX_OBJECT_DENSITY if f.name in OBJECT_KINDS or f.name == "patches" else 10.0)
 
 
@@ -360,8 +408,83 @@ def _parse_value(axis: str, name: str, spec, base_values: Mapping[str, Any], whe
     return dataclasses.replace(start, **changes)
 
 
-def load_condition_file(path: str | Path) -> ConditionSet:
-    """The built-in conditions plus a user's file (JSON or TOML, by extension).
+@dataclass(frozen=True)
+class ConditionFile:
+    """A user's condition file as read once: plain data that crosses to worker processes and
+    Ray tasks, which rebuild the :class:`ConditionSet` from ``content`` (nothing from a file
+    is pickled to disk or executed, and a worker never reads the file again)."""
+
+    path: str
+    """The file as named (for messages)."""
+    content: Mapping[str, Any]
+    """Its parsed JSON/TOML: sections ``scenery``, ``weather``, ``camera``, ``conditions``."""
+    sha256: str
+    """SHA-256 of the file's bytes (recorded in manifests; a resume with other content is refused)."""
+
+    @property
+    def conditions(self) -> ConditionSet:
+        return conditions_from_content(self.content, f"condition file {self.path}")
+
+    def values(self, names) -> dict[str, dict]:
+        """What the conditions ``names`` are made of under this file: each one's composition and
+        the fields of its scenery, weather and camera values (JSON-ready; stored in manifests)."""
+        conditions = self.conditions
+        out = {}
+        for name in names:
+            composition = conditions.resolve(name)
+            out[name] = {axis: {"name": getattr(composition, axis),
+                                **_recorded_fields(axis, conditions.axis(axis)[getattr(composition, axis)])}
+                         for axis in AXES}
+        return out
+
+    def identity(self, names) -> dict:
+        """The file's part of a recording's or run's identity: content hash and the values used."""
+        return {"sha256": self.sha256, "values": self.values(names)}
+
+    def to_dict(self) -> dict:
+        """Hash and content (no path: moving the file keeps the identity); :meth:`from_dict` reads it back."""
+        return {"sha256": self.sha256, "content": _plain(self.content)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: str = "<run.json>") -> ConditionFile:
+        return cls(path=path, content=data["content"], sha256=data["sha256"])
+
+
+def content_from_values(values: Mapping[str, Any]) -> dict:
+    """Condition-file content that defines the conditions described by ``values`` (as
+    :meth:`ConditionFile.values` stores them in a manifest): the values and names that are
+    not built in. Restarting from a log recorded under a user's file needs no file."""
+    content: dict = {section: {} for section in FILE_SECTIONS}
+    for name, parts in values.items():
+        for axis in AXES:
+            value = parts[axis]["name"]
+            if value not in BUILTIN.axis(axis):
+                content[axis][value] = {key: v for key, v in parts[axis].items() if key != "name"}
+        if name not in BUILTIN.named and len(name.split(SEPARATOR)) not in (2, 3):
+            content["conditions"][name] = {axis: parts[axis]["name"] for axis in AXES}
+    return content
+
+
+def _recorded_fields(axis: str, value) -> dict:
+    """The fields of one axis value as recorded in manifests: all of them, except the
+    ``LATER_FIELDS`` that hold their default (see there)."""
+    default = AXIS_TYPES[axis]()
+    later = LATER_FIELDS.get(axis, ())
+    return {key: item for key, item in _plain(dataclasses.asdict(value)).items()
+            if key not in later or getattr(value, key) != getattr(default, key)}
+
+
+def _plain(value):
+    """``value`` with tuples as lists and mappings as dicts (JSON's shape)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def read_condition_file(path: str | Path) -> ConditionFile:
+    """A user's condition file (JSON or TOML, by extension), read once and checked.
 
     Sections ``[scenery.NAME]``, ``[weather.NAME]``, ``[camera.NAME]`` define values (fields of
     :class:`Scenery`, :class:`Weather`, :class:`CameraLook`, optionally starting from
@@ -369,49 +492,72 @@ def load_condition_file(path: str | Path) -> ConditionSet:
     ``scenery``, ``weather`` and ``camera`` (default ``ideal``). Every error names the file
     and the field, and lists the valid values.
     """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ConditionError(f"condition_file: must be the path of a JSON or TOML condition file, got {path!r}")
     path = Path(path)
+    where = f"condition file {path}"
+    if path.suffix not in (".json", ".toml"):
+        raise ConditionError(f"{where}: must end in .json or .toml")
+    if not path.is_file():
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise ConditionError(f"{where} {state}; give the path of a JSON or TOML file")
+    if path.stat().st_size > MAX_CONDITION_FILE_BYTES:
+        raise ConditionError(f"{where} is larger than {MAX_CONDITION_FILE_BYTES} bytes")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConditionError(f"{where} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     if path.suffix == ".toml":
-        if not path.is_file():
-            raise ConditionError(f"condition file {path} does not exist; give the path of a JSON or TOML file")
-        if path.stat().st_size > MAX_CONDITION_FILE_BYTES:
-            raise ConditionError(f"condition file {path} is larger than {MAX_CONDITION_FILE_BYTES} bytes")
         try:
-            spec = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConditionError(f"condition file {path}: not valid TOML ({error})") from None
-    elif path.suffix == ".json":
-        spec = read_json(path, "condition file", ConditionError)
+            content = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConditionError(f"{where}: not valid TOML ({error})") from None
     else:
-        raise ConditionError(f"condition file {path}: must end in .json or .toml")
-    if not isinstance(spec, dict):
-        raise ConditionError(f"condition file {path}: must be an object/table with sections {list(FILE_SECTIONS)}")
-    check_keys(spec, FILE_SECTIONS, f"condition file {path}", ConditionError)
+        content = parse_json(text, where, ConditionError)
+    conditions_from_content(content, where)  # every error now, naming the file
+    return ConditionFile(str(path), content, hashlib.sha256(data).hexdigest())
+
+
+def load_condition_file(path: str | Path) -> ConditionSet:
+    """The built-in conditions plus a user's file (see :func:`read_condition_file`)."""
+    return read_condition_file(path).conditions
+
+
+def conditions_from_content(spec: Any, where: str = "condition_file") -> ConditionSet:
+    """The built-in conditions plus those of a condition file's parsed content ``spec``;
+    errors begin with ``where`` (the file, or the field that gave the content)."""
+    if not isinstance(spec, Mapping):
+        raise ConditionError(f"{where}: must be an object/table with sections {list(FILE_SECTIONS)}")
+    check_keys(spec, FILE_SECTIONS, where, ConditionError)
     axes = {axis: dict(BUILTIN.axis(axis)) for axis in AXES}
     for axis in AXES:
         section = spec.get(axis, {})
-        if not isinstance(section, dict):
-            raise ConditionError(f"condition file {path}: [{axis}] must be a table of named values")
+        if not isinstance(section, Mapping):
+            raise ConditionError(f"{where}: [{axis}] must be a table of named values")
         for name, value in section.items():
-            _check_name(name, f"condition file {path}: {axis}.{name}")
-            axes[axis][name] = _parse_value(axis, name, value, axes[axis], f"condition file {path}: {axis}.{name}")
+            _check_name(name, f"{where}: {axis}.{name}")
+            axes[axis][name] = _parse_value(axis, name, value, axes[axis], f"{where}: {axis}.{name}")
     named = dict(BUILTIN.named)
     conditions = ConditionSet(axes["scenery"], axes["weather"], axes["camera"], named)
     section = spec.get("conditions", {})
-    if not isinstance(section, dict):
-        raise ConditionError(f"condition file {path}: [conditions] must be a table of named compositions")
+    if not isinstance(section, Mapping):
+        raise ConditionError(f"{where}: [conditions] must be a table of named compositions")
     for name, value in section.items():
-        where = f"condition file {path}: conditions.{name}"
-        _check_name(name, where)
-        if not isinstance(value, dict):
-            raise ConditionError(f"{where}: must be a table with keys {list(CONDITION_KEYS)}")
-        check_keys(value, CONDITION_KEYS, where, ConditionError)
+        entry = f"{where}: conditions.{name}"
+        _check_name(name, entry)
+        if not isinstance(value, Mapping):
+            raise ConditionError(f"{entry}: must be a table with keys {list(CONDITION_KEYS)}")
+        check_keys(value, CONDITION_KEYS, entry, ConditionError)
         missing = [key for key in ("scenery", "weather") if key not in value]
         if missing:
-            raise ConditionError(f"{where}: missing {missing}")
+            raise ConditionError(f"{entry}: missing {missing}")
+        if not all(isinstance(item, str) for item in value.values()):
+            raise ConditionError(f"{entry}: scenery, weather and camera must be value names (strings)")
         composition = Composition(**value)
-        conditions.check(composition, where)
+        conditions.check(composition, entry)
         named[name] = composition
-    return ConditionSet(axes["scenery"], axes["weather"], axes["camera"], named)
+    return ConditionSet(axes["scenery"], axes["weather"], axes["camera"], named, source=where)
 
 
 def _check_name(name: str, where: str) -> None:

@@ -17,12 +17,14 @@ import pybullet as p
 from gymnasium import spaces
 from pybullet_utils import bullet_client
 
+from steerloop.errors import suggest
 from steerloop.sim import controllers
-from steerloop.sim.camera import (CAMERA_NAMES, FOV_RANGE_DEG, MIN_SIZE, PITCH_RANGE_DEG, CameraSpec,
-                                  body_camera_matrices, chase_camera_matrices, render)
+from steerloop.sim.camera import (CAMERA_NAMES, FAR_PLANE, FOV_RANGE_DEG, MIN_SIZE, NEAR_PLANE, PITCH_RANGE_DEG,
+                                  CameraSpec, body_camera_matrices, chase_camera_matrices, render)
 from steerloop.sim import conditions as conditions_model
 from steerloop.sim import imaging
-from steerloop.sim.scene import World, draw_appearance
+from steerloop.sim import traffic as traffic_model
+from steerloop.sim.scene import SEMANTIC_CLASSES, World, draw_appearance
 from steerloop.sim.track import Track, check_route_length, generate_track, split_seed
 from steerloop.sim.vehicle import Vehicle, VehicleParams
 
@@ -39,6 +41,9 @@ REWARD_WEIGHTS = {  # reward = progress [m] minus these named penalties per cont
     "off_road": 50.0,  # once, when the episode terminates off the road
 }
 OBSERVATION_MODES = ("dict", "image")
+RESET_OPTIONS = ("track", "condition", "start_s", "start_offset", "start_heading", "start_speed", "start_wheel_angle",
+                 "start_command", "start_time")  # reset(options=...) keys
+EXTRA_OBSERVATIONS = ("depth", "semantic")  # optional observations the renderer gives in the same call
 
 
 @dataclass
@@ -57,9 +62,10 @@ class LaneKeepConfig:
     condition: str | tuple[str, ...] = "default"
     """Visual condition name (``sim.conditions.CONDITIONS``, or ``scenery.weather.camera``), or
     several to draw one per reset with ``np_random``."""
-    conditions_file: str | None = None
+    condition_file: str | dict | None = None
     """A JSON or TOML file of the user's own scenery, weather, camera values and named
-    conditions (``sim.conditions.load_condition_file``), added to the built-in ones."""
+    conditions (``sim.conditions.read_condition_file``), added to the built-in ones; or that
+    file's parsed content as a dict (what worker processes receive: they never re-read the file)."""
     speed: float = 10.0
     """Cruise-control target speed [m/s]."""
     resolution: tuple[int, int] = (66, 200)
@@ -102,6 +108,10 @@ class LaneKeepConfig:
     channels_first: bool = False
     """Images shaped (3, H, W) instead of (H, W, 3): PyTorch's layout, which SB3 uses as is (no
     ``VecTransposeImage``, so ``VecNormalize`` works with off-policy algorithms)."""
+    extra_observations: tuple[str, ...] = ()
+    """Add ``observation["depth"]`` (metric z-depth [m], float32) and/or ``observation["semantic"]``
+    (class ids of ``sim.scene.SEMANTIC_CLASSES``, uint8) of the first camera: one channel, in the
+    image's layout. The renderer gives both in the same call; the image is the same with or without."""
 
     def __post_init__(self):
         self.resolution = tuple(int(v) for v in self.resolution)
@@ -139,6 +149,23 @@ class LaneKeepConfig:
                              "with observation='image' read the lane state from info instead")
         if not isinstance(self.channels_first, bool):
             raise ValueError(f"channels_first must be True or False, got {self.channels_first!r}")
+        self._check_extra_observations()
+
+    def _check_extra_observations(self) -> None:
+        extras = self.extra_observations
+        extras = tuple(part for part in extras.split(",") if part) if isinstance(extras, str) else extras
+        if not isinstance(extras, (tuple, list)) or not all(isinstance(name, str) for name in extras):
+            raise ValueError(f"extra_observations must be a list of names from {EXTRA_OBSERVATIONS}, got {extras!r}")
+        for name in extras:
+            if name not in EXTRA_OBSERVATIONS:
+                raise ValueError(f"extra_observations: unknown observation {name!r}"
+                                 f"{suggest(name, EXTRA_OBSERVATIONS)}; valid names are {list(EXTRA_OBSERVATIONS)}")
+        if len(set(extras)) != len(extras):
+            raise ValueError(f"extra_observations names an observation twice: {list(extras)}")
+        if extras and self.observation == "image":
+            raise ValueError("extra_observations adds observation['depth'] / ['semantic'], which needs "
+                             "observation='dict'")
+        self.extra_observations = tuple(extras)
 
     def _check_cameras(self) -> None:
         """Camera geometry in the ranges the renderer supports (errors name the config field)."""
@@ -152,10 +179,15 @@ class LaneKeepConfig:
 
     @property
     def condition_set(self) -> conditions_model.ConditionSet:
-        """The built-in conditions, plus those of ``conditions_file``."""
-        if self.conditions_file is None:
+        """The built-in conditions, plus those of ``condition_file``."""
+        if self.condition_file is None:
             return conditions_model.BUILTIN
-        return conditions_model.load_condition_file(self.conditions_file)
+        if isinstance(self.condition_file, dict):
+            return conditions_model.conditions_from_content(self.condition_file, "condition_file")
+        if not isinstance(self.condition_file, (str, os.PathLike)):
+            raise ValueError(f"condition_file must be a JSON/TOML file path or its parsed content (a dict), got "
+                             f"{type(self.condition_file).__name__}")
+        return conditions_model.load_condition_file(self.condition_file)
 
     @property
     def vehicle(self) -> VehicleParams:
@@ -196,6 +228,13 @@ def _restore_physics(client, snapshot: bytes) -> None:
             raise RuntimeError(f"could not restore the copied LaneKeep physics state: {error}") from None
 
 
+def metric_depth(depth_buffer: np.ndarray) -> np.ndarray:
+    """observation["depth"]: the renderer's non-linear [0, 1] depth buffer as distances [m] along
+    the optical axis (z-depth), computed in float64 and stored as float32 within the near/far planes."""
+    metres = imaging.linear_depth(depth_buffer.astype(np.float64))
+    return np.clip(metres, NEAR_PLANE, FAR_PLANE).astype(np.float32)
+
+
 def load_track(track: int | str | dict | Track, *, length: float = 400.0, lane_width: float = 3.7) -> Track:
     """A Track from a seed, a JSON spec path, a spec dict, or a Track."""
     if isinstance(track, Track):
@@ -231,7 +270,10 @@ class LaneKeepEnv(gym.Env):
     with ``privileged=True``, ``privileged=Box((FEATURE_SIZE,), float32)``: the lane features
     of :class:`sim.controllers.LaneFeatures` that the expert drivers use. With
     ``observation="image"`` the observation is the image ``Box`` alone; with
-    ``channels_first=True`` images are shaped (3, H, W).
+    ``channels_first=True`` images are shaped (3, H, W). ``extra_observations`` adds
+    ``depth=Box(0.3, 9000, (H, W, 1), float32)`` (z-depth [m]) and/or
+    ``semantic=Box(0, 5, (H, W, 1), uint8)`` (``sim.scene.SEMANTIC_CLASSES``) of the first
+    camera, (1, H, W) with ``channels_first``; docs/environment.md.
 
     ## Rewards
     Progress along the centre line [m] minus the named penalties in ``REWARD_WEIGHTS``;
@@ -263,7 +305,16 @@ class LaneKeepEnv(gym.Env):
     ## Arguments
     Every field of :class:`LaneKeepConfig` as a keyword, plus ``render_mode`` (``rgb_array``:
     a chase-camera view). ``reset(options=...)`` accepts ``track`` (seed, spec path, spec dict
-    or Track), ``condition``, ``start_offset`` [m], ``start_heading`` [rad] and ``start_s`` [m].
+    or Track), ``condition`` and a start state: ``start_s`` [m] along the route,
+    ``start_offset`` [m] left of centre (on the road: within ``offroad_threshold``),
+    ``start_heading`` [rad] relative to the road, ``start_speed`` [m/s] (default: the target
+    speed), ``start_wheel_angle`` [rad] and ``start_command`` (the normalised command pending
+    in the steering delay line; default: the wheel angle's) and ``start_time`` [s] (the episode
+    clock, default 0: ``info["time"]`` counts from it and the moving cars of ``sim.traffic`` are
+    where they are at that time). A driving log's state at step
+    ``t`` (``progress``, ``lateral_offset``, ``heading_error``, ``speed``, ``wheel_angle``, ``time``
+    and the ``steering`` of step ``t - 1``) restarts the car there
+    (:func:`steerloop.evaluation.short_loop.logged_start`).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
@@ -307,6 +358,7 @@ class LaneKeepEnv(gym.Env):
         self.condition = ""
         self.s = 0.0
         self.steps = 0
+        self.start_time = 0.0  # [s] the episode clock at reset (reset option start_time)
         self.time = 0.0
         self.departures = 0
         self.in_departure = False
@@ -315,7 +367,12 @@ class LaneKeepEnv(gym.Env):
         self.rear_lane = None  # lane state of the rear axle centre (see _update_state)
         self.features: controllers.LaneFeatures | None = None
         self.frames: dict[str, np.ndarray] = {}
+        self.depth: np.ndarray | None = None  # (H, W) float32 [m] of the first camera (extra_observations)
+        self.semantic: np.ndarray | None = None  # (H, W) uint8 class ids of the first camera (extra_observations)
+        self.semantic_table: np.ndarray | None = None  # class id by body id + 1 (sim.scene.World.semantic_table)
         self.trail: list[tuple[float, float]] = []
+        self.traffic: traffic_model.TrafficPlan | None = None  # this episode's moving cars (sim.traffic)
+        self.traffic_bodies: traffic_model.TrafficBodies | None = None  # their bodies in this client
 
     def _observation_space(self) -> spaces.Space:
         cfg = self.config
@@ -327,6 +384,11 @@ class LaneKeepEnv(gym.Env):
         if cfg.privileged:
             obs_spaces["privileged"] = spaces.Box(-PRIVILEGED_BOUND, PRIVILEGED_BOUND,
                                                   (controllers.FEATURE_SIZE,), np.float32)
+        channel = (1, height, width) if cfg.channels_first else (height, width, 1)
+        if "depth" in cfg.extra_observations:
+            obs_spaces["depth"] = spaces.Box(NEAR_PLANE, FAR_PLANE, channel, np.float32)
+        if "semantic" in cfg.extra_observations:
+            obs_spaces["semantic"] = spaces.Box(0, len(SEMANTIC_CLASSES) - 1, channel, np.uint8)
         return spaces.Dict(obs_spaces)
 
     # ------------------------------------------------------------------ copies
@@ -334,7 +396,8 @@ class LaneKeepEnv(gym.Env):
         """Everything but the PyBullet client, with the physics world saved as a Bullet
         snapshot (bodies, velocities, contact points) and the car's controller memory, so a
         copy (pickle or ``copy.deepcopy``) continues bit-identically on its own client."""
-        state = {key: value for key, value in self.__dict__.items() if key not in ("client", "world", "vehicle")}
+        state = {key: value for key, value in self.__dict__.items()
+                 if key not in ("client", "world", "vehicle", "traffic_bodies")}
         state["_closed"] = self.client is None
         state["_physics"] = None
         if self.client is not None and self.vehicle is not None:
@@ -345,7 +408,7 @@ class LaneKeepEnv(gym.Env):
         state = dict(state)
         physics, closed = state.pop("_physics"), state.pop("_closed")
         self.__dict__.update(state)
-        self.client, self.world, self.vehicle = None, None, None
+        self.client, self.world, self.vehicle, self.traffic_bodies = None, None, None, None
         if closed:
             return
         self.client = _direct_client()
@@ -357,6 +420,7 @@ class LaneKeepEnv(gym.Env):
             if self.vehicle.base_state() != controller_state["base"]:
                 raise RuntimeError("the copied LaneKeep environment's car did not land where the original's is "
                                    "(the physics snapshot does not match the rebuilt world)")
+            self._move_traffic()  # from the plan: wherever the snapshot put the bodies
 
     def _require_episode(self, method: str) -> None:
         """Clear errors (not asserts, which ``python -O`` strips) for calls without a live episode."""
@@ -383,12 +447,20 @@ class LaneKeepEnv(gym.Env):
             c.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.config.physics_hz, numSubSteps=0,
                                         deterministicOverlappingPairs=1)
             self.world = World(c)
-            self.vehicle = None
+            self.vehicle, self.traffic_bodies = None, None
         if self.vehicle is not None:
             c.removeBody(self.vehicle.body_id)
+        if self.traffic_bodies is not None:
+            self.traffic_bodies.remove()
+            self.traffic_bodies = None
         self.world.show(track, track_key, condition, self.conditions)
         self.world.paint(self.appearance)
         self.vehicle = Vehicle(c, self.vehicle_params, self.dt)
+        if self.traffic is not None:  # after the car: its body (and the rest of the world) as without traffic
+            self.traffic_bodies = traffic_model.TrafficBodies(c, self.world.car_shape(), self.traffic)
+        if "semantic" in self.config.extra_observations:
+            moving = self.traffic_bodies.ids if self.traffic_bodies is not None else ()
+            self.semantic_table = self.world.semantic_table((self.vehicle.body_id, *moving))
         self.track = track
         self.route_length = max(track.length - END_MARGIN, 1.0)
 
@@ -400,16 +472,18 @@ class LaneKeepEnv(gym.Env):
             choice = split_seed(cfg.split, index)
         return load_track(choice, length=cfg.track_length, lane_width=cfg.lane_width)
 
-    def place_car(self, s: float, offset: float = 0.0, heading: float = 0.0, speed: float | None = None) -> None:
+    def place_car(self, s: float, offset: float = 0.0, heading: float = 0.0, speed: float | None = None,
+                  wheel_angle: float = 0.0, command: float | None = None) -> None:
         """Put the car at progress ``s`` [m], ``offset`` [m] left of centre, ``heading`` [rad]
-        relative to the road, rolling at ``speed`` (default: the target speed). Used by
-        ``reset`` and by the intervention wrapper."""
+        relative to the road, rolling at ``speed`` (default: the target speed), front wheels at
+        ``wheel_angle`` [rad] with ``command`` pending in the steering delay line (default: the
+        wheel angle's command). Used by ``reset`` and by the intervention wrapper."""
         self._require_episode("place_car")
         s = float(np.clip(s, 0.0, self.track.length))
         x, y = self.track.lateral_points(s, offset)
         _, _, road_heading = self.track.pose(s)
         self.vehicle.reset(float(x), float(y), float(road_heading) + heading,
-                           self.config.speed if speed is None else speed)
+                           self.config.speed if speed is None else speed, wheel_angle, command)
         self.s = s
         self._update_state()
 
@@ -462,10 +536,10 @@ class LaneKeepEnv(gym.Env):
         if self.client is None:  # closed: open a new client (the old world went with the old one)
             self.client = _direct_client()
         options = dict(options or {})
-        known = {"track", "condition", "start_offset", "start_heading", "start_s"}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(options) - set(RESET_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown reset option(s) {unknown}; valid options: {sorted(known)}")
+            raise ValueError(f"unknown reset option(s) {unknown}; valid options: {sorted(RESET_OPTIONS)}")
+        start = self._start_state(options)
         track = self._draw_track(options)
         condition = options.get("condition", self.config.condition)
         if isinstance(condition, (tuple, list)):
@@ -476,18 +550,50 @@ class LaneKeepEnv(gym.Env):
         self.effects = imaging.draw_effects(self.conditions.weather[composition.weather],
                                             self.conditions.camera[composition.camera], self.np_random)
         self.episode_cameras = [imaging.mounted(spec, self.effects) for spec in self.camera_specs]
+        # drawn last (and only with traffic): every draw before it is what it was without traffic
+        self.traffic = traffic_model.draw_plan(self.conditions.scenery[composition.scenery], self.np_random)
         self._build_world(track, condition)
 
         self.steps = 0
-        self.time = 0.0
+        self.start_time = start["time"]
+        self.time = self.start_time
         self.departures = 0
         self.in_departure = False
-        self.last_command = 0.0
         self.trail = []
-        self.place_car(float(options.get("start_s", 0.0)), float(options.get("start_offset", 0.0)),
-                       float(options.get("start_heading", 0.0)))
+        if start["s"] >= self.route_length:
+            raise ValueError(f"reset option start_s={start['s']} m is at or past the end of the route "
+                             f"({self.route_length:.1f} m on track {track.name}); give 0 <= start_s < route length")
+        self.last_command = start["command"] if start["command"] is not None else 0.0
+        self.place_car(start["s"], start["offset"], start["heading"], start["speed"], start["wheel_angle"],
+                       start["command"])
         self.in_departure = abs(self.lane.offset) > self.config.departure_threshold
         return self._observation(), self._info(steering=0.0, throttle=0.0, clipped=False, terms={})
+
+    def _start_state(self, options: dict) -> dict:
+        """The reset options' start state, each value checked (a clear error names the option)."""
+        cfg, params = self.config, self.vehicle_params
+        limits = {  # option: (default, low, high, unit)
+            "start_s": (0.0, 0.0, math.inf, "m"),
+            "start_offset": (0.0, -cfg.offroad_threshold, cfg.offroad_threshold, "m"),
+            "start_heading": (0.0, -math.pi / 2, math.pi / 2, "rad"),
+            "start_speed": (None, 0.0, MAX_SPEED_OBS, "m/s"),
+            "start_wheel_angle": (0.0, -params.max_wheel_angle, params.max_wheel_angle, "rad"),
+            "start_command": (None, -1.0, 1.0, "normalised"),
+            "start_time": (0.0, 0.0, math.inf, "s"),
+        }
+        start = {}
+        for option, (default, low, high, unit) in limits.items():
+            value = options.get(option, default)
+            if value is not None:
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"reset option {option} must be a number [{unit}], got {value!r}") from None
+                if not (math.isfinite(value) and low <= value <= high):
+                    hint = " (off the road: the car would start off_road)" if option == "start_offset" else ""
+                    raise ValueError(f"reset option {option}={value} {unit} is outside [{low:g}, {high:g}]{hint}")
+            start[option.removeprefix("start_")] = value
+        return start
 
     def step(self, action):
         self._require_episode("step")
@@ -506,7 +612,7 @@ class LaneKeepEnv(gym.Env):
             vehicle.set_throttle(float(action[1]))
         vehicle.step_physics(self.substeps)
         self.steps += 1
-        self.time = self.steps * self.dt
+        self.time = self.start_time + self.steps * self.dt
         previous_s = self.s
         self._update_state()
 
@@ -538,6 +644,7 @@ class LaneKeepEnv(gym.Env):
             return None
         self._require_episode("render")
         height, width = RENDER_SIZE
+        self._move_traffic()
         position, _ = self.vehicle.base_state()
         view, projection = chase_camera_matrices(self.client, position, self.vehicle.pose()[2], width, height)
         return render(self.client, width, height, view, projection, self.appearance.lighting)
@@ -554,7 +661,7 @@ class LaneKeepEnv(gym.Env):
         if getattr(self, "client", None) is not None:
             self.client.disconnect()
             self.client = None
-        self.world, self.vehicle = None, None
+        self.world, self.vehicle, self.traffic_bodies = None, None, None
 
     # ------------------------------------------------------------------ internals
     def _update_state(self, render_cameras: bool = True) -> None:
@@ -583,21 +690,33 @@ class LaneKeepEnv(gym.Env):
         if render_cameras:
             self._render_cameras()
 
+    def _move_traffic(self) -> None:
+        """Put the moving cars where they are now (a function of the time and the car's progress)."""
+        if self.traffic_bodies is not None:
+            self.traffic_bodies.place(self.track, self.traffic, self.time, self.s, self.vehicle_params.body_length)
+
     def _render_cameras(self) -> None:
+        self._move_traffic()
         position, orientation = self.vehicle.base_state()
         lighting = self.appearance.lighting
         self.frames = {}
         effects = self.effects
-        for spec in self.episode_cameras:
+        extras = self.config.extra_observations
+        for index, spec in enumerate(self.episode_cameras):
             view, projection = body_camera_matrices(self.client, spec, position, orientation,
                                                     self.vehicle_params.wheel_radius)
-            if effects is None:
-                self.frames[spec.name] = render(self.client, spec.width, spec.height, view, projection, lighting)
-                continue
-            if effects.needs_depth:
-                frame, depth = render(self.client, spec.width, spec.height, view, projection, lighting, depth=True)
-            else:
+            want_depth = (effects is not None and effects.needs_depth) or (index == 0 and "depth" in extras)
+            want_mask = index == 0 and "semantic" in extras
+            if not (want_depth or want_mask):
                 frame, depth = render(self.client, spec.width, spec.height, view, projection, lighting), None
+            else:
+                frame, *buffers = render(self.client, spec.width, spec.height, view, projection, lighting,
+                                         depth=want_depth, segmentation=want_mask)
+                depth = buffers[0] if want_depth else None
+                if want_mask:
+                    self.semantic = self.semantic_table[buffers[-1] + 1]
+                if index == 0 and "depth" in extras:
+                    self.depth = metric_depth(depth)
             self.frames[spec.name] = imaging.apply(frame, depth, effects)
 
     def expert_command(self, target_offset: float = 0.0) -> float:
@@ -619,6 +738,9 @@ class LaneKeepEnv(gym.Env):
         }
         if self.config.privileged:
             obs["privileged"] = np.clip(self.features.to_array(), -PRIVILEGED_BOUND, PRIVILEGED_BOUND)
+        for name in self.config.extra_observations:
+            plane = self.depth if name == "depth" else self.semantic
+            obs[name] = plane[None] if self.config.channels_first else plane[..., None]
         return obs
 
     def _info(self, *, steering: float, throttle: float, clipped: bool, terms: dict) -> dict[str, Any]:

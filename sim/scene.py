@@ -22,6 +22,7 @@ import pybullet as p
 
 from steerloop.sim import conditions as conditions_model
 from steerloop.sim import scenery as scenery_model
+from steerloop.sim import traffic as traffic_model
 from steerloop.sim.camera import Lighting
 from steerloop.sim.track import WORLD_REACH, Track
 
@@ -61,6 +62,15 @@ class Appearance:
             return getattr(self, role)
         return dict(self.extra)[role]
 
+
+# The classes of observation["semantic"] (extra_observations=("semantic",)), by id.
+SEMANTIC_CLASSES = ("sky", "road", "marking", "ground", "scenery", "vehicle")
+SKY, ROAD, MARKING, GROUND, SCENERY, VEHICLE = range(len(SEMANTIC_CLASSES))
+ROLE_CLASSES = {  # the class of every surface role a road or scenery is built of
+    "asphalt": ROAD, "patch": ROAD, "edge_line": MARKING, "centre_line": MARKING, "verge": GROUND, "kerb": GROUND,
+    "foliage": SCENERY, "trunk": SCENERY, "pole": SCENERY, "post": SCENERY, "fence": SCENERY, "building": SCENERY,
+    "roof": SCENERY, "car": VEHICLE,
+}
 
 # The built-in named conditions (see sim.conditions); kept here for the modules that list them.
 CONDITIONS = conditions_model.CONDITIONS
@@ -340,6 +350,15 @@ class World:
         self.road_cache: dict[tuple[str, str], RoadShapes] = {}
         self.road_key: tuple[str, str] | None = None
         self.road_bodies: list[tuple[str, int]] = []
+        self._car_shape: int | None = None
+
+    def car_shape(self) -> int:
+        """The visual shape of a moving car (``sim.traffic``), built once per world and shared
+        by every car body (each body keeps its own paint)."""
+        if self._car_shape is None:
+            vertices, triangles, normals = traffic_model.car_mesh()
+            self._car_shape = _mesh_shape(self.client, vertices, triangles, normals=normals)
+        return self._car_shape
 
     @staticmethod
     def _key(track_key: str, condition: str, conditions) -> tuple[str, str]:
@@ -369,6 +388,19 @@ class World:
             self.road_cache[key] = build_road_shapes(self.client, track, condition, conditions)
         self.road_bodies = [(role, _body(self.client, shape)) for role, shape in self.road_cache[key].shapes]
         self.road_key = key
+
+    def semantic_table(self, vehicles: tuple[int, ...] = ()) -> np.ndarray:
+        """The ``SEMANTIC_CLASSES`` id of every body of the client, indexed by body id + 1 (index 0:
+        no body, the -1 of a segmentation mask), as uint8: ``table[mask + 1]`` is the semantic
+        image. ``vehicles`` are the cars' bodies; a body this world did not build and that is not
+        among them is ``sky`` (0)."""
+        classes = {self.ground: GROUND, self.sky: SKY, **{body: ROLE_CLASSES[role] for role, body in self.road_bodies},
+                   **{body: VEHICLE for body in vehicles}}
+        bodies = [self.client.getBodyUniqueId(i) for i in range(self.client.getNumBodies())]
+        table = np.zeros(max([*classes, *bodies]) + 2, np.uint8)
+        for body, value in classes.items():
+            table[body + 1] = value
+        return table
 
     def paint(self, appearance: Appearance) -> None:
         """Colour everything with ``appearance`` (no new geometry is created)."""

@@ -123,10 +123,12 @@ class SteeringActuator:
         self._queue: deque[float] = deque()
         self.angle = 0.0
 
-    def reset(self, angle: float = 0.0) -> None:
+    def reset(self, angle: float = 0.0, command: float | None = None) -> None:
+        """Wheels at ``angle`` [rad]; the delay line full of ``command`` (default: the angle's)."""
         self.angle = float(angle)
-        command = self.angle / self.params.max_wheel_angle
-        self._queue = deque([command] * self.params.steer_latency_steps)
+        if command is None:
+            command = self.angle / self.params.max_wheel_angle
+        self._queue = deque([float(command)] * self.params.steer_latency_steps)
 
     def __call__(self, command: float) -> float:
         """Feed this step's command; returns the wheel angle [rad] the actuator now holds."""
@@ -136,6 +138,15 @@ class SteeringActuator:
         max_delta = self.params.max_steer_rate * self.control_dt
         self.angle += min(max(target - self.angle, -max_delta), max_delta)
         return self.angle
+
+
+def ackermann(params: VehicleParams, angle: float) -> tuple[float, float]:
+    """(left, right) knuckle angles [rad] for a road-wheel ``angle``: the inner wheel turns more."""
+    L, half_tw = params.wheelbase, params.track_width / 2
+    if abs(angle) < 1e-9:
+        return 0.0, 0.0
+    radius = L / math.tan(angle)  # signed turn radius of the axle centre, + = left
+    return math.atan(L / (radius - half_tw)), math.atan(L / (radius + half_tw))
 
 
 def vehicle_urdf(params: VehicleParams) -> str:
@@ -228,31 +239,27 @@ class Vehicle:
         client.setJointMotorControlArray(self.body_id, list(self.wheel_links), p.VELOCITY_CONTROL,
                                          forces=[0.0] * 4)
 
-    def reset(self, x: float, y: float, yaw: float, speed: float) -> None:
-        """Place the car on the ground at (x, y, yaw), rolling straight at ``speed``."""
+    def reset(self, x: float, y: float, yaw: float, speed: float, wheel_angle: float = 0.0,
+              command: float | None = None) -> None:
+        """Place the car on the ground at (x, y, yaw), rolling at ``speed`` [m/s] with its front
+        wheels at ``wheel_angle`` [rad] and ``command`` (normalised; default: the wheel angle's)
+        waiting in the steering actuator's delay line."""
         c, r = self.client, self.params.wheel_radius
         c.resetBasePositionAndOrientation(self.body_id, [x, y, r], c.getQuaternionFromEuler([0, 0, yaw]))
         c.resetBaseVelocity(self.body_id, [speed * math.cos(yaw), speed * math.sin(yaw), 0.0], [0, 0, 0])
-        for joint in self.steer_joints:
-            c.resetJointState(self.body_id, joint, 0.0, 0.0)
+        for joint, angle in zip(self.steer_joints, ackermann(self.params, wheel_angle)):
+            c.resetJointState(self.body_id, joint, angle, 0.0)
         for joint in self.wheel_links:
             c.resetJointState(self.body_id, joint, 0.0, speed / r)
-        self.steering.reset(0.0)
+        self.steering.reset(wheel_angle, command)
         self.cruise.reset()
         self.throttle = 0.0
         self._drive_torque = 0.0
-        self._set_wheel_angle(0.0)
+        self._set_wheel_angle(wheel_angle)
         self.refresh()
 
     def _set_wheel_angle(self, angle: float) -> None:
-        """Ackermann steering: the inner wheel turns more than the outer one."""
-        L, half_tw = self.params.wheelbase, self.params.track_width / 2
-        if abs(angle) < 1e-9:
-            left = right = 0.0
-        else:
-            radius = L / math.tan(angle)  # signed turn radius of the axle centre, + = left
-            left = math.atan(L / (radius - half_tw))
-            right = math.atan(L / (radius + half_tw))
+        left, right = ackermann(self.params, angle)
         self.client.setJointMotorControlArray(
             self.body_id, list(self.steer_joints), p.POSITION_CONTROL, targetPositions=[left, right],
             forces=[2e5, 2e5], positionGains=[0.5, 0.5])

@@ -11,6 +11,7 @@ the re-recorded bytes equal the original ones); the summary names them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -24,9 +25,9 @@ from steerloop.agents.mixture import MixturePolicy
 from steerloop.agents.protocol import PolicyError, checked_predict
 from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from steerloop.sim.env import LaneKeepEnv, load_track
-from steerloop.driving_log import DrivingLogWriter, EpisodeBuffer, episode_file
+from steerloop.driving_log import MANIFEST, DrivingLogWriter, EpisodeBuffer, LogError, episode_file
 from steerloop.parallel import check_backend, connect_ray, run_tasks
-from steerloop.sim.conditions import resolve as resolve_condition
+from steerloop.sim.conditions import BUILTIN, ConditionFile, read_condition_file
 from steerloop.sim.track import SPLIT_SEED_RANGES, check_route_length, split_seed
 
 SUITES = tuple(SPLIT_SEED_RANGES)  # train, val, test
@@ -58,6 +59,9 @@ class RecordConfig:
     """Cameras whose frames are stored each step."""
     conditions: tuple[str, ...] = ("default",)
     """Visual conditions, assigned to episodes in turn."""
+    condition_file: str | None = None
+    """A JSON or TOML file of your own scenery/weather/camera values and named conditions (docs/world.md) that
+    ``conditions`` may name; its content hash and the values used are stored in the manifest."""
     resolution: tuple[int, int] = (66, 200)
     """Camera image size (H, W) [px]."""
     speed: float = 10.0
@@ -97,8 +101,9 @@ class RecordConfig:
             raise ValueError(f"noise_kind must be one of {NOISE_KINDS}, got {self.noise_kind!r}")
         if not self.conditions:
             raise ValueError("conditions: give at least one visual condition")
+        available = self.condition_source.conditions if self.condition_source else BUILTIN
         for index, condition in enumerate(self.conditions):
-            resolve_condition(condition, where=f"conditions[{index}]")  # named or scenery.weather.camera
+            available.resolve(condition, where=f"conditions[{index}]")  # named or scenery.weather.camera
         if self.expert not in CONTROLLERS:
             raise ValueError(f"expert must be one of {sorted(CONTROLLERS)}, got {self.expert!r}")
         if self.workers < 1:
@@ -111,11 +116,21 @@ class RecordConfig:
         if self.learner_kwargs and self.learner is None:
             raise ValueError("learner_kwargs needs learner: the policy they are for")
 
+    @functools.cached_property
+    def condition_source(self) -> ConditionFile | None:
+        """``condition_file`` read once (here, in the parent process); workers get its content with
+        this config and never read the file again."""
+        return read_condition_file(self.condition_file) if self.condition_file is not None else None
+
     def dataset_config(self) -> dict:
-        """The fields that define the dataset's content (compared on resume)."""
+        """The fields that define the dataset's content (compared on resume). A condition file
+        counts by its content hash and the values the conditions take from it, not its path;
+        without one the dict is what it always was."""
         config = asdict(self)
-        for key in ("out", "workers", "backend", "address", "extra"):
+        for key in ("out", "workers", "backend", "address", "extra", "condition_file"):
             config.pop(key)
+        if self.condition_source is not None:
+            config["condition_file"] = self.condition_source.identity(self.conditions)
         if not self.learner_kwargs:
             config.pop("learner_kwargs")  # datasets recorded before learner kwargs existed keep their identity
         config["cameras"], config["conditions"] = list(self.cameras), list(self.conditions)
@@ -153,12 +168,15 @@ _WORKER_ENV: dict = {}
 
 
 def _worker_env(cfg: RecordConfig) -> LaneKeepEnv:
-    """One simulator per process, reused across that process's episodes."""
-    key = (cfg.resolution, cfg.cameras, cfg.speed, cfg.expert, cfg.track_length)
+    """One simulator per process, reused across that process's episodes (built from the
+    condition file's content that came with ``cfg``)."""
+    source = cfg.condition_source
+    key = (cfg.resolution, cfg.cameras, cfg.speed, cfg.expert, cfg.track_length, source and source.sha256)
     if key not in _WORKER_ENV:
         _WORKER_ENV.clear()
         _WORKER_ENV[key] = LaneKeepEnv(resolution=cfg.resolution, cameras=cfg.cameras, speed=cfg.speed,
-                                       expert=cfg.expert, privileged=True, track_length=cfg.track_length)
+                                       expert=cfg.expert, privileged=True, track_length=cfg.track_length,
+                                       condition_file=dict(source.content) if source else None)
     return _WORKER_ENV[key]
 
 
@@ -225,6 +243,28 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def _check_condition_file_unchanged(cfg: RecordConfig) -> None:
+    """Refuse to resume ``cfg.out`` when the condition file's content (hash) differs from the
+    recording's, or one of them has a condition file and the other none, naming the file."""
+    try:
+        with open(os.path.join(cfg.out, MANIFEST), encoding="utf-8") as handle:
+            recorded = json.load(handle).get("config", {}).get("condition_file")
+    except (OSError, ValueError, AttributeError):
+        return  # no (readable) manifest: nothing to resume, or the writer reports the damage
+    now = cfg.condition_source
+    if recorded is None and now is None:
+        return
+    old = recorded.get("sha256") if isinstance(recorded, dict) else None
+    if now is None:
+        raise LogError(f"{cfg.out} was recorded with a condition file (content sha256 {str(old)[:12]}); give "
+                       "condition_file (--condition-file) with that content to resume it, or pick another --out")
+    if old != now.sha256:
+        recorded_as = f"content sha256 {old[:12]}" if old else "no condition file"
+        raise LogError(f"condition file {now.path}: its content (sha256 {now.sha256[:12]}) is not what {cfg.out} "
+                       f"was recorded with ({recorded_as}); restore that file to resume, or pick another --out "
+                       "(nothing was changed)")
+
+
 def record(cfg: RecordConfig, progress: bool = True) -> dict:
     """Record the missing episodes of ``cfg`` into ``cfg.out``; returns a summary."""
     from tqdm import tqdm
@@ -233,10 +273,13 @@ def record(cfg: RecordConfig, progress: bool = True) -> dict:
         _worker_learner(cfg.learner, cfg.learner_kwargs)  # a bad learner spec fails before any file is made
     if cfg.backend == "ray":
         connect_ray(cfg.address, num_cpus=cfg.workers)  # an unreachable cluster fails before any file is made
+    _check_condition_file_unchanged(cfg)
     created = not os.path.exists(cfg.out)
+    extra = {"expert": {"law": cfg.expert}, **cfg.extra}
+    if cfg.condition_file is not None:
+        extra["condition_file"] = os.fspath(cfg.condition_file)  # where it was read (its content hash is in config)
     writer = DrivingLogWriter(cfg.out, config=cfg.dataset_config(), cameras=cfg.cameras, resolution=cfg.resolution,
-                              suite=cfg.suite if cfg.track is None else None,
-                              seeds={"seed": cfg.seed}, extra={"expert": {"law": cfg.expert}, **cfg.extra})
+                              suite=cfg.suite if cfg.track is None else None, seeds={"seed": cfg.seed}, extra=extra)
     damaged = writer.damaged()  # listed but missing or not matching the manifest: recorded again (deterministic)
     done = writer.completed()  # damaged() cached the intact files' checks (docs/driving-log.md, Integrity)
     jobs = [job for job in episode_jobs(cfg) if job.index not in done]

@@ -38,7 +38,7 @@ import numpy as np
 
 from steerloop.files import atomic_write_json
 from steerloop.sim import ENV_ID
-from steerloop.sim.conditions import resolve as resolve_condition
+from steerloop.sim.conditions import BUILTIN, ConditionFile, read_condition_file
 from steerloop.sim.track import check_route_length, split_seed
 
 ALGOS = ("ppo",)
@@ -73,6 +73,9 @@ class RLConfig:
     """Routes are drawn from the first this many training-split tracks (each env builds a road once)."""
     conditions: tuple[str, ...] = ("default",)
     """Visual conditions, one drawn per episode."""
+    condition_file: str | None = None
+    """A JSON or TOML file of your own scenery/weather/camera values and named conditions (docs/world.md) that
+    ``conditions`` may name (part of the run's identity by content hash)."""
     speed: float = 10.0
     """Cruise speed [m/s]."""
     n_steps: int = 512
@@ -115,8 +118,9 @@ class RLConfig:
             raise ValueError(f"tracks must be <= 100000 (the size of the training split), got {self.tracks}")
         if not self.conditions:
             raise ValueError("conditions: give at least one visual condition")
+        available = self.condition_source.conditions if self.condition_source else BUILTIN
         for index, condition in enumerate(self.conditions):
-            resolve_condition(condition, where=f"conditions[{index}]")  # named or scenery.weather.camera
+            available.resolve(condition, where=f"conditions[{index}]")  # named or scenery.weather.camera
         if min(self.resolution) < 36:
             raise ValueError(f"resolution must be at least 36x36 for SB3's NatureCNN, got "
                              f"{self.resolution[0]}x{self.resolution[1]}")
@@ -127,12 +131,20 @@ class RLConfig:
             raise ValueError(f"need 0 < gamma <= 1 (got {self.gamma}) and positive learning rates "
                              f"(got {self.learning_rate}, {self.pretrain_lr})")
 
+    @functools.cached_property
+    def condition_source(self) -> ConditionFile | None:
+        """``condition_file`` read once, in this process; sub-environments get its content with the config."""
+        return read_condition_file(self.condition_file) if self.condition_file is not None else None
+
     def run_config(self) -> dict:
-        """The fields that define the run (compared on resume); budget and threads may change."""
+        """The fields that define the run (compared on resume); budget and threads may change. A
+        condition file counts by its content hash and the values used, not its path."""
         config = asdict(self)
-        for key in ("out", "timesteps", "save_every", "threads", "extra"):
+        for key in ("out", "timesteps", "save_every", "threads", "extra", "condition_file"):
             config.pop(key)
         config["resolution"], config["conditions"] = list(self.resolution), list(self.conditions)
+        if self.condition_source is not None:
+            config["condition_file"] = self.condition_source.identity(self.conditions)
         return config
 
     @property
@@ -161,8 +173,10 @@ def make_training_env(cfg: RLConfig) -> gym.Env:
     import steerloop.sim  # noqa: F401  (registers the env in a fresh subprocess)
 
     condition = cfg.conditions[0] if len(cfg.conditions) == 1 else cfg.conditions
+    source = cfg.condition_source
+    extra = {"condition_file": dict(source.content)} if source is not None else {}
     env = gym.make(ENV_ID, split="train", track_length=cfg.track_length, resolution=cfg.resolution,
-                   speed=cfg.speed, condition=condition)
+                   speed=cfg.speed, condition=condition, **extra)
     return TrainingTracks(env, cfg.tracks)
 
 
@@ -335,6 +349,12 @@ def train_rl(cfg: RLConfig, progress: bool = True) -> dict:
     config_file = out / "config.json"
     if config_file.exists():
         previous = json.loads(config_file.read_text())
+        recorded = (previous.get("run") or {}).get("condition_file") or {}
+        source = cfg.condition_source
+        if source is not None and recorded.get("sha256") not in (None, source.sha256):
+            raise ValueError(f"condition file {source.path}: its content (sha256 {source.sha256[:12]}) is not what "
+                             f"{out} was trained with (sha256 {recorded['sha256'][:12]}); restore that file to "
+                             "resume, or use another directory for out")
         if previous.get("run") != cfg.run_config():
             raise ValueError(f"{out} holds a train-rl run with a different configuration ({config_file}); "
                              "use another directory for out (only timesteps, save_every and threads may change)")

@@ -6,7 +6,7 @@ import math
 
 import numpy as np  # noqa: E402
 
-from steerloop.evaluation.report.rows import CODEVILLA_MSE_R, CODEVILLA_OTHER_R, MATCHED_FRAMES, OFFLINE_METRICS, PolicyRow, SIMILAR_RMSE  # noqa: E402
+from steerloop.evaluation.report.rows import CODEVILLA_MSE_R, CODEVILLA_OTHER_R, MATCHED_FRAMES, OFFLINE_METRICS, SHORT_LOOP_METRICS, PolicyRow, SIMILAR_RMSE  # noqa: E402
 from steerloop.evaluation.report.tables import _fmt, closed_loop_order  # noqa: E402
 
 
@@ -50,7 +50,13 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
         else:
             text += ("This does not reproduce Codevilla et al.'s finding that MAE, QCE or TRE correlate better than "
                      "the squared error.")
-        out.append(text + " With a population this small the intervals in the correlation table are wide.")
+        if best != "rmse" and "rmse" in valid:
+            text += _overlap(corr[(best, "success_rate")]["pearson"], corr[("rmse", "success_rate")]["pearson"],
+                             f"`{best}`", "RMSE")
+        out.append(text)
+        short = short_loop_finding(rows, corr, valid)
+        if short:
+            out.append(short)
     else:
         out.append("**Which offline metric predicts driving.** Success rate is the same for every policy, so no "
                    "correlation with it can be computed: the suite does not separate these policies.")
@@ -69,7 +75,7 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
                f"{best_offline.name} ({best_offline.offline['rmse']:.4f}), has success "
                f"{best_offline.closed['success_rate']:.2f}; {len(better)} of {len(rows)} policies drive with a "
                "strictly higher success rate. "
-               + ("The published finding reproduces." if better else
+               + (_separated(rows, best_offline, better, primary) if better else
                   "None drives better: the published finding does not reproduce in this population."))
     recurrent = [r for r in rows if r.recurrent]
     single = [r for r in rows if not r.recurrent]
@@ -115,6 +121,55 @@ def findings(rows: list[PolicyRow], corr: dict, compounding: dict, primary: str,
                    + (f"Mean |offset| grows from the first to the last 10 s of the routes for: {', '.join(grew)}."
                       if grew else "Mean |offset| does not grow over the routes for any family."))
     return out
+
+
+def _separated(rows: list[PolicyRow], best_offline: PolicyRow, better: list[PolicyRow], primary: str) -> str:
+    """Whether the best driver's success interval clears the best-offline policy's (a sentence)."""
+    def interval(r: PolicyRow):
+        return r.results[primary][0]["aggregate"].get("success_rate_ci95") or [None, None]
+
+    top = max(better, key=lambda r: r.closed["success_rate"] or 0.0)
+    (lo_top, _), (_, hi_best) = interval(top), interval(best_offline)
+    if lo_top is not None and hi_best is not None and lo_top > hi_best:
+        return (f"The published finding reproduces: {top.name}'s 95% interval of success [{lo_top:.2f}, ...] lies "
+                f"above {best_offline.name}'s [..., {hi_best:.2f}].")
+    return (f"The direction matches the published finding, but the 95% intervals of success of {top.name} and "
+            f"{best_offline.name} overlap over these routes, so it is not established here.")
+
+
+def _overlap(a: tuple, b: tuple, name_a: str, name_b: str) -> str:
+    """Whether two correlations' 95% intervals overlap, said plainly (a sentence to append)."""
+    (_, lo_a, hi_a), (_, lo_b, hi_b) = a, b
+    if None in (lo_a, hi_a, lo_b, hi_b):
+        return ""
+    if hi_a < lo_b or hi_b < lo_a:
+        return f" The intervals of {name_a} and {name_b} do not overlap."
+    return (f" The 95% intervals of {name_a} [{lo_a:+.2f}, {hi_a:+.2f}] and {name_b} [{lo_b:+.2f}, {hi_b:+.2f}] "
+            "overlap: this population does not separate the two.")
+
+
+def short_loop_finding(rows: list[PolicyRow], corr: dict, offline_r: dict) -> str | None:
+    """Does the short closed loop from logged states predict success better than offline metrics
+    (NAVSIM's finding, Dauner et al. 2024)? Written from the correlations and their intervals."""
+    short = {k: corr[(k, "success_rate")]["pearson"] for k in SHORT_LOOP_METRICS if (k, "success_rate") in corr
+             and not math.isnan(corr[(k, "success_rate")]["pearson"][0])}
+    if not short or not offline_r:
+        return None
+    best_short = max(short, key=lambda k: abs(short[k][0]))
+    best_offline = max(offline_r, key=lambda k: abs(offline_r[k]))
+    n = corr[(best_short, "success_rate")]["n"]
+    r_short, r_off = short[best_short][0], offline_r[best_offline]
+    text = (f"**Short closed loop from logged states (NAVSIM).** Across {n} policies, the short-loop score most "
+            f"correlated with success is `{best_short}` (r = {r_short:+.2f}, Kendall τ = "
+            f"{corr[(best_short, 'success_rate')]['kendall'][0]:+.2f}); the best offline metric, `{best_offline}`, "
+            f"gives r = {r_off:+.2f}. ")
+    if abs(r_short) > abs(r_off):
+        text += "The short loop predicts driving better, as NAVSIM reported against displacement error."
+    else:
+        text += "The short loop does not predict driving better than the offline metrics here: NAVSIM's finding " \
+                "does not reproduce in this population."
+    return text + _overlap(short[best_short], corr[(best_offline, "success_rate")]["pearson"], f"`{best_short}`",
+                           f"`{best_offline}`")
 
 
 def dagger_comparisons(rows: list[PolicyRow], plan) -> list[tuple[PolicyRow, PolicyRow, list[PolicyRow]]]:

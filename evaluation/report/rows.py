@@ -10,7 +10,10 @@ from steerloop.evaluation.copycat import closed_loop_probe  # noqa: E402
 from steerloop.evaluation.regress import load_results  # noqa: E402
 
 
-OFFLINE_METRICS = ("rmse", "mae", "speed_weighted_mae", "cumulative_speed_weighted_error", "qce", "tre")
+OFFLINE_METRICS = ("rmse", "mae", "balanced_mae", "change_point_rmse", "speed_weighted_mae",
+                   "cumulative_speed_weighted_error", "qce", "tre")
+SHORT_LOOP_METRICS = ("short_final_offset_m", "short_departure_rate", "short_on_policy_rmse")  # from logged states
+PREDICTORS = OFFLINE_METRICS + SHORT_LOOP_METRICS  # the cheap measurements set against the closed loop
 CLOSED_LOOP_METRICS = ("success_rate", "mean_abs_offset_m", "departures_per_km", "autonomy_pct", "recovery_rate",
                        "on_policy_rmse")
 RECURRENT = ("cnn-lstm", "conv3d-lstm", "komanda", "chauffeur")
@@ -41,6 +44,7 @@ class PolicyRow:
     closed: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)  # suite name -> (results.json dict, results directory)
     history: dict = field(default_factory=dict)  # inputs, fed-back outputs, training mode, window, copycat measures
+    cells: dict = field(default_factory=dict)  # cell name -> {"offline": predictors, "closed": closed-loop metrics}
     run: str = ""  # the training run the policy comes from (its own name, or RUN for RUN's checkpoint RUN-eNN)
     epoch: int | None = None  # a checkpoint along RUN's training: the epoch after which it was kept
 
@@ -73,6 +77,42 @@ def _regime(plan, name: str) -> str:
     return "clean"
 
 
+def predictors(offline: dict, entry: str = "model") -> dict:
+    """The offline metrics of one ``offline.json`` entry (model or zeros), with the RMSE at
+    the expert's change-points and, for the model, the short closed-loop scores."""
+    out = dict(offline[entry])
+    out["change_point_rmse"] = offline.get("events", {}).get(entry, {}).get("change_point_rmse")
+    short = offline.get("short_loop") if entry == "model" else None
+    for key, source in zip(SHORT_LOOP_METRICS, ("final_abs_offset_m", "departure_rate", "on_policy_rmse")):
+        out[key] = short.get(source) if short else None
+    return out
+
+
+def closed_metrics(results: dict, suites: list) -> dict:
+    """The closed-loop columns from the primary suite's aggregate (``results`` maps suite name to
+    (results, dir); ``suites``: primary first); autonomy and recovery from the suites that have them."""
+    agg = results[suites[0].name][0]["aggregate"]
+    closed = {key: agg.get(key) for key in ("success_rate", "mean_abs_offset_m", "departures_per_km",
+                                           "on_policy_rmse")}
+    closed["autonomy_pct"] = next((results[s.name][0]["aggregate"]["autonomy_pct"]
+                                   for s in suites if s.has_interventions), None)
+    closed["recovery_rate"] = next((results[s.name][0]["aggregate"]["recovery_rate"]
+                                    for s in suites if s.has_perturbations), None)
+    return closed
+
+
+def _cells(plan, name: str, results: dict) -> dict:
+    """Per cell of the study: the policy's predictors on the cell's logs and its closed loop on the cell's suite."""
+    out = {}
+    for cell, spec in plan.config.cells.items():
+        suite = next(s for path, s in zip(plan.config.suites, plan.suites.values()) if path == spec["suite"])
+        offline = _read_json(plan.offline_stage(name, spec["offline_data"]).out / "offline.json")
+        out[cell] = {"offline": predictors(offline), "zeros": predictors(offline, "zeros"),
+                     "closed": closed_metrics(results, [suite]), "suite": suite.name,
+                     "offline_data": spec["offline_data"]}
+    return out
+
+
 def missing_checkpoints(plan) -> list[str]:
     """Why each checkpoint policy without a checkpoint (early stopping) has no row."""
     return [reason for name in plan.policies if (reason := plan.missing_checkpoint(name))]
@@ -100,15 +140,10 @@ def collect(plan) -> list[PolicyRow]:
             arch, frames = meta["model"]["arch"], _frames(plan.dataset_dirs(name))
             recurrent, val_rmse = arch in RECURRENT, meta.get("metrics", {}).get("val_rmse")
         row = PolicyRow(name=name, family=plan.config.policies[name].family, arch=arch, regime=_regime(plan, name),
-                        frames=frames, val_rmse=val_rmse, offline=offline["model"], zeros=offline["zeros"],
-                        recurrent=recurrent, results=results)
-        agg = row.results[primary.name][0]["aggregate"]
-        row.closed = {key: agg.get(key) for key in ("success_rate", "mean_abs_offset_m", "departures_per_km",
-                                                     "on_policy_rmse")}
-        row.closed["autonomy_pct"] = next((row.results[s.name][0]["aggregate"]["autonomy_pct"]
-                                           for s in suites if s.has_interventions), None)
-        row.closed["recovery_rate"] = next((row.results[s.name][0]["aggregate"]["recovery_rate"]
-                                            for s in suites if s.has_perturbations), None)
+                        frames=frames, val_rmse=val_rmse, offline=predictors(offline),
+                        zeros=predictors(offline, "zeros"), recurrent=recurrent, results=results)
+        row.closed = closed_metrics(results, suites)
+        row.cells = _cells(plan, name, results)
         row.history = history_of(meta, offline, row.results[primary.name][1])
         if stage.kind == "checkpoint":  # one run's checkpoints are not a history-length sweep of it
             row.run, row.epoch = stage.params["run"], stage.params["epoch"]

@@ -9,13 +9,24 @@ from steerloop.evaluation.report.figures import _scatter, compounding_figure, co
 from steerloop.evaluation.report.findings import dagger_comparisons, dagger_table, findings  # noqa: E402
 from steerloop.evaluation.report.history import history_baselines, history_findings, history_table, sweep_groups, sweep_table  # noqa: E402
 from steerloop.evaluation.report.rows import VIDEO_STEM_MAX, collect, missing_checkpoints  # noqa: E402
-from steerloop.evaluation.report.tables import _fmt, closed_loop_order, correlation_table, correlations, offline_table, policy_table  # noqa: E402
+from steerloop.evaluation.report.tables import _fmt, cell_tables, closed_loop_order, correlation_table, correlations, offline_table, policy_table, short_loop_table  # noqa: E402
 from steerloop.evaluation.stats import BOOTSTRAP_RESAMPLES  # noqa: E402
 from steerloop.files import json_safe  # noqa: E402
 from steerloop.paths import path_under, shorten  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- report
+def _short_loop_section(plan, rows) -> list[str]:
+    short = plan.config.short_loop
+    if not short.get("rollouts") or rows[0].offline.get("short_final_offset_m") is None:
+        return []
+    return ["## Short closed loop from logged states", "",
+            f"Each policy drives {short['horizon']:g} s from the same {short['rollouts']} states sampled (seed "
+            f"{short['seed']}) from `{plan.config.offline_data}`, after a {short['warmup']:g} s warm-up on the logged "
+            "frames before each state; scored by |offset| at the end, departures within the horizon and the "
+            "steering error on the states it visited (docs/metrics.md).", "", short_loop_table(rows), ""]
+
+
 def checkpoint_note(rows, missing: list[str]) -> list[str]:
     """Report lines on checkpoints along training: how many runs the population comes from,
     and which listed checkpoints early stopping never wrote (none: no lines)."""
@@ -57,7 +68,10 @@ def write_report(plan) -> Path:
           *checkpoint_note(rows, missing_checkpoints(plan)),
           "## Findings", "", *[f"- {line}" for line in findings(rows, corr, compounding, primary, dagger)], "",
           "## Policies: offline beside closed loop", "", policy_table(rows), "",
-          "Offline metrics on held-out logs, with the all-zeros predictor:", "", offline_table(rows), "",
+          "Offline metrics on held-out logs, with the all-zeros predictor (`balanced_mae`: the MAE averaged over "
+          "bins of the expert's steering magnitude; `change_point_rmse`: the RMSE where the expert's command "
+          "changes fast; docs/metrics.md):", "", offline_table(rows), "",
+          *_short_loop_section(plan, rows),
           "## Correlation across the population (Codevilla et al. style)", "",
           f"Pearson r, Spearman ρ and Kendall τ with 95% bootstrap intervals over policies ({BOOTSTRAP_RESAMPLES} "
           "resamples), and how many policy pairs the two metrics order the opposite way (inverted k/N). "
@@ -75,6 +89,10 @@ def write_report(plan) -> Path:
     md += ["", "![offline RMSE vs success](figures/rmse_vs_success.png)"]
     if has_autonomy:
         md += ["![offline RMSE vs autonomy](figures/rmse_vs_autonomy.png)"]
+    if plan.config.cells:
+        md += ["", "## Per cell (training vs new tracks and conditions; Codevilla et al.)", "",
+               "Each cell pairs held-out logs with the closed-loop suite of the same tracks and conditions; every "
+               "correlation below is computed within one cell.", "", *cell_tables(rows, plan.config.cells)]
     if dagger:
         md += ["", "## DAgger against behaviour cloning", "",
                "Closed loop on the primary suite; expert-labelled frames count every dataset the policy was trained "
@@ -118,7 +136,7 @@ def write_report(plan) -> Path:
     summary = {"policies": [{"name": r.name, "run": r.run, "epoch": r.epoch, "family": r.family, "regime": r.regime,
                              "frames": r.frames,
                              "val_rmse": r.val_rmse, "offline": r.offline, "zeros": r.zeros, "closed_loop": r.closed,
-                             "history": {k: v for k, v in r.history.items() if k != "recipe"}}
+                             "history": {k: v for k, v in r.history.items() if k != "recipe"}, "cells": r.cells}
                             for r in rows],
                "correlations": [{"offline": k[0], "closed_loop": k[1], **v} for k, v in corr.items()],
                "best_offline": best_offline.name, "best_offline_closed_loop_rank": order.index(best_offline) + 1,

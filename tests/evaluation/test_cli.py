@@ -83,9 +83,11 @@ def test_bench_env_json():
     for key in ("render_fps", "physics_steps_per_s", "env_steps_per_s", "env_overhead_ratio"):
         assert isinstance(bench[key], (int, float)) and bench[key] > 0, key
     assert bench["resolution"] == [16, 32]
-    # flat, default and the richest condition side by side, each with its ratio to flat
-    assert set(bench["conditions"]) == {"flat", "default", "town-rain"}
+    # flat, default, the richest condition and it with oncoming traffic side by side, each with its ratio to flat
+    assert set(bench["conditions"]) == {"flat", "default", "town-rain", "town-traffic.rain.dashcam"}
     rows = bench["conditions"]
+    traffic, without = rows["town-traffic.rain.dashcam"], rows["town-rain"]
+    assert traffic["env_over_without_traffic"] == round(traffic["env_steps_per_s"] / without["env_steps_per_s"], 3)
     assert rows["flat"]["env_over_flat"] == 1.0
     for row in rows.values():
         assert row["env_over_flat"] == round(row["env_steps_per_s"] / rows["flat"]["env_steps_per_s"], 3)

@@ -21,6 +21,15 @@ resolution = [24, 64]
 suites = ["smoke"]
 offline_data = "val"
 threads = 1
+short_loop = { rollouts = 3, horizon = 1.0, warmup = 0.5 }
+
+[cells.train]
+offline_data = "val"
+suite = "smoke"
+
+[cells.dusk]              # the mechanics of a second cell: other logs, the same suite
+offline_data = "val-dusk"
+suite = "smoke"
 
 [datasets.clean]
 episodes = 2
@@ -30,6 +39,12 @@ track_length = 60.0
 suite = "val"
 episodes = 1
 track_length = 60.0
+
+[datasets.val-dusk]
+suite = "val"
+episodes = 1
+track_length = 60.0
+conditions = ["dusk"]
 
 [policies.pilotnet]
 model = "pilotnet"
@@ -104,7 +119,17 @@ def test_tiny_study_writes_the_report(tiny_study):
         assert 0.0 <= policy["closed_loop"]["success_rate"] <= 1.0
         assert policy["offline"]["rmse"] >= 0 and policy["zeros"]["rmse"] > 0
     assert 1 <= summary["best_offline_closed_loop_rank"] <= 5
-    assert len(summary["correlations"]) == 6 * 4  # 6 offline x 4 closed-loop metrics on a plain suite
+    assert len(summary["correlations"]) == 11 * 4  # 8 offline + 3 short-loop x 4 closed-loop metrics on a plain suite
+    for policy in summary["policies"]:
+        assert policy["offline"]["balanced_mae"] > 0 and policy["offline"]["short_on_policy_rmse"] > 0
+        assert 0 <= policy["offline"]["short_departure_rate"] <= 1
+        cells = policy["cells"]
+        assert cells["train"]["offline"] == policy["offline"] and cells["train"]["closed"] == policy["closed_loop"]
+        assert cells["dusk"]["offline"]["rmse"] != policy["offline"]["rmse"]  # other logs
+    for needle in ("## Short closed loop from logged states", "from the same 3 states", "## Per cell",
+                   "**Cell `train`**: offline on `val`", "**Cell `dusk`**: offline on `val-dusk`", "short_final_offset_m",
+                   "balanced_mae", "change_point_rmse"):
+        assert needle in report, f"report.md lacks {needle!r}"
     history = {p["name"]: p["history"] for p in summary["policies"]}
     assert history["lstm-prev"]["fed_back"] and history["lstm-prev"]["mode"] == "scheduled"
     assert history["lstm-prev"]["teacher_forced"]["rmse"] > 0 and history["lstm"]["teacher_forced"] is None
@@ -130,7 +155,7 @@ def test_changing_one_policy_reruns_only_what_depends_on_it(tiny_study, tmp_path
     changed = write_study(tmp_path, TINY.replace("seq_len = 4", "seq_len = 2", 1))
     plan = plan_study(load_study(str(changed)), out)
     todo = [(s.kind, s.name) for s in plan.stages if not (out / "stages" / s.marker).exists()]
-    assert todo == [("train", "lstm"), ("offline", "lstm"), ("closed_loop", "lstm@smoke")]
+    assert todo == [("train", "lstm"), ("offline", "lstm"), ("offline", "lstm@val-dusk"), ("closed_loop", "lstm@smoke")]
 
 
 def test_the_same_study_plans_the_same_keys(tmp_path):
@@ -185,7 +210,7 @@ def test_checkpoints_change_only_their_runs_train_key(tmp_path):
     changed = {name for name, stage in without.policies.items() if stage.key != with_them.policies[name].key}
     assert changed == {"pilotnet", "dagger"}, "the run, and the DAgger that starts from it"
     assert list(with_them.policies) == ["pilotnet", "pilotnet-e01", "lstm", "dagger", "lstm-prev"]
-    assert len(with_them.stages) == len(without.stages) + 2  # the checkpoint's offline and closed-loop stages
+    assert len(with_them.stages) == len(without.stages) + 3  # the checkpoint's two offline (2 cells) and closed-loop stages
 
 
 def test_checkpoint_policies_are_evaluated_like_any_other(tiny_study):
@@ -196,7 +221,7 @@ def test_checkpoint_policies_are_evaluated_like_any_other(tiny_study):
     assert plan.checkpoint("pilotnet-e01") == str(run / "epoch_01")
     assert plan.dataset_dirs("pilotnet-e01") == plan.dataset_dirs("pilotnet")
     assert [(s.kind, s.name) for s in plan.stages if s.name.startswith("pilotnet-e01")] == \
-        [("offline", "pilotnet-e01"), ("closed_loop", "pilotnet-e01@smoke")]
+        [("offline", "pilotnet-e01"), ("offline", "pilotnet-e01@val-dusk"), ("closed_loop", "pilotnet-e01@smoke")]
     # one epoch: the kept checkpoint is the best one, so it scores exactly as its run does
     assert (run / "epoch_01" / "model.safetensors").read_bytes() == (run / "best" / "model.safetensors").read_bytes()
     summary = json.loads((out / "report.json").read_text())
@@ -236,7 +261,7 @@ def test_a_checkpoint_early_stopping_never_wrote_is_skipped(tmp_path, monkeypatc
               "raise patience to epochs to keep every checkpoint")
     assert ("offline", "pilotnet-e01") in ran and ("closed_loop", "pilotnet-e01@smoke") in ran
     assert not [r for r in ran if r[1].startswith("pilotnet-e03")]
-    assert lines.count(f"  skipped: {reason}") == 2
+    assert lines.count(f"  skipped: {reason}") == 3  # offline in both cells and closed loop
     plan = plan_study(cfg, tmp_path / "out")
     for stage in (plan.offline["pilotnet-e03"], plan.closed_loop[("pilotnet-e03", "smoke")]):
         marker = json.loads((tmp_path / "out" / "stages" / stage.marker).read_text())
@@ -255,6 +280,10 @@ def test_a_checkpoint_early_stopping_never_wrote_is_skipped(tmp_path, monkeypatc
     (lambda t: t + '\n[policies.d]\ndagger = { init = "ghost" }\n', "dagger.init must name a policy defined above"),
     (lambda t: t.replace('model = "pilotnet"', 'model = "resnet"'), "[policies.pilotnet]: model must be one of"),
     (lambda t: t.replace("[study]", "[study\n"), "not valid TOML"),
+    (lambda t: t.replace("horizon = 1.0", "horizon = 0.0"), "study.short_loop: horizon must be > 0 s, got 0.0"),
+    (lambda t: t.replace("rollouts = 3", "rollout = 3"), "study.short_loop: unknown key(s) ['rollout']"),
+    (lambda t: t.replace('suite = "smoke"', 'suite = "test"', 1), "[cells.train]: suite 'test' is not one of"),
+    (lambda t: t.replace('offline_data = "val-dusk"', 'offline_data = "dusk"'), "cells.dusk.offline_data names 'dusk'"),
     (lambda t: t.replace("checkpoints = [1]", "checkpoints = [0, 2]"),
      "[policies.pilotnet]: checkpoints: epoch(s) [0, 2] outside 1..epochs (1..1)"),
     (lambda t: t.replace("checkpoints = [1]", "checkpoints = 1"), "checkpoints must be a list of epochs"),

@@ -18,6 +18,7 @@ import pytest
 from steerloop.agents.protocol import PolicyError
 from steerloop.evaluation.cli import main
 from steerloop.evaluation.offline import evaluate_offline, replay
+from steerloop.evaluation.short_loop import ShortLoopConfig
 from steerloop.evaluation.runner import evaluate
 from steerloop.evaluation.suites import load_suite
 from steerloop.driving_log import DrivingLog
@@ -179,8 +180,10 @@ def test_offline_of_a_spec_equals_the_object(user, dataset, tmp_path, capsys):
                  str(dataset), "--out", str(out)]) == 0
     assert "driver.py:load on" in capsys.readouterr().out
     by_spec = json.loads(out.read_text())
-    by_object = evaluate_offline(user_object(user, **KWARGS), str(dataset), name=spec_of(user))
+    by_object = evaluate_offline(user_object(user, **KWARGS), str(dataset), name=spec_of(user),
+                                 short=ShortLoopConfig())  # the CLI's default short rollouts
     assert by_spec == json.loads(json.dumps(by_object))
+    assert by_spec["short_loop"]["rollouts"] == 16
     assert by_spec["model"]["frames"] > 50 and by_spec["model"]["rmse"] != by_spec["zeros"]["rmse"]
 
 

@@ -163,7 +163,7 @@ def test_user_condition_file_toml_and_json(tmp_path):
     toml.write_text('[scenery.pines]\nbase = "forest"\ntrees = 15.0\nsplit = "held_out"\n'
                     '[weather.mist]\nbase = "haze"\nfog = 0.05\n'
                     '[conditions.misty-pines]\nscenery = "pines"\nweather = "mist"\ncamera = "dashcam"\n')
-    env = LaneKeepEnv(track=SHORT_SPEC, resolution=TINY, conditions_file=str(toml), condition="misty-pines")
+    env = LaneKeepEnv(track=SHORT_SPEC, resolution=TINY, condition_file=str(toml), condition="misty-pines")
     try:
         info, _ = drive_with_expert_label(env, seed=0)
         assert info["success"] and info["condition"] == "misty-pines"
@@ -193,7 +193,15 @@ def test_malformed_condition_files_are_refused_naming_the_field(tmp_path, text, 
     path = tmp_path / "mine.toml"
     path.write_text(text)
     with pytest.raises(conditions.ConditionError, match=match):
-        LaneKeepEnv(track=SHORT_SPEC, resolution=TINY, conditions_file=str(path))
+        LaneKeepEnv(track=SHORT_SPEC, resolution=TINY, condition_file=str(path))
+
+
+def test_condition_files_set_marking_styles(tmp_path):
+    """Text fields of a scenery (marking styles) are taken from a file, not refused as non-numbers."""
+    path = tmp_path / "mine.toml"
+    path.write_text('[scenery.x]\ncentre_style = "solid"\nedge_style = "none"\n')
+    scenery = conditions.load_condition_file(path).scenery["x"]
+    assert (scenery.centre_style, scenery.edge_style) == ("solid", "none")
 
 
 def test_road_cache_is_shared_by_conditions_of_one_scenery():
