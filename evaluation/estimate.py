@@ -11,7 +11,8 @@ it did gives a rate; a planned stage's work times the rate gives its core-second
   pretraining epochs x its frames), one rate per architecture;
 - dagger: its learner-driven recordings and retrainings at the record and train rates, times
   the measured / predicted ratio of the measured DAgger stages;
-- offline: per held-out frame, one rate per architecture;
+- offline: per held-out frame (of every dataset it runs on: ``offline_data`` and each cell's),
+  one rate per architecture (the short closed loop's rollouts are charged in it);
 - closed_loop: per nominal scenario step (route length / speed / control period), one rate per
   architecture.
 
@@ -233,6 +234,8 @@ def planned_work(plan, frames_per_step: float = 1.0) -> list[Work]:
             policy_frames[name] = policy_frames[stage.params["run"]]
     held_out = frames([plan.config.offline_data])
     work += [Work("offline", name, _arch(plan, name), held_out, 1) for name in plan.offline]
+    work += [Work("offline", stage.name, _arch(plan, name), frames([dataset]), 1)  # a cell's held-out logs
+             for (name, dataset), stage in plan.cell_offline.items()]
     for (name, suite_name), stage in plan.closed_loop.items():
         scenarios = plan.suites[suite_name].scenarios
         work.append(Work("closed_loop", stage.name, _arch(plan, name),

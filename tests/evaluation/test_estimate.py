@@ -140,6 +140,19 @@ def test_plan_prints_counts_and_the_estimate_without_running(tmp_path, capsys, m
     assert sorted(tmp_path.rglob("*")) == before, "--plan runs nothing and writes nothing"
 
 
+def test_a_cells_held_out_logs_are_offline_work_too(tmp_path):
+    """A cell with its own held-out dataset (1 x 100 m: 250 planned frames) adds one offline
+    stage per policy: 4 x 250 frames x 0.01 core-s more, and its recording (0.1 camera-km)."""
+    cell = ('[cells.new]\noffline_data = "val2"\nsuite = "smoke"\n\n'
+            '[datasets.val2]\nsuite = "val"\nepisodes = 1\ntrack_length = 100.0\nconditions = ["dusk"]\n')
+    path = tmp_path / "cells.toml"
+    path.write_text(STUDY.replace("[datasets.clean]", cell + "\n[datasets.clean]"))
+    plan = plan_study(load_study(str(path)), tmp_path / "planned")
+    result = estimate(plan, read_timings(measured_study(tmp_path / "measured"), cores=2), workers=4)
+    assert result["offline"]["stages"] == 8 and result["offline"]["core_s"] == pytest.approx(20.0)
+    assert result["record"]["core_s"] == pytest.approx(100.0)
+
+
 def test_a_kind_never_measured_is_left_out_and_said(tmp_path):
     measured = measured_study(tmp_path / "measured")
     for marker in (measured / "stages").glob("closed_loop-*"):

@@ -22,14 +22,18 @@ TINY_SUITES = {  # one scenario each: new track; held-out condition; perturbatio
 def shrink(raw: dict, suites_dir: Path) -> dict:
     """The large preset at a tiny scale: 24x64 camera, every dataset 2 episodes (the fewest a
     training split takes) of 60 m, 1 epoch (each checkpoint run keeps epoch 1), one 1-scenario
-    suite per suite of the preset, DAgger 1 iteration of 1 episode. Every policy is kept."""
+    suite per suite of the preset (the cells use the tiny ones), 2 short closed-loop rollouts of
+    1 s, DAgger 1 iteration of 1 episode. Every policy is kept."""
     suites = []
     for name, spec in TINY_SUITES.items():
         path = suites_dir / f"{name}.json"
         path.write_text(json.dumps({"name": name, **spec}))
         suites.append(str(path))
     assert len(suites) == len(raw["study"]["suites"]), "one tiny suite per suite of the preset"
-    study = {**raw["study"], "suites": suites, "resolution": [24, 64], "threads": 1}
+    study = {**raw["study"], "suites": suites, "resolution": [24, 64], "threads": 1,
+             "short_loop": {"rollouts": 2, "horizon": 1.0, "warmup": 0.5}}
+    cells = {name: {**cell, "suite": suites[raw["study"]["suites"].index(cell["suite"])]}
+             for name, cell in raw.get("cells", {}).items()}
     datasets = {name: {**table, "episodes": 2, "track_length": TINY_TRACK} for name, table in raw["datasets"].items()}
     policies = {}
     for name, table in raw["policies"].items():
@@ -45,7 +49,7 @@ def shrink(raw: dict, suites_dir: Path) -> dict:
             if "checkpoints" in table:
                 table["checkpoints"] = [1]
         policies[name] = table
-    return {"study": study, "datasets": datasets, "policies": policies}
+    return {"study": study, "cells": cells, "datasets": datasets, "policies": policies}
 
 
 @pytest.mark.slow
@@ -72,9 +76,12 @@ def test_large_preset_runs_on_ray_at_a_tiny_scale(tmp_path, ray_local):
     for name in cfg.policies:
         assert f"| {name} |" in report, f"report.md lacks {name}"
     assert "| pilotnet-c16-e01 | pilotnet-c16 @ epoch 1 |" in report and summary["missing_checkpoints"] == []
+    assert "## Per cell" in report and all(set(p["cells"]) == set(cfg.cells) for p in summary["policies"])
     study = json.loads((out / "study.json").read_text())
     assert study["stages"] == [{"kind": s.kind, "name": s.name, "key": s.key, "out": str(s.out)} for s in plan.stages]
-    assert len(plan.stages) == len(raw["datasets"]) + 39 + 43 * (1 + len(TINY_SUITES))
+    held_out = {cfg.offline_data, *(cell["offline_data"] for cell in cfg.cells.values())}
+    assert len(cfg.cells) == 2 and len(held_out) == 2, "Codevilla's two cells, each with its held-out logs"
+    assert len(plan.stages) == len(raw["datasets"]) + 39 + 43 * (len(held_out) + len(TINY_SUITES))
     for stage in plan.stages:
         marker = json.loads((out / "stages" / stage.marker).read_text())
         assert marker["key"] == stage.key and "skipped" not in marker["summary"], stage.name
