@@ -36,7 +36,7 @@ from pathlib import Path
 
 from steerloop.errors import SteerloopError, read_json
 from steerloop.evaluation.runner import DEFAULT_BATCH, lockstep_groups
-from steerloop.evaluation.suites import CONTROL_DT, load_suite
+from steerloop.evaluation.suites import CONTROL_DT
 from steerloop.training.dagger import DaggerConfig
 from steerloop.training.record import RecordConfig
 from steerloop.training.train import TrainConfig

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
