@@ -35,6 +35,7 @@ from steerloop.driving_log import DrivingLog
 from steerloop.errors import SteerloopError
 from steerloop.evaluation.stats import bootstrap_ci
 from steerloop.parallel import run_tasks
+from steerloop.sim.env import LaneKeepConfig
 
 HORIZON_S = 3.0  # [s] default rollout length
 WARMUP_S = 1.0  # [s] default logged frames fed to the policy before it takes over
@@ -88,14 +89,19 @@ def _steps(seconds: float, dt: float) -> int:
 
 def sample_states(log: DrivingLog, cfg: ShortLoopConfig, dt: float) -> list[tuple[int, int]]:
     """K (episode, step) pairs, sorted, drawn without replacement with ``cfg.seed`` from the
-    steps that have ``warmup`` logged frames before them and ``horizon`` logged steps after."""
+    steps that have ``warmup`` logged frames before them and ``horizon`` logged steps after,
+    and where the logged car was on the road (a learner's DAgger log may leave it)."""
     horizon, warmup = _steps(cfg.horizon, dt), _steps(cfg.warmup, dt)
     lengths = {index: log.episode_length(index) for index in log.episodes}
     longest = max(lengths.values()) * dt
     if horizon + warmup >= max(lengths.values()):
         raise ShortLoopError(f"horizon {cfg.horizon} s plus warmup {cfg.warmup} s is longer than the episodes of "
                              f"{log.path} (longest {longest:.1f} s); give a shorter --horizon")
-    candidates = [(index, t) for index, n in lengths.items() for t in range(warmup, n - horizon)]
+    limit = LaneKeepConfig.offroad_threshold
+    candidates = []
+    for index, n in lengths.items():
+        offset = np.abs(log.read_episode(index, cameras=[])["lateral_offset"])
+        candidates += [(index, t) for t in range(warmup, n - horizon) if offset[t] <= limit]  # on the road
     if cfg.rollouts > len(candidates):
         raise ShortLoopError(f"rollouts={cfg.rollouts} is more than the {len(candidates)} logged states of {log.path} "
                              f"that have {cfg.warmup} s before and {cfg.horizon} s after them; give --rollouts "

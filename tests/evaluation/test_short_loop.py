@@ -184,3 +184,23 @@ def test_offline_cli_prints_the_short_loop(noisy_log, tmp_path, capsys):
     assert "short closed loop: 3 rollouts of 1 s" in text and "balanced_mae" in text
     saved = json.loads(out.read_text())
     assert saved["short_loop"]["rollouts"] == 3 and len(saved["steering_bins"]) == 5
+
+
+def test_states_off_the_road_are_never_sampled():
+    """A learner's DAgger log can leave the road; the car is never restarted there."""
+    class Log:
+        path, episodes = "fake-log", [0]
+
+        def episode_length(self, index):
+            return 100
+
+        def read_episode(self, index, cameras=()):
+            offset = np.zeros(100, np.float32)
+            offset[50:] = 3.0  # off the road (beyond 2.5 m) from step 50 on
+            return {"lateral_offset": offset}
+
+    cfg = ShortLoopConfig(rollouts=30, horizon=0.5, warmup=0.5)
+    states = sample_states(Log(), cfg, 0.05)
+    assert len(states) == 30 and all(10 <= t < 50 for _, t in states)
+    with pytest.raises(Exception, match="rollouts=41 is more than the 40 logged states"):
+        sample_states(Log(), ShortLoopConfig(rollouts=41, horizon=0.5, warmup=0.5), 0.05)
