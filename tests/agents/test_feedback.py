@@ -352,6 +352,7 @@ def test_komanda_single_step_rnn_equals_nn_rnn_and_feeds_back_three_outputs():
     torch.testing.assert_close(state[-1], torch.stack([out["steering"], out["speed"], out["throttle"]], -1)[:, 0])
 
 
+@pytest.mark.slow  # ~6 s
 def test_komanda_drives_through_evaluate_like_any_checkpoint(tmp_path):
     """`steerloop evaluate` of a komanda checkpoint (three fed-back outputs and the speed
     input): the same code path as every checkpoint, results bit-identical with 1 and 2 workers."""

@@ -294,6 +294,7 @@ family = "mine"
 """
 
 
+@pytest.mark.slow  # ~12 s: a whole study
 def test_a_study_evaluates_user_policies_offline_and_in_closed_loop(user, evaluated, dataset, capsys):
     config = user / "study.toml"
     config.write_text(STUDY.format(seed=KWARGS["seed"]))

@@ -83,6 +83,7 @@ def test_async_vector_env_equals_serial_envs(serial):
         envs.close()
 
 
+@pytest.mark.slow  # ~5 s; the string-id test drives SubprocVecEnv-style workers in the default suite
 def test_sb3_subproc_vec_env_equals_serial_envs(serial):
     sequences, runs = serial
     assert SEEDS[1] == SEEDS[0] + 1  # SB3 seeds sub-environment i with seed + i

@@ -24,6 +24,7 @@ def bc_start(tmp_path_factory):
     return root, str(data), str(root / "bc" / "best")
 
 
+@pytest.mark.slow  # ~10 s; the tiny study (tests/evaluation/test_study.py) runs DAgger in the default suite
 def test_iterations_grow_the_aggregate_and_resume(bc_start):
     root, data, init = bc_start
     scored = []
