@@ -317,6 +317,16 @@ def resolve(name: str, conditions: ConditionSet = BUILTIN, where: str = "conditi
     return conditions.resolve(name, where)
 
 
+def check_conditions(names, source: "ConditionFile | None" = None) -> None:
+    """Every name of a config's ``conditions`` list resolves (built in, inline
+    ``scenery.weather.camera``, or from the condition file ``source``); the list is not empty."""
+    if not names:
+        raise ValueError("conditions: give at least one visual condition")
+    available = source.conditions if source is not None else BUILTIN
+    for index, condition in enumerate(names):
+        available.resolve(condition, where=f"conditions[{index}]")
+
+
 def training_conditions(conditions: ConditionSet = BUILTIN) -> tuple[str, ...]:
     return conditions.names("train")
 

@@ -27,7 +27,7 @@ from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from steerloop.sim.env import LaneKeepEnv, load_track
 from steerloop.driving_log import MANIFEST, DrivingLogWriter, EpisodeBuffer, LogError, episode_file
 from steerloop.parallel import check_backend, connect_ray, run_tasks
-from steerloop.sim.conditions import BUILTIN, ConditionFile, read_condition_file
+from steerloop.sim.conditions import ConditionFile, check_conditions, read_condition_file
 from steerloop.sim.track import SPLIT_SEED_RANGES, check_route_length, split_seed
 
 SUITES = tuple(SPLIT_SEED_RANGES)  # train, val, test
@@ -99,11 +99,7 @@ class RecordConfig:
             raise ValueError(f"noise must be >= 0 (normalised steering units), got {self.noise}")
         if self.noise_kind not in NOISE_KINDS:
             raise ValueError(f"noise_kind must be one of {NOISE_KINDS}, got {self.noise_kind!r}")
-        if not self.conditions:
-            raise ValueError("conditions: give at least one visual condition")
-        available = self.condition_source.conditions if self.condition_source else BUILTIN
-        for index, condition in enumerate(self.conditions):
-            available.resolve(condition, where=f"conditions[{index}]")  # named or scenery.weather.camera
+        check_conditions(self.conditions, self.condition_source)
         if self.expert not in CONTROLLERS:
             raise ValueError(f"expert must be one of {sorted(CONTROLLERS)}, got {self.expert!r}")
         if self.workers < 1:

@@ -38,7 +38,7 @@ import numpy as np
 
 from steerloop.files import atomic_write_json
 from steerloop.sim import ENV_ID
-from steerloop.sim.conditions import BUILTIN, ConditionFile, read_condition_file
+from steerloop.sim.conditions import ConditionFile, check_conditions, read_condition_file
 from steerloop.sim.track import check_route_length, split_seed
 
 ALGOS = ("ppo",)
@@ -116,11 +116,7 @@ class RLConfig:
         check_route_length(self.track_length, "track_length")
         if self.tracks > 100_000:
             raise ValueError(f"tracks must be <= 100000 (the size of the training split), got {self.tracks}")
-        if not self.conditions:
-            raise ValueError("conditions: give at least one visual condition")
-        available = self.condition_source.conditions if self.condition_source else BUILTIN
-        for index, condition in enumerate(self.conditions):
-            available.resolve(condition, where=f"conditions[{index}]")  # named or scenery.weather.camera
+        check_conditions(self.conditions, self.condition_source)
         if min(self.resolution) < 36:
             raise ValueError(f"resolution must be at least 36x36 for SB3's NatureCNN, got "
                              f"{self.resolution[0]}x{self.resolution[1]}")
