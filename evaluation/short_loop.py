@@ -24,6 +24,7 @@ hold: the suspension's transient and the cruise controller's integral.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -73,7 +74,7 @@ class ShortLoopConfig:
 
 def logged_start(data: dict, t: int) -> dict:
     """The reset options that put the car into the logged state at step ``t`` of an episode
-    read with :meth:`DrivingLog.read_episode` (the command pending in the steering delay line
+    (or window) read with :meth:`DrivingLog.read_episode` (the command pending in the steering delay line
     is the one executed at step ``t - 1``; the episode clock is the logged ``time``, so moving
     cars are where they were)."""
     return {"start_s": float(data["progress"][t]), "start_offset": float(data["lateral_offset"][t]),
@@ -131,8 +132,6 @@ def _episode_start(log: DrivingLog, index: int) -> dict:
     if "track_spec" not in attrs:
         raise ShortLoopError(f"episode {index} of {log.path} has no track_spec attribute, so the car cannot be put "
                              "back on its road; short rollouts need logs written by `steerloop record`")
-    import json
-
     spec = attrs["track_spec"]
     return {"track": json.loads(spec) if isinstance(spec, str) else spec, "condition": str(attrs["condition"]),
             "seed": int(attrs["seed"])}
@@ -142,17 +141,19 @@ def rollout_from(policy: Policy, env, log: DrivingLog, index: int, t: int, cfg: 
                  name: str, camera: str = "center") -> dict:
     """One short rollout: reset to the logged state (episode ``index``, step ``t``), warm the
     policy up on the logged frames before it, then let it drive ``cfg.horizon`` seconds."""
-    data = log.read_episode(index, cameras=[camera])
-    frames, speed = data[f"frames/{camera}"], data["speed"]
+    warmup = _steps(cfg.warmup, env.dt)
+    first = max(t - warmup - 1, 0)  # the warm-up frames, and step t - 1's command for the delay line
+    data = log.read_window(index, first, t - first + 1, cameras=[camera])  # only what the rollout uses
+    frames, speed, at = data[f"frames/{camera}"], data["speed"], t - first
     episode = _episode_start(log, index)
     where = [f"episode {index} step {t} of {log.path}"]
     obs, info = env.reset(seed=episode["seed"], options={"track": episode["track"], "condition": episode["condition"],
-                                                          **logged_start(data, t)})
-    reset_error = (abs(info["lateral_offset"] - float(data["lateral_offset"][t])),
-                   abs(info["heading_error"] - float(data["heading_error"][t])))
+                                                          **logged_start(data, at)})
+    reset_error = (abs(info["lateral_offset"] - float(data["lateral_offset"][at])),
+                   abs(info["heading_error"] - float(data["heading_error"][at])))
     policy.reset()
     state, start = None, True
-    for tau in range(t - _steps(cfg.warmup, env.dt), t):
+    for tau in range(at - warmup, at):
         batch = {"image": frames[tau][None], "speed": np.array([[speed[tau]]], np.float32)}
         _, state = checked_predict(policy, batch, state, np.array([start]), name=name, where=where)
         start = False
