@@ -73,6 +73,10 @@ class Suite:
         d = {"name": self.name, "scenarios": [s.to_dict() for s in self.scenarios]}
         if self.condition_file is not None:  # suites without one keep their dict (run ids, cache keys)
             d["condition_file"] = self.condition_file.to_dict()
+        # what its conditions look like: run ids and cache keys change when a condition's values do
+        d["world"] = conditions_model.world_digest(
+            [s.condition for s in self.scenarios],
+            self.condition_file.conditions if self.condition_file is not None else conditions_model.BUILTIN)
         return d
 
     @property

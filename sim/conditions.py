@@ -17,16 +17,18 @@ separately). Conditions are named in :data:`CONDITIONS`, or composed inline as
 ``"scenery.weather.camera"`` (e.g. ``"forest.fog.dashcam"``). Users add their own values
 and conditions in a JSON or TOML file (:func:`load_condition_file`).
 
-Today's four looks keep their names and their pixels: ``default`` (also ``flat``), ``dusk``,
-``worn`` and ``desert`` are compositions of the plain scenery values ``meadow``, ``worn``
-and ``desert`` with the weather values ``noon``, ``dusk``, ``overcast`` and ``bright`` and
-the ``ideal`` camera (no effect at all).
+The first round's four looks keep their pixels: ``flat`` (the first round's ``default``),
+``dusk``, ``worn`` and ``desert`` are compositions of the plain scenery values ``meadow``,
+``worn`` and ``desert`` with the weather values ``noon``, ``dusk``, ``overcast`` and ``bright``
+and the ``ideal`` camera (no effect at all). ``default`` is the ``countryside`` scenery (asphalt
+patches, a verge, trees, bushes, poles, posts and signs) at noon through the ideal camera.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -193,6 +195,8 @@ SCENERY: dict[str, Scenery] = {
     "desert": Scenery(asphalt=(0.25, 0.24, 0.24), ground=(0.80, 0.68, 0.48), edge=(0.95, 0.95, 0.90),
                       centre=(0.95, 0.80, 0.20), split="held_out"),
     # with scenery
+    "countryside": Scenery(patches=4.0, verge_width=0.8, verge=(0.48, 0.44, 0.36), trees=2.0, bushes=3.0,
+                           poles=1.5, posts=2.0),
     "rural": Scenery(patches=6.0, verge_width=1.2, verge=(0.52, 0.47, 0.38), trees=3.0, bushes=4.0, poles=2.5,
                      posts=2.0, fences=0.4),
     "forest": Scenery(asphalt=(0.30, 0.30, 0.31), ground=(0.22, 0.34, 0.16), patches=4.0, verge_width=0.8,
@@ -239,7 +243,7 @@ CAMERAS: dict[str, CameraLook] = {
                         mount_height=0.1, split="held_out"),
 }
 CONDITIONS: dict[str, Composition] = {
-    "default": Composition("meadow", "noon"),
+    "default": Composition("countryside", "noon"),
     "flat": Composition("meadow", "noon"),
     "dusk": Composition("meadow", "dusk"),
     "worn": Composition("worn", "overcast"),
@@ -305,8 +309,8 @@ class ConditionSet:
         return "held_out" if held else "train"
 
     def names(self, split: str | None = None) -> tuple[str, ...]:
-        """The named conditions (of ``split``, if given), sorted; ``flat`` (an alias) is left out."""
-        return tuple(n for n in sorted(self.named) if n != "flat" and (split is None or self.split(n) == split))
+        """The named conditions (of ``split``, if given), sorted."""
+        return tuple(n for n in sorted(self.named) if split is None or self.split(n) == split)
 
 
 BUILTIN = ConditionSet(dict(SCENERY), dict(WEATHER), dict(CAMERAS), dict(CONDITIONS))  # plain dicts: picklable
@@ -438,14 +442,7 @@ class ConditionFile:
     def values(self, names) -> dict[str, dict]:
         """What the conditions ``names`` are made of under this file: each one's composition and
         the fields of its scenery, weather and camera values (JSON-ready; stored in manifests)."""
-        conditions = self.conditions
-        out = {}
-        for name in names:
-            composition = conditions.resolve(name)
-            out[name] = {axis: {"name": getattr(composition, axis),
-                                **_recorded_fields(axis, conditions.axis(axis)[getattr(composition, axis)])}
-                         for axis in AXES}
-        return out
+        return condition_values(names, self.conditions)
 
     def identity(self, names) -> dict:
         """The file's part of a recording's or run's identity: content hash and the values used."""
@@ -458,6 +455,28 @@ class ConditionFile:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], path: str = "<run.json>") -> ConditionFile:
         return cls(path=path, content=data["content"], sha256=data["sha256"])
+
+
+def condition_values(names, conditions: ConditionSet = BUILTIN) -> dict[str, dict]:
+    """What the conditions ``names`` are made of: each one's composition and the fields of its
+    scenery, weather and camera values (JSON-ready)."""
+    out = {}
+    for name in names:
+        composition = conditions.resolve(name)
+        out[name] = {axis: {"name": getattr(composition, axis),
+                            **_recorded_fields(axis, conditions.axis(axis)[getattr(composition, axis)])}
+                     for axis in AXES}
+    return out
+
+
+def world_digest(names, conditions: ConditionSet = BUILTIN) -> str:
+    """A short hash of what the conditions ``names`` are made of (:func:`condition_values`).
+
+    Part of every recording's, run's and study stage's identity, so a cache or a resume never
+    mixes frames of a condition whose values changed (e.g. ``default`` gaining scenery) with
+    frames of its old look."""
+    text = json.dumps(condition_values(sorted(set(names)), conditions), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def content_from_values(values: Mapping[str, Any]) -> dict:

@@ -27,7 +27,7 @@ from steerloop.sim.controllers import CONTROLLERS, DEFAULT_EXPERT
 from steerloop.sim.env import LaneKeepEnv, load_track
 from steerloop.driving_log import MANIFEST, DrivingLogWriter, EpisodeBuffer, LogError, episode_file
 from steerloop.parallel import check_backend, connect_ray, run_tasks
-from steerloop.sim.conditions import ConditionFile, check_conditions, read_condition_file
+from steerloop.sim.conditions import BUILTIN, ConditionFile, check_conditions, read_condition_file, world_digest
 from steerloop.sim.track import SPLIT_SEED_RANGES, check_route_length, split_seed
 
 SUITES = tuple(SPLIT_SEED_RANGES)  # train, val, test
@@ -130,6 +130,8 @@ class RecordConfig:
         if not self.learner_kwargs:
             config.pop("learner_kwargs")  # datasets recorded before learner kwargs existed keep their identity
         config["cameras"], config["conditions"] = list(self.cameras), list(self.conditions)
+        source = self.condition_source
+        config["world"] = world_digest(self.conditions, source.conditions if source is not None else BUILTIN)
         config["resolution"] = list(self.resolution)
         if self.track is not None:
             config["track"] = load_track(self.track).to_spec()

@@ -63,15 +63,35 @@ def short_track(tmp_path) -> Path:
 
 
 # ----------------------------------------------------------------------------- unchanged without a file
-def test_without_a_condition_file_every_identity_is_main_s(tmp_path):
-    assert RecordConfig().dataset_config() == MAIN_DATASET_CONFIG
-    assert _sha(RecordConfig(conditions=("dusk", "rural"), noise=0.1).dataset_config()) == MAIN_NOISY_DATASET_SHA256
+def _without_world(identity: dict) -> dict:
+    return {key: value for key, value in identity.items() if key != "world"}
+
+
+def test_without_a_condition_file_identities_add_only_the_world_digest(tmp_path):
+    assert _without_world(RecordConfig().dataset_config()) == MAIN_DATASET_CONFIG
+    noisy = RecordConfig(conditions=("dusk", "rural"), noise=0.1).dataset_config()
+    assert _sha(_without_world(noisy)) == MAIN_NOISY_DATASET_SHA256
+    assert noisy["world"] == conditions.world_digest(["dusk", "rural"])
     for name, digest in MAIN_SUITE_SHA256.items():
-        assert _sha(builtin_suite(name).to_dict()) == digest
+        assert _sha(_without_world(builtin_suite(name).to_dict())) == digest
     suite_file = tmp_path / "s.json"
     suite_file.write_text(json.dumps({"tracks": [5], "conditions": ["default", "dusk"]}))
-    assert set(load_suite(str(suite_file)).to_dict()) == {"name", "scenarios"}
+    assert set(load_suite(str(suite_file)).to_dict()) == {"name", "scenarios", "world"}
     assert "condition_file" not in RLConfig().run_config()
+
+
+def test_the_world_digest_follows_what_a_condition_is_made_of(tmp_path):
+    """A recording's and a run's identity change when a condition's values change (``default``
+    gaining scenery invalidates caches of its old look), and not with the order of the names."""
+    assert conditions.world_digest(["default"]) != conditions.world_digest(["flat"])
+    assert conditions.world_digest(["dusk", "rural", "dusk"]) == conditions.world_digest(["rural", "dusk"])
+    path = tmp_path / "c.toml"
+    path.write_text('[scenery.mine]\nbase = "meadow"\ntrees = 1.0\n[conditions.x]\nscenery = "mine"\nweather = "noon"\n')
+    before = conditions.read_condition_file(path).conditions
+    path.write_text(path.read_text().replace("trees = 1.0", "trees = 2.0"))
+    after = conditions.read_condition_file(path).conditions
+    assert conditions.world_digest(["x"], before) != conditions.world_digest(["x"], after)
+    assert conditions.world_digest(["default"], before) == conditions.world_digest(["default"])
 
 
 # ----------------------------------------------------------------------------- suites

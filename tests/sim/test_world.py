@@ -17,8 +17,9 @@ from steerloop.sim import conditions, imaging, scene
 from steerloop.sim.env import LaneKeepEnv
 
 # sha256 of 20 expert-driven frames + chase view + the next np_random draw (seed 3, SHORT_SPEC, TINY),
-# recorded before the composition model: today's four conditions must not change by a bit.
-LEGACY_HASHES = {"default": "7d7a6769daa9e622", "dusk": "1142acb8bc7cbd49", "worn": "805da67fee39a476",
+# recorded before the composition model: the first round's looks must not change by a bit. The
+# first round's `default` look is `flat` now (`default` has gained texture and scenery).
+LEGACY_HASHES = {"flat": "7d7a6769daa9e622", "dusk": "1142acb8bc7cbd49", "worn": "805da67fee39a476",
                  "desert": "2f4b2c9bd64cbf28"}
 
 
@@ -38,10 +39,34 @@ def test_todays_conditions_keep_their_pixels_and_random_streams():
     env = LaneKeepEnv(track=SHORT_SPEC, resolution=TINY, render_mode="rgb_array")
     try:
         got = {name: _episode_hash(env, name) for name in LEGACY_HASHES}
-        assert _episode_hash(env, "flat") == got["default"]  # the flat look stays available by name
+        default = _episode_hash(env, "default")
     finally:
         env.close()
-    assert got == LEGACY_HASHES
+    assert got == LEGACY_HASHES  # the flat look stays available by name
+    assert default != got["flat"]
+
+
+def test_the_default_condition_has_texture_and_roadside_scenery():
+    """``default`` is a training condition with asphalt patches, a verge and roadside objects
+    (trees, bushes, poles, posts) and the ideal camera; ``flat`` has none of them."""
+    composition = conditions.resolve("default")
+    scenery = conditions.SCENERY[composition.scenery]
+    assert conditions.BUILTIN.split("default") == "train" and composition.camera == "ideal"
+    assert scenery.patches > 0 and scenery.verge_width > 0
+    assert min(scenery.trees, scenery.bushes, scenery.poles, scenery.posts) > 0
+    env = LaneKeepEnv(track=SHORT_SPEC, resolution=(66, 200), extra_observations=("semantic",))
+    try:
+        seen = {}
+        for name in ("default", "flat"):
+            obs, _ = env.reset(seed=3, options={"condition": name})
+            classes = set()
+            for _ in range(30):
+                obs, *_ = env.step(np.zeros(1, np.float32))
+                classes |= set(np.unique(obs["semantic"]).tolist())
+            seen[name] = classes
+    finally:
+        env.close()
+    assert scene.SCENERY in seen["default"] and scene.SCENERY not in seen["flat"]
 
 
 @pytest.mark.parametrize("name", ["town-rain", "forest-fog", "rural-night", "arid-glare"])
@@ -209,7 +234,7 @@ def test_road_cache_is_shared_by_conditions_of_one_scenery():
     try:
         for name in ("default", "dusk", "rural", "rural-night"):
             env.reset(seed=0, options={"condition": name})
-        assert sorted(scenery for _, scenery in env.world.road_cache) == ["meadow", "rural"]
+        assert sorted(scenery for _, scenery in env.world.road_cache) == ["countryside", "meadow", "rural"]
         assert scene.ROADS_PER_WORLD == 128
     finally:
         env.close()
