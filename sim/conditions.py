@@ -256,6 +256,7 @@ CONDITIONS: dict[str, Composition] = {
     "forest-fog": Composition("forest", "fog", "dashcam"),
     "rural-night": Composition("rural", "night", "cheap"),
     "arid-glare": Composition("arid", "low_sun", "cheap"),
+    "town-traffic": Composition("town-traffic", "overcast", "dashcam"),  # held out, with oncoming cars
 }
 RICHEST = "town-rain"  # the built-in condition with the most geometry and effects (bench env)
 TRAFFIC = "town-traffic.rain.dashcam"  # RICHEST with oncoming cars (bench env: their cost side by side)

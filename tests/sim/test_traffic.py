@@ -65,14 +65,14 @@ def test_frames_are_bit_identical_per_seed_and_across_copies():
 
 def test_ego_trajectory_is_unchanged_and_only_car_pixels_differ():
     runs = {}
-    for condition in ("default", "busy-lead.noon"):
+    for condition in ("flat", "busy-lead.noon"):
         env = make(condition)
         try:
             runs[condition] = drive(env, 80, seed=5)
         finally:
             env.close()
     seen = 0
-    for (plain, _, plain_info), (busy, mask, busy_info) in zip(runs["default"], runs["busy-lead.noon"]):
+    for (plain, _, plain_info), (busy, mask, busy_info) in zip(runs["flat"], runs["busy-lead.noon"]):
         assert {k: v for k, v in plain_info.items() if k not in ("condition", "frames")} == \
             {k: v for k, v in busy_info.items() if k not in ("condition", "frames")}  # bit for bit
         changed = np.any(np.frombuffer(plain, np.uint8).reshape(*TINY, 3)
@@ -122,7 +122,7 @@ def test_cars_are_seen_approaching_and_the_lead_car_stays_ahead():
         counts = [int(np.count_nonzero(mask == VEHICLE)) for _, mask, _ in drive(env, 40, seed=2)]
     finally:
         env.close()
-    plain = make("default")
+    plain = make("flat")
     try:
         assert all(not np.any(mask == VEHICLE) for _, mask, _ in drive(plain, 40, seed=2))
     finally:
@@ -150,14 +150,14 @@ def test_cars_are_seen_approaching_and_the_lead_car_stays_ahead():
 def test_bodies_are_a_fixed_few_whatever_the_distance():
     env = make("busy-lead.noon")
     try:
-        env.reset(seed=0, options={"condition": "default"})
+        env.reset(seed=0, options={"condition": "flat"})
         plain = env.client.getNumBodies()
         env.reset(seed=0)
         assert env.client.getNumBodies() == plain + ONCOMING_BODIES + 1
         drive(env, 140, seed=None)  # twice as many cars as bodies pass
         assert len(env.traffic.entries) >= 2 * ONCOMING_BODIES
         assert env.client.getNumBodies() == plain + ONCOMING_BODIES + 1
-        env.reset(seed=0, options={"condition": "default"})
+        env.reset(seed=0, options={"condition": "flat"})
         assert env.client.getNumBodies() == plain and env.traffic is None and env.traffic_bodies is None
     finally:
         env.close()
