@@ -332,6 +332,8 @@ def parse_study(raw: dict, path: Path) -> StudyConfig:
             _check_keys(table, {"dagger"}, where)
             dagger = dict(table["dagger"])
             _check_keys(dagger, dagger_fields, f"{where} dagger")
+            if isinstance(dagger.get("condition_file"), str):  # relative to the study file, as for datasets
+                dagger["condition_file"] = str((path.parent / dagger["condition_file"]).resolve())
             try:
                 DaggerConfig(**{**dagger, "init": "unused", "data": ["unused"]})
             except (ValueError, TypeError) as error:
@@ -523,12 +525,15 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
             policies[name] = Stage("train", name, key, path_under(out, "policies", f"{name}-{key}"),
                                    {"config": train_cfg})
         else:
-            dagger = {k: v for k, v in spec.dagger.items() if k != "init"}
-            dagger = dataclasses.asdict(DaggerConfig(**dagger, init="unused", data=["unused"]))
+            dagger_cfg = DaggerConfig(**{k: v for k, v in spec.dagger.items() if k != "init"}, init="unused",
+                                      data=["unused"])
+            dagger = dataclasses.asdict(dagger_cfg)
+            identity = dagger_cfg.run_config()  # conditions only when set; a condition file by its content
             for unused in ("init", "data", "out", "workers", "backend", "address"):
                 dagger.pop(unused)
+                identity.pop(unused, None)
             init = spec.dagger["init"]
-            key = _hash({"dagger": dagger, "init": policies[init].key, "resolution": list(cfg.resolution)})
+            key = _hash({"dagger": identity, "init": policies[init].key, "resolution": list(cfg.resolution)})
             policies[name] = Stage("dagger", name, key, path_under(out, "policies", f"{name}-{key}"),
                                    {"config": dagger, "init": init})
     offline, cell_offline = {}, {}
