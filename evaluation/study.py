@@ -42,8 +42,9 @@ Study file (every key optional unless marked)::
     data = ["clean"]
     epochs = 4
     checkpoints = [1, 2, 4]       # -> pilotnet-long-e01, pilotnet-long-e02, pilotnet-long-e04
-    [policies.pilotnet-dagger]    # DAgger from another policy of the study
-    dagger = { init = "pilotnet-clean", iterations = 2, episodes_per_iter = 6 }
+    [policies.pilotnet-dagger]    # DAgger from another policy of the study: any DaggerConfig field
+    dagger = { init = "pilotnet-clean", iterations = 2, episodes_per_iter = 6 }   # except out / data / workers
+                                  # (conditions / condition_file: in the key only when given)
 
     [policies.mine]               # a user's own policy, evaluated beside the trained ones
     policy = "mypkg.models:load"  # any policy spec: package.module:attr, path/to/file.py:attr,
