@@ -248,3 +248,16 @@ def test_study_dagger_bad_condition_names_the_table(tmp_path):
     with pytest.raises(StudyError, match=r"\[policies.d\] dagger: condition file .*none.toml does not exist"):
         dagger_stage(tmp_path, STUDY.replace("episodes_per_iter = 2", 'episodes_per_iter = 2, conditions = ["x"], '
                                                                       'condition_file = "none.toml"'))
+
+
+def test_a_condition_file_edited_between_iterations_is_refused(tmp_path):
+    """The run's content is fixed when it starts: an iteration never records under edited values."""
+    mine = tmp_path / "mine.toml"
+    mine.write_text(MINE)
+    cfg = DaggerConfig(init="ckpt", data=["data"], out=str(tmp_path / "run"), conditions=("misty",),
+                       condition_file=str(mine))
+    assert _iteration_recording(cfg, 0, "ckpt", TINY).condition_source.sha256 == cfg.condition_source.sha256
+    mine.write_text(MINE.replace("0.05", "0.07"))
+    with pytest.raises(ValueError, match=rf"condition file {mine}: its content changed during the DAgger run"):
+        _iteration_recording(cfg, 1, "ckpt", TINY)
+    assert not (tmp_path / "run").exists()
