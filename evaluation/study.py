@@ -42,8 +42,9 @@ Study file (every key optional unless marked)::
     data = ["clean"]
     epochs = 4
     checkpoints = [1, 2, 4]       # -> pilotnet-long-e01, pilotnet-long-e02, pilotnet-long-e04
-    [policies.pilotnet-dagger]    # DAgger from another policy of the study
-    dagger = { init = "pilotnet-clean", iterations = 2, episodes_per_iter = 6 }
+    [policies.pilotnet-dagger]    # DAgger from another policy of the study: any DaggerConfig field
+    dagger = { init = "pilotnet-clean", iterations = 2, episodes_per_iter = 6 }   # except out / data / workers
+                                  # (conditions / condition_file: in the key only when given)
 
     [policies.mine]               # a user's own policy, evaluated beside the trained ones
     policy = "mypkg.models:load"  # any policy spec: package.module:attr, path/to/file.py:attr,
@@ -332,6 +333,8 @@ def parse_study(raw: dict, path: Path) -> StudyConfig:
             _check_keys(table, {"dagger"}, where)
             dagger = dict(table["dagger"])
             _check_keys(dagger, dagger_fields, f"{where} dagger")
+            if isinstance(dagger.get("condition_file"), str):  # relative to the study file, as for datasets
+                dagger["condition_file"] = str((path.parent / dagger["condition_file"]).resolve())
             try:
                 DaggerConfig(**{**dagger, "init": "unused", "data": ["unused"]})
             except (ValueError, TypeError) as error:
@@ -523,12 +526,15 @@ def plan_study(cfg: StudyConfig, out: str | Path) -> StudyPlan:
             policies[name] = Stage("train", name, key, path_under(out, "policies", f"{name}-{key}"),
                                    {"config": train_cfg})
         else:
-            dagger = {k: v for k, v in spec.dagger.items() if k != "init"}
-            dagger = dataclasses.asdict(DaggerConfig(**dagger, init="unused", data=["unused"]))
+            dagger_cfg = DaggerConfig(**{k: v for k, v in spec.dagger.items() if k != "init"}, init="unused",
+                                      data=["unused"])
+            dagger = dataclasses.asdict(dagger_cfg)
+            identity = dagger_cfg.run_config()  # conditions only when set; a condition file by its content
             for unused in ("init", "data", "out", "workers", "backend", "address"):
                 dagger.pop(unused)
+                identity.pop(unused, None)
             init = spec.dagger["init"]
-            key = _hash({"dagger": dagger, "init": policies[init].key, "resolution": list(cfg.resolution)})
+            key = _hash({"dagger": identity, "init": policies[init].key, "resolution": list(cfg.resolution)})
             policies[name] = Stage("dagger", name, key, path_under(out, "policies", f"{name}-{key}"),
                                    {"config": dagger, "init": init})
     offline, cell_offline = {}, {}

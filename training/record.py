@@ -249,18 +249,25 @@ def _check_condition_file_unchanged(cfg: RecordConfig) -> None:
             recorded = json.load(handle).get("config", {}).get("condition_file")
     except (OSError, ValueError, AttributeError):
         return  # no (readable) manifest: nothing to resume, or the writer reports the damage
-    now = cfg.condition_source
+    check_condition_file_unchanged(recorded, cfg.condition_source, cfg.out)
+
+
+def check_condition_file_unchanged(recorded, now: ConditionFile | None, out, made: str = "recorded",
+                                   error: type[Exception] = LogError) -> None:
+    """Refuse to resume ``out`` (``made`` with the condition file identity ``recorded``, as stored
+    by :meth:`ConditionFile.identity`, or None) with the file ``now``: its content hash differs,
+    or one of them has a condition file and the other none. Raises ``error`` naming the file."""
     if recorded is None and now is None:
         return
     old = recorded.get("sha256") if isinstance(recorded, dict) else None
     if now is None:
-        raise LogError(f"{cfg.out} was recorded with a condition file (content sha256 {str(old)[:12]}); give "
-                       "condition_file (--condition-file) with that content to resume it, or pick another --out")
+        raise error(f"{out} was {made} with a condition file (content sha256 {str(old)[:12]}); give "
+                    "condition_file (--condition-file) with that content to resume it, or pick another --out")
     if old != now.sha256:
-        recorded_as = f"content sha256 {old[:12]}" if old else "no condition file"
-        raise LogError(f"condition file {now.path}: its content (sha256 {now.sha256[:12]}) is not what {cfg.out} "
-                       f"was recorded with ({recorded_as}); restore that file to resume, or pick another --out "
-                       "(nothing was changed)")
+        made_with = f"content sha256 {old[:12]}" if old else "no condition file"
+        raise error(f"condition file {now.path}: its content (sha256 {now.sha256[:12]}) is not what {out} "
+                    f"was {made} with ({made_with}); restore that file to resume, or pick another --out "
+                    "(nothing was changed)")
 
 
 def record(cfg: RecordConfig, progress: bool = True) -> dict:
