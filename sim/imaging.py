@@ -120,7 +120,7 @@ def apply(frame: np.ndarray, depth_buffer: np.ndarray | None, effects: Effects |
 
 def _sensor_image(frame: np.ndarray, depth_buffer: np.ndarray | None, effects: Effects) -> np.ndarray:
     """The (H, W, 3) float32 image [8-bit levels] on the sensor: light, lens and noise, before quantisation."""
-    image = frame.astype(np.float32)
+    image = frame.astype(np.float32, order="C")  # C order: _rain writes through a reshaped view
     constants = effects.constants(image.shape)
     if effects.fog > 0.0 and depth_buffer is not None:
         _fog(image, depth_buffer, effects.fog, constants.fog_colour)
@@ -185,12 +185,7 @@ def _rain(image: np.ndarray, effects: Effects) -> None:
     length = rng.uniform(*RAIN_LENGTH, effects.rain) * height
     ends = np.stack([x0, y0, x0 + RAIN_SLANT * length, y0 + length], axis=1).astype(np.int32)  # truncated, as int()
     mask = np.zeros((height, width), np.uint8)
-    cv2.polylines(mask, list(ends.reshape(-1, 2, 2)), False, 255, 1)  # each streak as its own cv2.line
-    points = cv2.findNonZero(mask)  # int32 (x, y) of the streak pixels, (N, 1, 2) or (N, 2), or None
-    if points is None:
-        return
-    xs, ys = points.reshape(-1, 2).T
-    streaks = image[ys, xs]
-    streaks *= _RAIN_KEEP
-    streaks += _RAIN_ADD
-    image[ys, xs] = streaks
+    cv2.polylines(mask, list(ends.reshape(-1, 2, 2)), False, 1, 1)  # each streak as its own cv2.line would
+    pixels = image.reshape(-1, 3)  # a view of the image
+    streak = np.flatnonzero(mask.view(bool))  # the mask holds 0 and 1 only, so it is a valid bool array
+    pixels[streak] = pixels[streak] * _RAIN_KEEP + _RAIN_ADD
