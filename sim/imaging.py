@@ -25,8 +25,8 @@ RAIN_SLANT = 0.25  # [-] horizontal drift per unit of streak length
 RAIN_BRIGHTNESS = 0.35  # [-] how far a streak pulls a pixel towards RAIN_COLOUR
 RAIN_COLOUR = 215.0  # [8-bit level]
 GLARE_RADIUS = 0.35  # [fraction of the image width] Gaussian sigma of the sun glare
-# a streak pixel becomes pixel * _RAIN_KEEP + _RAIN_ADD: its float32 weight (mask level 255 times
-# RAIN_BRIGHTNESS / 255) and both factors computed with the same float32 operations as a whole mask
+# a streak pixel becomes pixel * _RAIN_KEEP + _RAIN_ADD: its float32 weight (8-bit mask level 255 times
+# RAIN_BRIGHTNESS / 255) and both factors computed with the float32 operations of a whole-image blend
 _RAIN_WEIGHT = np.float32([255.0]) * (RAIN_BRIGHTNESS / 255.0)
 _RAIN_KEEP = (1.0 - _RAIN_WEIGHT)[0]  # [-]
 _RAIN_ADD = (RAIN_COLOUR * _RAIN_WEIGHT)[0]  # [8-bit level]
@@ -42,7 +42,8 @@ class FrameConstants(NamedTuple):
 
 @dataclass
 class Effects:
-    """The effects of one episode (drawn once at reset) and the generator of per-frame noise."""
+    """The effects of one episode (drawn once at reset, then never changed) and the generator of
+    per-frame noise."""
 
     fog: float
     fog_colour: np.ndarray  # (3,) float32 [8-bit levels]
@@ -54,7 +55,8 @@ class Effects:
     jpeg: int
     mount: tuple[float, float, float]  # pitch [deg], yaw [deg], height [m] errors
     rng: np.random.Generator
-    _constants: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _constants: dict[tuple[int, ...], FrameConstants] = field(default_factory=dict, init=False, repr=False,
+                                                              compare=False)
     """FrameConstants per (H, W, 3) shape, made on first use (not copied or pickled)."""
 
     @property
@@ -70,6 +72,7 @@ class Effects:
         return self._constants[shape]
 
     def __getstate__(self) -> dict:
+        """Copies and pickles leave the cached constants behind (they are remade on first use)."""
         return {**self.__dict__, "_constants": {}}
 
 
