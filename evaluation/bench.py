@@ -11,6 +11,7 @@ import time
 import numpy as np
 import torch
 
+from steerloop.sim import imaging
 from steerloop.sim.camera import body_camera_matrices, render
 from steerloop.sim.conditions import RICHEST, TRAFFIC
 from steerloop.sim.env import LaneKeepEnv
@@ -36,7 +37,7 @@ ENV_OVERHEAD_MAX = 1.15  # env time over (bare render + bare physics) of the sam
 
 
 class _ConditionBench:
-    """One environment in one condition, the camera poses of its expert drive and the three timed loops."""
+    """One environment in one condition, the camera poses of its expert drive and the four timed loops."""
 
     def __init__(self, condition: str, steps: int, resolution: tuple[int, int]):
         self.env = env = LaneKeepEnv(track=BENCH_TRACK, resolution=resolution, condition=condition)
@@ -48,6 +49,9 @@ class _ConditionBench:
             env.step(np.array([env.expert_command()], np.float32))
             self.poses.append(body_camera_matrices(env.client, spec, *vehicle.base_state(),
                                                    vehicle.params.wheel_radius))
+        # the last pose's bare frame and depth buffer, for the image-formation effects alone
+        self.frame, self.depth = render(env.client, spec.width, spec.height, *self.poses[-1], env.appearance.lighting,
+                                        depth=True)
 
     def render_only(self, n: int) -> None:
         env, spec = self.env, self.env.episode_cameras[0]
@@ -58,6 +62,10 @@ class _ConditionBench:
         for _ in range(n):
             self.env.vehicle.step_physics(self.env.substeps)
 
+    def image_formation(self, n: int) -> None:
+        for _ in range(n):
+            imaging.apply(self.frame, self.depth, self.env.effects)
+
     def env_steps(self, n: int) -> None:
         env = self.env
         for _ in range(n):
@@ -66,7 +74,7 @@ class _ConditionBench:
     def timed(self) -> dict[str, float]:
         out = {}
         for key, loop in (("render_fps", self.render_only), ("physics_steps_per_s", self.physics_only),
-                          ("env_steps_per_s", self.env_steps)):
+                          ("env_steps_per_s", self.env_steps), ("image_formations_per_s", self.image_formation)):
             self.env.reset(seed=0)
             out[key] = _median_rate(loop, self.steps, 1)
         return out
@@ -81,13 +89,15 @@ def bench_env(steps: int = 300, repeats: int = 5, resolution: tuple[int, int] = 
 
     The car follows the expert along a test track (300 steps stay on the route, so no reset
     is timed); bare rendering replays the camera poses of that same drive. Image-formation
-    effects (fog, noise, blur, JPEG...) count as environment time. The top-level figures
+    effects (fog, noise, blur, JPEG...) count as environment time; ``image_formation_ms_per_frame``
+    is their cost alone (sim.imaging.apply on one frame and depth buffer of the drive). The top-level figures
     are the default condition's; ``conditions`` holds each one's, with its ratio to flat.
     """
     torch.set_num_threads(1)
     benches = {name: _ConditionBench(name, steps, resolution) for name in conditions}
     substeps = next(iter(benches.values())).env.substeps
-    results = {name: {"render_fps": [], "physics_steps_per_s": [], "env_steps_per_s": []} for name in conditions}
+    results = {name: {"render_fps": [], "physics_steps_per_s": [], "env_steps_per_s": [], "image_formations_per_s": []}
+               for name in conditions}
     for _ in range(repeats):
         for name, bench in benches.items():
             for key, value in bench.timed().items():
@@ -115,12 +125,15 @@ def bench_env(steps: int = 300, repeats: int = 5, resolution: tuple[int, int] = 
 
 
 def _summary(values: dict[str, list[float]]) -> dict:
-    """Medians of one condition's rates, and its env time over bare render + physics."""
+    """Medians of one condition's rates, its env time over bare render + physics, and the time
+    its image-formation effects (sim.imaging.apply, part of env time) take per frame."""
     med = {key: statistics.median(series) for key, series in values.items()}
+    formation_ms = 1000.0 / med.pop("image_formations_per_s")  # [ms per frame]
     render_plus_physics = 1.0 / (1.0 / med["render_fps"] + 1.0 / med["physics_steps_per_s"])
     return {**{key: round(value, 1) for key, value in med.items()},
             "render_plus_physics_steps_per_s": round(render_plus_physics, 1),
-            "env_overhead_ratio": round(render_plus_physics / med["env_steps_per_s"], 3)}
+            "env_overhead_ratio": round(render_plus_physics / med["env_steps_per_s"], 3),
+            "image_formation_ms_per_frame": round(formation_ms, 3)}
 
 
 SOAK_WARMUP_TRACKS = 50  # distinct tracks driven before the baseline RSS is read

@@ -11,7 +11,8 @@ conditions keep their random streams and their pixels.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -24,11 +25,25 @@ RAIN_SLANT = 0.25  # [-] horizontal drift per unit of streak length
 RAIN_BRIGHTNESS = 0.35  # [-] how far a streak pulls a pixel towards RAIN_COLOUR
 RAIN_COLOUR = 215.0  # [8-bit level]
 GLARE_RADIUS = 0.35  # [fraction of the image width] Gaussian sigma of the sun glare
+# a streak pixel becomes pixel * _RAIN_KEEP + _RAIN_ADD: its float32 weight (8-bit mask level 255 times
+# RAIN_BRIGHTNESS / 255) and both factors computed with the float32 operations of a whole-image blend
+_RAIN_WEIGHT = np.float32([255.0]) * (RAIN_BRIGHTNESS / 255.0)
+_RAIN_KEEP = (1.0 - _RAIN_WEIGHT)[0]  # [-]
+_RAIN_ADD = (RAIN_COLOUR * _RAIN_WEIGHT)[0]  # [8-bit level]
+JPEG_READ = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # our own JPEG has no EXIF: skip looking for it
+
+
+class FrameConstants(NamedTuple):
+    """What every frame of an episode at one image shape adds or blends, computed once."""
+
+    glare: np.ndarray | None  # (H, W, 3) float32 [8-bit levels], None without glare
+    fog_colour: np.ndarray  # (H, W, 3) float32 [8-bit levels]
 
 
 @dataclass
 class Effects:
-    """The effects of one episode (drawn once at reset) and the generator of per-frame noise."""
+    """The effects of one episode (drawn once at reset, then never changed) and the generator of
+    per-frame noise."""
 
     fog: float
     fog_colour: np.ndarray  # (3,) float32 [8-bit levels]
@@ -40,10 +55,25 @@ class Effects:
     jpeg: int
     mount: tuple[float, float, float]  # pitch [deg], yaw [deg], height [m] errors
     rng: np.random.Generator
+    _constants: dict[tuple[int, ...], FrameConstants] = field(default_factory=dict, init=False, repr=False,
+                                                              compare=False)
+    """FrameConstants per (H, W, 3) shape, made on first use (not copied or pickled)."""
 
     @property
     def needs_depth(self) -> bool:
         return self.fog > 0.0
+
+    def constants(self, shape: tuple[int, int, int]) -> FrameConstants:
+        """This episode's glare and fog colour laid out over (H, W, 3) frames (cached per shape)."""
+        if shape not in self._constants:
+            height, width = shape[:2]
+            fog_colour = np.ascontiguousarray(np.broadcast_to(self.fog_colour, shape))
+            self._constants[shape] = FrameConstants(_glare(height, width, self.glare), fog_colour)
+        return self._constants[shape]
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the cached constants behind (they are remade on first use)."""
+        return {**self.__dict__, "_constants": {}}
 
 
 def draw_effects(weather: Weather, camera: CameraLook, np_random: np.random.Generator) -> Effects | None:
@@ -78,43 +108,87 @@ def linear_depth(depth_buffer: np.ndarray) -> np.ndarray:
 
 
 def apply(frame: np.ndarray, depth_buffer: np.ndarray | None, effects: Effects | None) -> np.ndarray:
-    """The (H, W, 3) uint8 frame as this episode's camera records it."""
+    """The (H, W, 3) uint8 frame as this episode's camera records it.
+
+    Every step is float32 arithmetic done in place on one (H, W, 3) image, with per-pixel factors
+    expanded to three channels (a (H, W, 1) operand makes numpy loop three values at a time) and
+    per-episode constants (glare, fog colour) computed once per shape: the same operations, so
+    the same bits, as composing the effects with fresh temporaries (tests/sim/test_imaging.py).
+    """
     if effects is None:
         return frame
-    image = frame.astype(np.float32)
-    height, width = image.shape[:2]
+    out = _to_uint8(_sensor_image(frame, depth_buffer, effects))
+    return _jpeg_round_trip(out, effects.jpeg) if effects.jpeg else out
+
+
+def _sensor_image(frame: np.ndarray, depth_buffer: np.ndarray | None, effects: Effects) -> np.ndarray:
+    """The (H, W, 3) float32 image [8-bit levels] on the sensor: light, lens and noise, before quantisation."""
+    image = frame.astype(np.float32, order="C")  # C order: _rain writes through a reshaped view
+    constants = effects.constants(image.shape)
     if effects.fog > 0.0 and depth_buffer is not None:
-        keep = np.exp(-effects.fog * linear_depth(depth_buffer.astype(np.float32)))[..., None]
-        image = image * keep + effects.fog_colour * (1.0 - keep)
-    gx, gy, peak = effects.glare
-    if peak > 0.0:
-        y, x = np.ogrid[:height, :width]
-        r2 = ((x - gx * width) ** 2 + (y - gy * height) ** 2) / (GLARE_RADIUS * width) ** 2
-        image = image + (255.0 * peak) * np.exp(-0.5 * r2, dtype=np.float32)[..., None]
+        _fog(image, depth_buffer, effects.fog, constants.fog_colour)
+    if constants.glare is not None:
+        image += constants.glare
     if effects.gain != 1.0:
-        image = image * np.float32(effects.gain)
+        image *= np.float32(effects.gain)
     if effects.rain:
-        image = _rain(image, effects)
+        _rain(image, effects)
+    spare = None  # a free (H, W, 3) float32 buffer for the noise once the blur has made a new image
     if effects.blur > 0.0:
-        image = cv2.GaussianBlur(image, (0, 0), effects.blur)
+        image, spare = cv2.GaussianBlur(image, (0, 0), effects.blur), image
     if effects.noise > 0.0:
-        image = image + effects.rng.standard_normal(image.shape, dtype=np.float32) * np.float32(effects.noise)
-    out = np.clip(image, 0.0, 255.0).astype(np.uint8)
-    if effects.jpeg:
-        ok, data = cv2.imencode(".jpg", cv2.cvtColor(out, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, effects.jpeg])
-        out = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    return np.ascontiguousarray(out)
+        noise = effects.rng.standard_normal(image.shape, dtype=np.float32, out=spare)
+        noise *= np.float32(effects.noise)
+        image += noise
+    return image
 
 
-def _rain(image: np.ndarray, effects: Effects) -> np.ndarray:
-    """Bright slanted streaks at new random places every frame."""
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """``image`` clipped to [0, 255] (in place) and truncated to uint8."""
+    return np.clip(image, 0.0, 255.0, out=image).astype(np.uint8)
+
+
+def _jpeg_round_trip(frame: np.ndarray, quality: int) -> np.ndarray:
+    """The RGB ``frame`` after JPEG compression at ``quality`` (1-100) and decompression."""
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return cv2.cvtColor(cv2.imdecode(data, JPEG_READ), cv2.COLOR_BGR2RGB)
+
+
+def _three(plane: np.ndarray) -> np.ndarray:
+    """A (H, W) float32 plane repeated into a contiguous (H, W, 3) image (an exact copy)."""
+    return cv2.merge((plane, plane, plane))
+
+
+def _fog(image: np.ndarray, depth_buffer: np.ndarray, fog: float, fog_colour: np.ndarray) -> None:
+    """Fade ``image`` in place towards the fog colour: image * keep + colour * (1 - keep)."""
+    keep = np.exp(-fog * linear_depth(np.asarray(depth_buffer, np.float32)))
+    keep3 = _three(keep)
+    image *= keep3
+    np.subtract(1.0, keep3, out=keep3)
+    keep3 *= fog_colour
+    image += keep3
+
+
+def _glare(height: int, width: int, glare: tuple[float, float, float]) -> np.ndarray | None:
+    """The (H, W, 3) float32 sun glare added to every frame of the episode [8-bit levels], or None."""
+    gx, gy, peak = glare
+    if not peak > 0.0:
+        return None
+    y, x = np.ogrid[:height, :width]
+    r2 = ((x - gx * width) ** 2 + (y - gy * height) ** 2) / (GLARE_RADIUS * width) ** 2
+    return _three((255.0 * peak) * np.exp(-0.5 * r2, dtype=np.float32))
+
+
+def _rain(image: np.ndarray, effects: Effects) -> None:
+    """Bright slanted streaks at new random places every frame, drawn in place."""
     height, width = image.shape[:2]
     rng = effects.rng
     x0 = rng.uniform(0, width, effects.rain)
     y0 = rng.uniform(0, height, effects.rain)
     length = rng.uniform(*RAIN_LENGTH, effects.rain) * height
+    ends = np.stack([x0, y0, x0 + RAIN_SLANT * length, y0 + length], axis=1).astype(np.int32)  # truncated, as int()
     mask = np.zeros((height, width), np.uint8)
-    for x, y, n in zip(x0, y0, length):
-        cv2.line(mask, (int(x), int(y)), (int(x + RAIN_SLANT * n), int(y + n)), 255, 1)
-    weight = (mask.astype(np.float32) * (RAIN_BRIGHTNESS / 255.0))[..., None]
-    return image * (1.0 - weight) + RAIN_COLOUR * weight
+    cv2.polylines(mask, list(ends.reshape(-1, 2, 2)), False, 1, 1)  # each streak as its own cv2.line would
+    pixels = image.reshape(-1, 3)  # a view of the image
+    streak = np.flatnonzero(mask.view(bool))  # the mask holds 0 and 1 only, so it is a valid bool array
+    pixels[streak] = pixels[streak] * _RAIN_KEEP + _RAIN_ADD

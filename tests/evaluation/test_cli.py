@@ -92,6 +92,8 @@ def test_bench_env_json():
     for row in rows.values():
         assert row["env_over_flat"] == round(row["env_steps_per_s"] / rows["flat"]["env_steps_per_s"], 3)
         assert row["env_overhead_ratio"] > 0
+    # the image-formation effects' own cost per frame: town-rain has fog, rain, blur, noise and JPEG, flat none
+    assert rows["town-rain"]["image_formation_ms_per_frame"] > rows["flat"]["image_formation_ms_per_frame"] >= 0
     assert bench["env_steps_per_s"] == rows["default"]["env_steps_per_s"]
 
 
