@@ -94,6 +94,9 @@ def test_bench_env_json():
         assert row["env_overhead_ratio"] > 0
     # the image-formation effects' own cost per frame: town-rain has fog, rain, blur, noise and JPEG, flat none
     assert rows["town-rain"]["image_formation_ms_per_frame"] > rows["flat"]["image_formation_ms_per_frame"] >= 0
+    # counted as the simulator's work instead, the effects leave less to the environment
+    assert rows["town-rain"]["env_over_simulator"] < rows["town-rain"]["env_overhead_ratio"]
+    assert rows["flat"]["env_over_simulator"] <= rows["flat"]["env_overhead_ratio"]
     assert bench["env_steps_per_s"] == rows["default"]["env_steps_per_s"]
 
 
