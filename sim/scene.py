@@ -46,8 +46,8 @@ MESH_MAX_BANK = 0.01  # [rad] superelevation change between cross-sections of a 
 # asphalt edge (the first APRON metres level with the edge), faded into the far ground plane
 # between TERRAIN_FADE[0] and TERRAIN_FADE[1]; extra cross-sections continue the road's line this
 # far [m] beyond both ends so the ground goes on where the asphalt stops.
-TERRAIN_COLUMNS = (elevation_model.APRON, 6.0, 11.0, 18.0, 28.0, 42.0, 60.0, 85.0)
-TERRAIN_FADE = (42.0, 85.0)  # [m] beyond the asphalt edge
+TERRAIN_COLUMNS = (elevation_model.APRON, 8.0, 18.0, 32.0, 55.0, 85.0)
+TERRAIN_FADE = (32.0, 85.0)  # [m] beyond the asphalt edge
 TERRAIN_ENDS = (15.0, 35.0, 60.0, elevation_model.EXTENSION)  # [m] beyond each end of the road
 TERRAIN_BAND = 3.0  # [m] another stretch of road this close to a cross-section's line cuts it short ...
 TERRAIN_KEEP = 1.0  # [m] ... this far before that road's apron
@@ -264,12 +264,13 @@ def SCENERY_OF(condition: str, conditions=conditions_model.BUILTIN):  # noqa: N8
 @dataclass(frozen=True)
 class RoadShapes:
     """Visual shape ids of one track's road and scenery (built once per world), by colour role,
-    in the order their bodies are created; on a graded road also its elevation and the height
-    of the far ground plane."""
+    in the order their bodies are created; whether the road is graded and where the far ground
+    plane goes then. (Not its :class:`Elevation`: that keeps the whole track alive, about 0.25 MB,
+    for every cached road; :meth:`World.show` rebuilds it, a fixed function of track and scenery.)"""
 
     shapes: tuple[tuple[str, int], ...]
-    elevation: Elevation | None = None
-    """The road's height and bank (None: level, on the ground plane)."""
+    graded: bool = False
+    """The scenery has grade or bank (sim.track.elevation)."""
     ground_level: float = 0.0
     """[m] where the ground plane (and the sky box with it) sits while this road is shown."""
 
@@ -304,13 +305,15 @@ def _line(track, sections, wear, keep_fraction, left, right, period, length, sur
 
 
 def build_road_shapes(client, track: Track, condition: str,
-                      conditions: conditions_model.ConditionSet = conditions_model.BUILTIN) -> RoadShapes:
+                      conditions: conditions_model.ConditionSet = conditions_model.BUILTIN,
+                      elevation: Elevation | None = None) -> RoadShapes:
     """Meshes of the road surface, markings and scenery of ``track`` under ``condition``'s scenery
     (and, when the scenery has grade or bank, of the ground beside the road and the collision
     surface the tyres roll on).
 
     Which line pieces are worn away and where objects stand is a fixed function of the track
-    and the scenery, so the shapes can be reused for every episode on that track.
+    and the scenery, so the shapes can be reused for every episode on that track. ``elevation``:
+    the road's, if already built (:func:`road_elevation`).
     """
     name = conditions.resolve(condition).scenery
     scenery = conditions.scenery[name]
@@ -318,7 +321,8 @@ def build_road_shapes(client, track: Track, condition: str,
     wear = np.random.default_rng([zlib.crc32(track.name.encode()), zlib.crc32(name.encode())])
     lane = track.lane_width
     right_edge, left_edge = -lane / 2, 1.5 * lane  # [m] road edges relative to the ego-lane centre
-    elevation = road_elevation(track, scenery, name)
+    if elevation is None:
+        elevation = road_elevation(track, scenery, name)
     sections = _sections(track, elevation)
     shapes = [("asphalt", _mesh_shape(client, *_strip(track, sections, left_edge + SHOULDER,
                                                       right_edge - SHOULDER, ROAD_Z, elevation)))]
@@ -355,7 +359,7 @@ def build_road_shapes(client, track: Track, condition: str,
         return RoadShapes(shapes=tuple(shapes))
     vertices, triangles, level = terrain_mesh(elevation, sections)
     shapes.append(("terrain", _mesh_shape(client, vertices, triangles)))
-    return RoadShapes(shapes=tuple(shapes), elevation=elevation, ground_level=level)
+    return RoadShapes(shapes=tuple(shapes), graded=True, ground_level=level)
 
 
 def _surface_shapes(client, track, scenery, name, sections, right, left, surface=None) -> list[tuple[str, int]]:
@@ -444,7 +448,11 @@ def terrain_mesh(elevation: Elevation, sections: np.ndarray) -> tuple[np.ndarray
     weight = weight * weight * (3.0 - 2.0 * weight)
     z = (1.0 - weight) * z + weight * level + GROUND_Z
     vertices = np.stack([x, y, z], axis=-1).reshape(-1, 3)
-    return vertices, _grid(len(s), len(beyond[0])), level
+    triangles = _grid(len(s), len(beyond[0])).reshape(len(s) - 1, len(beyond[0]) - 1, 2, 3)
+    under = (s[:-1] >= 0.0) & (s[1:] <= elevation.track.length)  # the asphalt covers it: not drawn
+    keep = np.ones(triangles.shape[:2], bool)
+    keep[under, len(columns)] = False  # the column between the two asphalt edges
+    return vertices, triangles[keep].reshape(-1, 3), level
 
 
 class World:
@@ -533,13 +541,14 @@ class World:
         if self.surface_body is not None:
             self.client.removeBody(self.surface_body)
             self.surface_body = None
+        name = key[1]
+        self.elevation = road_elevation(track, conditions.scenery[name], name)
         if key not in self.road_cache:
-            self.road_cache[key] = build_road_shapes(self.client, track, condition, conditions)
+            self.road_cache[key] = build_road_shapes(self.client, track, condition, conditions, self.elevation)
         road = self.road_cache[key]
         self.road_bodies = [(role, _body(self.client, shape)) for role, shape in road.shapes]
         self.road_key = key
-        self.elevation = road.elevation
-        if road.elevation is not None:  # the car drives in the road's frame: on this plane (sim.env)
+        if road.graded:  # the car drives in the road's frame: on this plane (sim.env)
             if self._plane_shape is None:
                 self._plane_shape = self.client.createCollisionShape(p.GEOM_PLANE)
             self.surface_body = self.client.createMultiBody(baseMass=0, baseCollisionShapeIndex=self._plane_shape,
