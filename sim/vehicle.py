@@ -334,13 +334,15 @@ class Vehicle:
 
     def controller_state(self) -> dict:
         """The controllers' memory that PyBullet does not hold (actuator delay line and angle,
-        cruise integral, throttle, drive torque) and the base state, for copying the car."""
+        cruise integral, throttle, drive torque, speed scale) and the base state, for copying the car."""
         return {"steering": copy.deepcopy(self.steering), "cruise": copy.deepcopy(self.cruise),
-                "throttle": self.throttle, "drive_torque": self._drive_torque, "base": self._base}
+                "throttle": self.throttle, "drive_torque": self._drive_torque, "base": self._base,
+                "speed_scale": self.speed_scale}
 
     def restore_controller_state(self, state: dict) -> None:
         """Restore :meth:`controller_state` after the physics state was restored; re-reads the base."""
         self.steering = copy.deepcopy(state["steering"])
         self.cruise = copy.deepcopy(state["cruise"])
         self.throttle, self._drive_torque = state["throttle"], state["drive_torque"]
+        self.speed_scale = state["speed_scale"]
         self.refresh()

@@ -38,7 +38,9 @@ MAIN_DATASET_CONFIG = {"episodes": 20, "suite": "train", "seed": 0, "track": Non
 MAIN_SUITE_SHA256 = {
     "smoke": "8860e3e7679905b65d12314e96576d78384aacb21634aadb688242b64273d25e",
     "test": "10b85f835c852d2f543c23f755348b3033741930f829d32f929312a9f3342268",
-    "shift": "6ee247d61be01b50cc5410081f531e12f436b864e60ac445bc2781cf36b5c5a7",
+    # shift cycles through the held-out conditions: mountain-fog (issue 19) changed the conditions of 16 of
+    # its 20 scenarios, nothing else (without mountain-fog the suite hashes to main's 6ee247d61be0...)
+    "shift": "563729d73d042e6a514dd98e71e8ce3dce2ee7f8266672d7e3cd891741b2f1d3",
 }
 MAIN_NOISY_DATASET_SHA256 = "f14ccac76e34851da07288b02bf4d33725524ec1c36e0faf75783efd3086a88b"
 
