@@ -486,7 +486,7 @@ class World:
         self.ground_level = 0.0  # [m] height of the ground plane and sky box (lowered under graded roads)
         self._car_shape: int | None = None
         self._plane_shape: int | None = None  # collision shape of the level plane graded roads are driven on
-        self._stand_in_shapes: tuple[int, int] | None = None  # visual shapes of the ego car's stand-in
+        self._stand_in_shapes: tuple[int, ...] | None = None  # visual shapes of the ego car's stand-in
 
     def car_shape(self) -> int:
         """The visual shape of a moving car (``sim.traffic``), built once per world and shared
@@ -499,19 +499,19 @@ class World:
     def car_stand_in(self, params) -> int:
         """A new visual-only body showing the ego car (``sim.vehicle.VehicleParams`` ``params``) for
         the chase view of graded roads, where the simulated car has no visuals (``sim.env``):
-        chassis and cabin, and its four wheels as a fixed link. It waits under the ground."""
+        the chassis, with the cabin and the four wheels as fixed links. It waits under the ground."""
         if self._stand_in_shapes is None:
             self._stand_in_shapes = tuple(_mesh_shape(self.client, *mesh[:2], normals=mesh[2])
                                           for mesh in traffic_model.ego_meshes(params))
-        body_shape, wheel_shape = self._stand_in_shapes
+        chassis, *links = self._stand_in_shapes
         body = self.client.createMultiBody(
-            baseMass=0, baseVisualShapeIndex=body_shape, basePosition=traffic_model.HIDDEN, linkMasses=[0],
-            linkCollisionShapeIndices=[-1], linkVisualShapeIndices=[wheel_shape], linkPositions=[[0, 0, 0]],
-            linkOrientations=[[0, 0, 0, 1]], linkInertialFramePositions=[[0, 0, 0]],
-            linkInertialFrameOrientations=[[0, 0, 0, 1]], linkParentIndices=[0], linkJointTypes=[p.JOINT_FIXED],
-            linkJointAxis=[[0, 0, 1]])
-        self.client.changeVisualShape(body, -1, rgbaColor=[*traffic_model.EGO_PAINT, 1.0])
-        self.client.changeVisualShape(body, 0, rgbaColor=[*traffic_model.TYRE, 1.0])
+            baseMass=0, baseVisualShapeIndex=chassis, basePosition=traffic_model.HIDDEN, linkMasses=[0, 0],
+            linkCollisionShapeIndices=[-1, -1], linkVisualShapeIndices=links, linkPositions=[[0, 0, 0]] * 2,
+            linkOrientations=[[0, 0, 0, 1]] * 2, linkInertialFramePositions=[[0, 0, 0]] * 2,
+            linkInertialFrameOrientations=[[0, 0, 0, 1]] * 2, linkParentIndices=[0, 0],
+            linkJointTypes=[p.JOINT_FIXED] * 2, linkJointAxis=[[0, 0, 1]] * 2)
+        for link, colour in zip((-1, 0, 1), traffic_model.EGO_COLOURS):
+            self.client.changeVisualShape(body, link, rgbaColor=[*colour, 1.0])
         return body
 
     @staticmethod

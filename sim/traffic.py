@@ -53,22 +53,20 @@ def car_mesh():
                   box(-0.3, 0.0, 1.05, 2.4, 1.6, 0.5, 0.0)])
 
 
-EGO_PAINT = (0.75, 0.1, 0.1)  # the ego car's paint (sim.vehicle's URDF)
-TYRE = (0.08, 0.08, 0.08)  # its tyres'
+EGO_COLOURS = ((0.75, 0.1, 0.1), (0.2, 0.25, 0.3), (0.08, 0.08, 0.08))  # paint, glass, tyres (sim.vehicle's URDF)
 
 
 def ego_meshes(params):
-    """Meshes (vertices, triangles, normals) of the ego car's body (chassis and cabin) and of its
-    four wheels (boxes), in its base frame (the wheelbase midpoint at axle height), from the
+    """Meshes (vertices, triangles, normals) of the ego car's chassis, cabin and four wheels
+    (boxes; ``EGO_COLOURS``), in its base frame (the wheelbase midpoint at axle height), from the
     ``sim.vehicle.VehicleParams`` ``params``: what the chase view of a graded road shows."""
     bottom = 0.15  # [m] the chassis starts this far above the axles (sim.vehicle.vehicle_urdf)
-    body = merge([box(0.0, 0.0, bottom, params.body_length, params.body_width, params.body_height, 0.0),
-                  box(-0.4, 0.0, bottom + params.body_height, params.body_length * 0.5, params.body_width * 0.9,
-                      0.5, 0.0)])
+    chassis = box(0.0, 0.0, bottom, params.body_length, params.body_width, params.body_height, 0.0)
+    cabin = box(-0.4, 0.0, bottom + params.body_height, params.body_length * 0.5, params.body_width * 0.9, 0.5, 0.0)
     half_wb, half_tw, r = params.wheelbase / 2, params.track_width / 2, params.wheel_radius
     wheels = merge([box(x, y, -r, 2 * r, params.wheel_width, 2 * r, 0.0)
                     for x in (-half_wb, half_wb) for y in (-half_tw, half_tw)])
-    return body, wheels
+    return chassis, cabin, wheels
 
 
 def lane_pose(track: Track, s: float, offset: float) -> tuple[float, float, float]:
