@@ -35,6 +35,7 @@ from typing import Any, Mapping
 
 from steerloop.errors import SteerloopError, check_keys, parse_json, suggest
 from steerloop.sim.camera import Lighting
+from steerloop.sim.track.elevation import MAX_BANK_DEG, MAX_GRADE
 
 SPLITS = ("train", "held_out")
 SEPARATOR = "."  # inline compositions: "scenery.weather.camera" (a safe file-name character)
@@ -49,8 +50,8 @@ LEAD_GAP_RANGE = (5.0, 100.0)  # [m] bumper-to-bumper gap of a lead car (or 0: n
 # (ConditionFile.values, part of datasets' and runs' identities) name them only when they
 # differ from the default, so files that do not use them keep their identities.
 LATER_FIELDS = {"scenery": ("traffic", "traffic_speed", "lead_gap", "grade", "bank_deg")}
-GRADE_RANGE = (0.0, 0.10)  # [-] steepest road grade of a scenery (sim.track.elevation.MAX_GRADE)
-BANK_RANGE_DEG = (0.0, 6.0)  # [deg] largest superelevation (sim.track.elevation.MAX_BANK_DEG)
+GRADE_RANGE = (0.0, MAX_GRADE)  # [-] steepest road grade of a scenery (0.10: 10 %)
+BANK_RANGE_DEG = (0.0, MAX_BANK_DEG)  # [deg] largest superelevation of a scenery's roads
 MAX_CONDITION_FILE_BYTES = 1 << 20  # [bytes]
 
 RGB = tuple[float, float, float]

@@ -312,7 +312,10 @@ class LaneKeepEnv(gym.Env):
     expert's command for the current state), pose ``x``, ``y``, ``yaw``, ``time`` [s],
     ``steering`` and ``throttle`` executed, and, when ``cameras`` lists
     more than one camera, ``frames``: the other cameras' images by name (the first camera's
-    image is the observation's, and is not repeated).
+    image is the observation's, and is not repeated). On a graded road (a scenery with ``grade``
+    or ``bank_deg``; docs/world.md, "Elevation") progress and heading stay in plan view, offsets
+    are measured in the road's banked plane, ``speed`` is along the road, and ``x``, ``y``,
+    ``yaw`` are the plan-view pose.
 
     ## Copies, close and reset
     ``copy.deepcopy(env)`` and a pickle round trip give an independent environment (its own

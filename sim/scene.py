@@ -396,7 +396,7 @@ def _surface_shapes(client, track, scenery, name, sections, right, left, surface
 def _grid(sections: int, columns: int) -> np.ndarray:
     """Triangles of a (sections x columns) vertex grid whose columns run right to left,
     counter-clockwise seen from above (as :func:`_strip`)."""
-    i, j = np.meshgrid(np.arange(sections - 1), np.arange(columns - 1), indexing="ij")
+    i, j = np.arange(sections - 1)[:, None], np.arange(columns - 1)[None, :]
     here, ahead = i * columns + j, (i + 1) * columns + j
     return np.stack([here + 1, here, ahead + 1, here, ahead, ahead + 1], axis=-1).reshape(-1, 3)
 

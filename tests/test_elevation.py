@@ -14,7 +14,7 @@ from helpers import TINY, drive_with_expert_label
 from steerloop.sim import conditions, scene
 from steerloop.sim.env import LaneKeepEnv
 from steerloop.sim.track import generate_track, split_seed
-from steerloop.sim.track.elevation import FLAT_START, GRADE_FILL, Elevation
+from steerloop.sim.track.elevation import FLAT_START, GRADE_FILL
 
 HILLY = split_seed("test", 3)  # a test track whose first 150 m climb 2.7 m and fall again under `hills`
 ROUTE = 150.0  # [m] procedural route length used here (fast)
@@ -384,9 +384,37 @@ def test_oncoming_and_lead_cars_ride_on_the_graded_road():
     assert checked > 100
 
 
+def test_graded_road_meshes_leave_no_python_objects_behind():
+    """As level roads (tests/sim/test_memory.py): the terrain goes through the reused holders and
+    the road cache keeps no Elevation (nor its track) per road."""
+    import gc
+    import tracemalloc
+
+    import pybullet
+    from pybullet_utils import bullet_client
+
+    client = bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
+    tracks = [generate_track(split_seed("train", i), length=400.0) for i in range(4)]
+    try:
+        for condition in ("rural-hills", "mountain-fog"):  # the holders grow to the largest mesh first
+            scene.build_road_shapes(client, generate_track(split_seed("train", 99), length=1000.0), condition)
+        gc.collect()
+        tracemalloc.start()
+        start = tracemalloc.get_traced_memory()[0]
+        for track in tracks:
+            for condition in ("rural-hills", "mountain-fog"):
+                scene.build_road_shapes(client, track, condition)
+        gc.collect()
+        growth_kb = (tracemalloc.get_traced_memory()[0] - start) / 1024
+    finally:
+        tracemalloc.stop()
+        client.disconnect()
+    assert growth_kb < 10.0, f"8 graded roads left {growth_kb:.0f} KB of Python objects behind"
+
+
 @pytest.mark.slow
 def test_a_thousand_new_hill_tracks_grow_rss_by_at_most_50_mb():
-    psutil = pytest.importorskip("psutil")  # noqa: F841 (the soak reads RSS through it)
+    pytest.importorskip("psutil")  # the soak reads RSS through it
     from steerloop.evaluation.bench import SOAK_ALLOWED_GROWTH_MB, bench_soak
 
     result = bench_soak(tracks=1000, resolution=TINY, condition="rural-hills")

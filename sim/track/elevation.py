@@ -41,7 +41,6 @@ import numpy as np
 
 from steerloop.sim.track.geometry import Track
 
-GRAVITY = 9.81  # [m/s^2]
 MAX_GRADE = 0.10  # [-] steepest grade a scenery may ask for (10 %)
 MAX_BANK_DEG = 6.0  # [deg] largest superelevation a scenery may ask for
 FLAT_START = 20.0  # [m] the field is zero within this distance of the route's start point ...
@@ -177,7 +176,9 @@ class Elevation:
     def surface(self, s, t) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """World point ``(x, y, z)`` of the road surface at ``s`` and banked lateral offset ``t``
         [m] (level with the asphalt's edge beyond it; vectorised with broadcasting)."""
-        s, t = np.broadcast_arrays(np.asarray(s, float), np.asarray(t, float))
+        s, t = np.asarray(s, float), np.asarray(t, float)
+        shape = np.broadcast_shapes(s.shape, t.shape)  # read-only views (broadcast_arrays' writable ones warn)
+        s, t = np.broadcast_to(s, shape), np.broadcast_to(t, shape)
         x, y, heading = self.centre(s)
         phi = self.superelevation(s)
         clipped = np.clip(t, *self.edges)
@@ -200,14 +201,6 @@ class Elevation:
         normal = np.cross(along, across, axis=0)
         normal = np.moveaxis(normal / np.linalg.norm(normal, axis=0), 0, -1)
         return normal
-
-    def tangent_planes(self, s, t) -> tuple[np.ndarray, np.ndarray]:
-        """Points (N, 3) of the surface at ``s``, ``t`` (arrays) and quaternions (N, 4, x y z w)
-        turning a plane's +z onto the surface normal there (the shortest rotation)."""
-        points = np.stack(self.surface(s, t), axis=-1)
-        n = self.normal(s, t)
-        quaternions = np.stack([-n[..., 1], n[..., 0], np.zeros_like(n[..., 0]), 1.0 + n[..., 2]], axis=-1)
-        return points, quaternions / np.linalg.norm(quaternions, axis=-1, keepdims=True)
 
     def attitude(self, s: float, t: float, yaw: float) -> tuple[float, float]:
         """``(roll, pitch)`` [rad] (PyBullet's Euler angles, with ``yaw``) of a car standing on the
