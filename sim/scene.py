@@ -128,16 +128,19 @@ def draw_appearance(condition: str, np_random: np.random.Generator,
     def brighten(rgb):  # one factor for all channels: dark surfaces keep their hue
         return tuple(float(v) for v in np.clip(np.asarray(rgb) * (1.0 + np_random.uniform(-1, 1) * SHADE_JITTER), 0, 1))
 
-    extra = tuple((role, brighten(own[role]) if role in own else FIXED_COLOURS[role]) for role in roles)
+    extra = tuple((role, brighten(own[role]) if role in own else FIXED_COLOURS[role]) for role in roles
+                  if role != "terrain")  # the ground's colour: nothing drawn
     return dataclasses.replace(appearance, extra=extra)
 
 
 def scenery_roles(scenery: conditions_model.Scenery) -> tuple[str, ...]:
-    """The surfaces beyond road and markings that ``scenery`` builds, in a fixed order."""
+    """The surfaces beyond road and markings that ``scenery`` builds, in a fixed order (``terrain``,
+    the ground beside a graded road, last)."""
     wanted = (("patch", scenery.patches), ("verge", scenery.verge_width), ("kerb", scenery.kerb),
               ("foliage", scenery.trees + scenery.bushes), ("trunk", scenery.trees), ("pole", scenery.poles),
               ("post", scenery.posts), ("fence", scenery.fences), ("building", scenery.buildings),
-              ("roof", scenery.buildings), ("car", scenery.parked_cars))
+              ("roof", scenery.buildings), ("car", scenery.parked_cars),
+              ("terrain", scenery.grade or scenery.bank_deg))
     return tuple(role for role, amount in wanted if amount)
 
 
