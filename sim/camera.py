@@ -115,12 +115,15 @@ def body_camera_matrices(client, spec: CameraSpec, base_position, base_orientati
     return view, projection
 
 
-def chase_camera_matrices(client, base_position, yaw: float, width: int, height: int) -> tuple[list, list]:
-    """A third-person view from behind and above the car (for ``render_mode="rgb_array"``)."""
+def chase_camera_matrices(client, base_position, yaw: float, width: int, height: int, ground: float = 0.0,
+                          ahead: float = 0.0) -> tuple[list, list]:
+    """A third-person view from behind and above the car (for ``render_mode="rgb_array"``);
+    ``ground`` [m]: the height of the road under the car, ``ahead`` [m]: how much higher the road
+    is where the camera looks (6 m ahead; graded roads)."""
     back, up_height = 9.0, 4.0  # [m]
     x, y, _ = base_position
-    eye = [x - back * math.cos(yaw), y - back * math.sin(yaw), up_height]
-    target = [x + 6.0 * math.cos(yaw), y + 6.0 * math.sin(yaw), 0.5]
+    eye = [x - back * math.cos(yaw), y - back * math.sin(yaw), up_height + ground]
+    target = [x + 6.0 * math.cos(yaw), y + 6.0 * math.sin(yaw), 0.5 + ground + ahead]
     view = client.computeViewMatrix(eye, target, [0, 0, 1])
     projection = client.computeProjectionMatrixFOV(50.0, width / height, NEAR_PLANE, FAR_PLANE)
     return view, projection

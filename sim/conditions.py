@@ -37,6 +37,7 @@ from typing import Any, Mapping
 
 from steerloop.errors import SteerloopError, check_keys, parse_json, suggest
 from steerloop.sim.camera import Lighting
+from steerloop.sim.track.elevation import MAX_BANK_DEG, MAX_GRADE
 
 SPLITS = ("train", "held_out")
 SEPARATOR = "."  # inline compositions: "scenery.weather.camera" (a safe file-name character)
@@ -50,7 +51,9 @@ LEAD_GAP_RANGE = (5.0, 100.0)  # [m] bumper-to-bumper gap of a lead car (or 0: n
 # Scenery fields added after condition files were first recorded: a value's recorded fields
 # (ConditionFile.values, part of datasets' and runs' identities) name them only when they
 # differ from the default, so files that do not use them keep their identities.
-LATER_FIELDS = {"scenery": ("traffic", "traffic_speed", "lead_gap")}
+LATER_FIELDS = {"scenery": ("traffic", "traffic_speed", "lead_gap", "grade", "bank_deg")}
+GRADE_RANGE = (0.0, MAX_GRADE)  # [-] steepest road grade of a scenery (0.10: 10 %)
+BANK_RANGE_DEG = (0.0, MAX_BANK_DEG)  # [deg] largest superelevation of a scenery's roads
 MAX_CONDITION_FILE_BYTES = 1 << 20  # [bytes]
 
 RGB = tuple[float, float, float]
@@ -110,6 +113,11 @@ class Scenery:
     lead_gap: float = 0.0
     """A lead car in the ego lane this far ahead, bumper to bumper [m] (``LEAD_GAP_RANGE``),
     holding the gap; 0: none. Visual only."""
+    grade: float = 0.0
+    """Steepest grade of the road [-] (``GRADE_RANGE``; 0.06 = 6 %): hills and dips drawn per
+    (track, scenery) (sim.track.elevation); 0: level, as every scenery before elevation."""
+    bank_deg: float = 0.0
+    """Largest superelevation of the road into its curves [deg] (``BANK_RANGE_DEG``); 0: none."""
     foliage: RGB = (0.16, 0.36, 0.14)
     """Colour of leaves."""
     building: RGB = (0.72, 0.66, 0.58)
@@ -119,7 +127,8 @@ class Scenery:
 
     def __post_init__(self):
         for name, value, (low, high) in (("traffic", self.traffic, (0.0, MAX_TRAFFIC)),
-                                         ("traffic_speed", self.traffic_speed, TRAFFIC_SPEED_RANGE)):
+                                         ("traffic_speed", self.traffic_speed, TRAFFIC_SPEED_RANGE),
+                                         ("grade", self.grade, GRADE_RANGE), ("bank_deg", self.bank_deg, BANK_RANGE_DEG)):
             if not low <= value <= high:
                 raise ConditionError(f"Scenery.{name} must be within [{low:g}, {high:g}], got {value!r}")
         if self.lead_gap and not LEAD_GAP_RANGE[0] <= self.lead_gap <= LEAD_GAP_RANGE[1]:
@@ -215,6 +224,9 @@ SCENERY: dict[str, Scenery] = {
 # (placed anew: placement follows the scenery's name), plus moving cars in the other lane
 SCENERY["suburban-traffic"] = dataclasses.replace(SCENERY["suburban"], traffic=12.0, traffic_speed=12.0)
 SCENERY["town-traffic"] = dataclasses.replace(SCENERY["town"], traffic=20.0, traffic_speed=10.0)
+# with elevation (sim.track.elevation): hills and dips, banked curves; objects as their base's (placed anew)
+SCENERY["hills"] = dataclasses.replace(SCENERY["rural"], grade=0.06, bank_deg=3.0)
+SCENERY["mountain"] = dataclasses.replace(SCENERY["forest"], grade=0.08, bank_deg=5.0, split="held_out")
 WEATHER: dict[str, Weather] = {
     "noon": Weather(),
     "dusk": Weather(sky=(0.98, 0.62, 0.45),
@@ -257,6 +269,8 @@ CONDITIONS: dict[str, Composition] = {
     "rural-night": Composition("rural", "night", "cheap"),
     "arid-glare": Composition("arid", "low_sun", "cheap"),
     "town-traffic": Composition("town-traffic", "overcast", "dashcam"),  # held out, with oncoming cars
+    "rural-hills": Composition("hills", "noon", "dashcam"),
+    "mountain-fog": Composition("mountain", "fog", "dashcam"),
 }
 RICHEST = "town-rain"  # the built-in condition with the most geometry and effects (bench env)
 TRAFFIC = "town-traffic.rain.dashcam"  # RICHEST with oncoming cars (bench env: their cost side by side)
@@ -392,6 +406,10 @@ def _field_value(cls: type, f: dataclasses.Field, value, where: str):
         return _number(value, f"{where} [oncoming cars per km]", 0.0, MAX_TRAFFIC)
     if f.name == "traffic_speed":
         return _number(value, f"{where} [m/s]", *TRAFFIC_SPEED_RANGE)
+    if f.name == "grade":
+        return _number(value, f"{where} [fraction, 0.06 = 6 %]", *GRADE_RANGE)
+    if f.name == "bank_deg":
+        return _number(value, f"{where} [deg]", *BANK_RANGE_DEG)
     if f.name == "lead_gap":
         number = _number(value, f"{where} [m]", 0.0, LEAD_GAP_RANGE[1])
         if 0.0 < number < LEAD_GAP_RANGE[0]:

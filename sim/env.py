@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,8 +25,8 @@ from steerloop.sim.camera import (CAMERA_NAMES, FAR_PLANE, FOV_RANGE_DEG, MIN_SI
 from steerloop.sim import conditions as conditions_model
 from steerloop.sim import imaging
 from steerloop.sim import traffic as traffic_model
-from steerloop.sim.scene import SEMANTIC_CLASSES, World, draw_appearance
-from steerloop.sim.track import Track, check_route_length, generate_track, split_seed
+from steerloop.sim.scene import DRIVING_PLANE_Z, SEMANTIC_CLASSES, World, draw_appearance
+from steerloop.sim.track import LaneState, Track, check_route_length, generate_track, split_seed
 from steerloop.sim.vehicle import Vehicle, VehicleParams
 
 GRAVITY = 9.81  # [m/s^2]
@@ -251,6 +252,24 @@ def load_track(track: int | str | dict | Track, *, length: float = 400.0, lane_w
     raise TypeError(f"track must be a seed, a JSON spec path, a spec dict or a Track, got {type(track).__name__}")
 
 
+def road_frame(elevation, s: float, offset: float, yaw: float, client, plan: tuple[float, float] | None = None):
+    """The car's frame on a graded road.
+
+    The car drives on a level plane whose (x, y) is the plan view, under gravity tilted as the road
+    under it is tilted (docs/world.md, "Elevation"); the cameras see it on the road. Returns the
+    road's point under the car at ``s``, banked ``offset`` (``plan``: its plan-view (x, y) if
+    known), the rotation from the level plane to the road there (the car's heading ``yaw`` kept in
+    plan view), and the ratio of speed along the road to speed in plan view (1 / cos(grade angle))."""
+    x, y, z = (float(v) for v in elevation.surface(s, offset))
+    if plan is not None:
+        x, y = plan
+    roll, pitch = elevation.attitude(s, offset, yaw)
+    on_road = np.asarray(client.getMatrixFromQuaternion(client.getQuaternionFromEuler([roll, pitch, yaw]))).reshape(3, 3)
+    cos, sin = math.cos(yaw), math.sin(yaw)
+    rotation = on_road @ np.array([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]])  # R_road Rz(-yaw)
+    return np.array([x, y, z]), rotation, 1.0 / math.cos(pitch)
+
+
 class LaneKeepEnv(gym.Env):
     """
     ## Description
@@ -293,7 +312,10 @@ class LaneKeepEnv(gym.Env):
     expert's command for the current state), pose ``x``, ``y``, ``yaw``, ``time`` [s],
     ``steering`` and ``throttle`` executed, and, when ``cameras`` lists
     more than one camera, ``frames``: the other cameras' images by name (the first camera's
-    image is the observation's, and is not repeated).
+    image is the observation's, and is not repeated). On a graded road (a scenery with ``grade``
+    or ``bank_deg``; docs/world.md, "Elevation") progress and heading stay in plan view, offsets
+    are measured in the road's banked plane, ``speed`` is along the road, and ``x``, ``y``,
+    ``yaw`` are the plan-view pose.
 
     ## Copies, close and reset
     ``copy.deepcopy(env)`` and a pickle round trip give an independent environment (its own
@@ -373,6 +395,12 @@ class LaneKeepEnv(gym.Env):
         self.trail: list[tuple[float, float]] = []
         self.traffic: traffic_model.TrafficPlan | None = None  # this episode's moving cars (sim.traffic)
         self.traffic_bodies: traffic_model.TrafficBodies | None = None  # their bodies in this client
+        self._gravity = (0.0, 0.0, -GRAVITY)  # [m/s^2] the client's gravity (tilted on graded roads)
+        self.stand_in: int | None = None  # graded roads, chase view: the body that shows the car
+        # Graded roads: the road under the car (point [m]) and the rotation from the car's level
+        # plane to the road there (road_frame); updated with the lane state.
+        self.frame_point: np.ndarray | None = None
+        self.frame_rotation: np.ndarray | None = None
 
     def _observation_space(self) -> spaces.Space:
         cfg = self.config
@@ -397,7 +425,7 @@ class LaneKeepEnv(gym.Env):
         snapshot (bodies, velocities, contact points) and the car's controller memory, so a
         copy (pickle or ``copy.deepcopy``) continues bit-identically on its own client."""
         state = {key: value for key, value in self.__dict__.items()
-                 if key not in ("client", "world", "vehicle", "traffic_bodies")}
+                 if key not in ("client", "world", "vehicle", "traffic_bodies", "stand_in", "_gravity")}
         state["_closed"] = self.client is None
         state["_physics"] = None
         if self.client is not None and self.vehicle is not None:
@@ -409,6 +437,7 @@ class LaneKeepEnv(gym.Env):
         physics, closed = state.pop("_physics"), state.pop("_closed")
         self.__dict__.update(state)
         self.client, self.world, self.vehicle, self.traffic_bodies = None, None, None, None
+        self.stand_in, self._gravity = None, (0.0, 0.0, -GRAVITY)
         if closed:
             return
         self.client = _direct_client()
@@ -444,18 +473,26 @@ class LaneKeepEnv(gym.Env):
         if self.world is None or self.world.is_full_for(track_key, condition, self.conditions):
             c.resetSimulation()  # removes every body and frees every shape
             c.setGravity(0, 0, -GRAVITY)
+            self._gravity = (0.0, 0.0, -GRAVITY)
             c.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.config.physics_hz, numSubSteps=0,
                                         deterministicOverlappingPairs=1)
             self.world = World(c)
-            self.vehicle, self.traffic_bodies = None, None
+            self.vehicle, self.traffic_bodies, self.stand_in = None, None, None
         if self.vehicle is not None:
             c.removeBody(self.vehicle.body_id)
+        if self.stand_in is not None:
+            c.removeBody(self.stand_in)
+            self.stand_in = None
         if self.traffic_bodies is not None:
             self.traffic_bodies.remove()
             self.traffic_bodies = None
         self.world.show(track, track_key, condition, self.conditions)
         self.world.paint(self.appearance)
-        self.vehicle = Vehicle(c, self.vehicle_params, self.dt)
+        graded = self.world.elevation is not None
+        self._set_gravity(None)  # level (a graded episode before tilts it)
+        self.vehicle = Vehicle(c, self.vehicle_params, self.dt, visible=not graded,
+                               floor=DRIVING_PLANE_Z if graded else 0.0)
+        self.stand_in = self.world.car_stand_in(self.vehicle_params) if graded and self.render_mode else None
         if self.traffic is not None:  # after the car: its body (and the rest of the world) as without traffic
             self.traffic_bodies = traffic_model.TrafficBodies(c, self.world.car_shape(), self.traffic)
         if "semantic" in self.config.extra_observations:
@@ -480,12 +517,24 @@ class LaneKeepEnv(gym.Env):
         wheel angle's command). Used by ``reset`` and by the intervention wrapper."""
         self._require_episode("place_car")
         s = float(np.clip(s, 0.0, self.track.length))
-        x, y = self.track.lateral_points(s, offset)
         _, _, road_heading = self.track.pose(s)
-        self.vehicle.reset(float(x), float(y), float(road_heading) + heading,
-                           self.config.speed if speed is None else speed, wheel_angle, command)
+        speed = self.config.speed if speed is None else speed
+        elevation = self.elevation
+        if elevation is None:
+            x, y = self.track.lateral_points(s, offset)
+            self.vehicle.reset(float(x), float(y), float(road_heading) + heading, speed, wheel_angle, command)
+        else:  # in the road's frame: ``offset`` in its banked plane, ``speed`` along its surface
+            x, y, _ = (float(v) for v in elevation.surface(s, offset))
+            yaw = float(road_heading) + heading
+            scale = road_frame(elevation, s, offset, yaw, self.client)[2]
+            self.vehicle.reset(x, y, yaw, speed / scale, wheel_angle, command)
         self.s = s
         self._update_state()
+
+    @property
+    def elevation(self):
+        """The shown road's height and bank (``sim.track.elevation.Elevation``), or None when it is level."""
+        return self.world.elevation if self.world is not None else None
 
     def kick_heading(self, delta: float) -> None:
         """Rotate the car (and its velocity) by ``delta`` [rad] about the vertical, in place."""
@@ -514,6 +563,9 @@ class LaneKeepEnv(gym.Env):
         linear, angular = c.getBaseVelocity(body)
         heading = self.lane.road_heading
         moved = [position[0] - delta * math.sin(heading), position[1] + delta * math.cos(heading), position[2]]
+        if self.elevation is not None:  # graded: ``delta`` in the banked plane, the level plane's share of it
+            delta *= math.cos(float(self.elevation.superelevation(self.s)))
+            moved = [position[0] - delta * math.sin(heading), position[1] + delta * math.cos(heading), position[2]]
         c.resetBasePositionAndOrientation(body, moved, orientation)
         c.resetBaseVelocity(body, linear, angular)
         self.vehicle.refresh()
@@ -607,6 +659,8 @@ class LaneKeepEnv(gym.Env):
         steering = float(action[0])
 
         vehicle = self.vehicle
+        if self.elevation is not None:  # the road's grade and bank under the car, as gravity in its frame
+            self._set_gravity(self.frame_rotation.T @ (0.0, 0.0, -GRAVITY))
         vehicle.apply(steering, None if self.config.longitudinal else self.config.speed)
         if self.config.longitudinal:
             vehicle.set_throttle(float(action[1]))
@@ -646,8 +700,20 @@ class LaneKeepEnv(gym.Env):
         height, width = RENDER_SIZE
         self._move_traffic()
         position, _ = self.vehicle.base_state()
-        view, projection = chase_camera_matrices(self.client, position, self.vehicle.pose()[2], width, height)
-        return render(self.client, width, height, view, projection, self.appearance.lighting)
+        if self.elevation is None:
+            view, projection = chase_camera_matrices(self.client, position, self.vehicle.pose()[2], width, height)
+            return render(self.client, width, height, view, projection, self.appearance.lighting)
+        # graded: above the road under the car, looking at the road ahead; the car shown by its stand-in
+        position, orientation = self._camera_base()
+        ground = self.frame_point[2]
+        ahead = float(self.elevation.height(self.s + 6.0)) - float(self.elevation.height(self.s))
+        view, projection = chase_camera_matrices(self.client, position, self.vehicle.pose()[2], width, height,
+                                                 ground=ground, ahead=ahead)
+        self.client.resetBasePositionAndOrientation(self.stand_in, position, orientation)
+        try:
+            return render(self.client, width, height, view, projection, self.appearance.lighting)
+        finally:  # out of every car camera's sight
+            self.client.resetBasePositionAndOrientation(self.stand_in, traffic_model.HIDDEN, [0, 0, 0, 1])
 
     def top_down(self, size: int = 320) -> np.ndarray:
         """A (size, size, 3) uint8 map of the route, the car and its trail (for videos and plots)."""
@@ -661,26 +727,31 @@ class LaneKeepEnv(gym.Env):
         if getattr(self, "client", None) is not None:
             self.client.disconnect()
             self.client = None
-        self.world, self.vehicle, self.traffic_bodies = None, None, None
+        self.world, self.vehicle, self.traffic_bodies, self.stand_in = None, None, None, None
 
     # ------------------------------------------------------------------ internals
     def _update_state(self, render_cameras: bool = True) -> None:
         """Project the car onto the track, compute the expert's lane features, render."""
         track, params = self.track, self.vehicle_params
         x, y, yaw = self.vehicle.pose()
-        self.lane = track.lane_state(x, y, yaw, s_hint=self.s)
-        self.s = self.lane.s
         half = params.wheelbase / 2
         c, s_ = math.cos(yaw), math.sin(yaw)
-        front = track.lane_state(x + half * c, y + half * s_, yaw, s_hint=self.s + half)
+        # Graded roads: the car drives in the road's frame, whose level plane is the plan view.
+        self.lane = self._banked(track.lane_state(x, y, yaw, s_hint=self.s))
+        self.s = self.lane.s
+        if self.elevation is not None:
+            self.frame_point, self.frame_rotation, self.vehicle.speed_scale = road_frame(
+                self.elevation, self.s, self.lane.offset, yaw, self.client, (x, y))
+        (fx, fy), (rx, ry) = (x + half * c, y + half * s_), (x - half * c, y - half * s_)
+        front = self._banked(track.lane_state(fx, fy, yaw, s_hint=self.s + half))
         # The rear axle centre: in steady turning its velocity, hence the car's heading, is
         # tangent to the road (the recovery metric's heading criterion; docs/metrics.md).
-        rear = track.lane_state(x - half * c, y - half * s_, yaw, s_hint=max(self.s - half, 0.0))
+        rear = self._banked(track.lane_state(rx, ry, yaw, s_hint=max(self.s - half, 0.0)))
         self.rear_lane = rear
         lookahead = None
         if self.needs_lookahead:
             px, py, _ = track.pose(rear.s + controllers.LOOKAHEAD_DISTANCES)
-            dx, dy = px - (x - half * c), py - (y - half * s_)
+            dx, dy = px - rx, py - ry
             lookahead = np.stack([c * dx + s_ * dy, -s_ * dx + c * dy], axis=1)
         self.features = controllers.LaneFeatures(
             offset=self.lane.offset, heading_error=self.lane.heading_error, front_offset=front.offset,
@@ -690,14 +761,43 @@ class LaneKeepEnv(gym.Env):
         if render_cameras:
             self._render_cameras()
 
+    def _banked(self, lane: LaneState) -> LaneState:
+        """``lane`` with its offset measured in the banked plane of a graded road (OpenDRIVE's
+        convention: horizontal offset / cos(superelevation) on the asphalt); level roads: ``lane``."""
+        if self.elevation is None:
+            return lane
+        return dataclasses.replace(lane, offset=float(self.elevation.banked_offset(lane.s, lane.offset)))
+
     def _move_traffic(self) -> None:
         """Put the moving cars where they are now (a function of the time and the car's progress)."""
         if self.traffic_bodies is not None:
-            self.traffic_bodies.place(self.track, self.traffic, self.time, self.s, self.vehicle_params.body_length)
+            self.traffic_bodies.place(self.track, self.traffic, self.time, self.s, self.vehicle_params.body_length,
+                                      self.elevation)
+
+    def _camera_base(self):
+        """Position and orientation of the car's base as the cameras see it: on a graded road,
+        the pose in its level plane mapped onto the road (``road_frame``)."""
+        position, orientation = self.vehicle.base_state()
+        if self.elevation is None:
+            return position, orientation
+        c, rotation = self.client, self.frame_rotation
+        x, y, _ = self.vehicle.pose()
+        body = rotation @ np.asarray(c.getMatrixFromQuaternion(orientation)).reshape(3, 3)
+        moved = self.frame_point + rotation @ (np.asarray(position) - (x, y, self.vehicle.floor))
+        euler = [math.atan2(body[2, 1], body[2, 2]), -math.asin(max(-1.0, min(1.0, body[2, 0]))),
+                 math.atan2(body[1, 0], body[0, 0])]
+        return moved.tolist(), c.getQuaternionFromEuler(euler)
+
+    def _set_gravity(self, gravity) -> None:
+        """Set the world's gravity vector (None: straight down), calling PyBullet only on a change."""
+        gravity = (0.0, 0.0, -GRAVITY) if gravity is None else tuple(float(v) for v in gravity)
+        if gravity != self._gravity:
+            self.client.setGravity(*gravity)
+            self._gravity = gravity
 
     def _render_cameras(self) -> None:
         self._move_traffic()
-        position, orientation = self.vehicle.base_state()
+        position, orientation = self._camera_base()
         lighting = self.appearance.lighting
         self.frames = {}
         effects = self.effects

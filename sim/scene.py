@@ -25,6 +25,8 @@ from steerloop.sim import scenery as scenery_model
 from steerloop.sim import traffic as traffic_model
 from steerloop.sim.camera import Lighting
 from steerloop.sim.track import WORLD_REACH, Track
+from steerloop.sim.track import elevation as elevation_model
+from steerloop.sim.track.elevation import Elevation
 
 MESH_STEP = 1.0  # [m] resolution at which cross-sections are chosen
 MESH_MAX_TURN = 0.05  # [rad] heading change between road cross-sections (chord error < 2 cm at 8 m width)
@@ -38,10 +40,27 @@ GROUND_MARGIN = WORLD_HALF_SIZE - WORLD_REACH  # [m] (600) roads stay this far i
 SKY_HEIGHT = 150.0  # [m]
 ROAD_Z, LINE_Z, GROUND_Z = 0.0, 0.01, -0.03  # [m] layer heights (avoid z-fighting)
 PATCH_Z, VERGE_Z = 0.005, -0.015  # [m] patches/kerbs between asphalt and paint; verges below the asphalt
+MESH_MAX_PITCH = 0.01  # [rad] grade change between cross-sections of a graded road (crest sag < 3 mm)
+MESH_MAX_BANK = 0.01  # [rad] superelevation change between cross-sections of a banked road
+# The ground beside a graded road: cross-sections of the terrain at these distances [m] beyond the
+# asphalt edge (the first APRON metres level with the edge), faded into the far ground plane
+# between TERRAIN_FADE[0] and TERRAIN_FADE[1]; extra cross-sections continue the road's line this
+# far [m] beyond both ends so the ground goes on where the asphalt stops.
+TERRAIN_COLUMNS = (elevation_model.APRON, 8.0, 18.0, 32.0, 55.0, 85.0)
+TERRAIN_FADE = (32.0, 85.0)  # [m] beyond the asphalt edge
+TERRAIN_ENDS = (15.0, 35.0, 60.0, elevation_model.EXTENSION)  # [m] beyond each end of the road
+TERRAIN_BAND = 3.0  # [m] another stretch of road this close to a cross-section's line cuts it short ...
+TERRAIN_KEEP = 1.0  # [m] ... this far before that road's apron
+TERRAIN_OWN = 30.0  # [m] road this close along the route is the cross-section's own stretch
+FAR_BELOW = 1.0  # [m] the far ground plane lies this far below the lowest point of a graded road's terrain
 # PyBullet frees visual shapes only when the whole simulation is reset, so a world keeps the
 # road meshes of at most this many (track, condition) pairs (about 0.1 MB each for 400 m);
 # the environment rebuilds its world before showing one more.
 ROADS_PER_WORLD = 128
+# On graded roads the car drives in the road's frame (sim.env.road_frame): on a level plane this
+# high [m], above the sky box (so no camera sees the plane or the car's body there) and far above
+# the ground plane, which it never touches.
+DRIVING_PLANE_Z = 1000.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,8 @@ class Appearance:
     def colour(self, role: str) -> tuple[float, float, float]:
         if role in ROAD_ROLES:
             return getattr(self, role)
+        if role == "terrain":  # the ground beside a graded road is the ground
+            return self.ground
         return dict(self.extra)[role]
 
 
@@ -69,7 +90,7 @@ SKY, ROAD, MARKING, GROUND, SCENERY, VEHICLE = range(len(SEMANTIC_CLASSES))
 ROLE_CLASSES = {  # the class of every surface role a road or scenery is built of
     "asphalt": ROAD, "patch": ROAD, "edge_line": MARKING, "centre_line": MARKING, "verge": GROUND, "kerb": GROUND,
     "foliage": SCENERY, "trunk": SCENERY, "pole": SCENERY, "post": SCENERY, "fence": SCENERY, "building": SCENERY,
-    "roof": SCENERY, "car": VEHICLE,
+    "roof": SCENERY, "car": VEHICLE, "terrain": GROUND,
 }
 
 # The built-in named conditions (see sim.conditions); kept here for the modules that list them.
@@ -107,21 +128,25 @@ def draw_appearance(condition: str, np_random: np.random.Generator,
     def brighten(rgb):  # one factor for all channels: dark surfaces keep their hue
         return tuple(float(v) for v in np.clip(np.asarray(rgb) * (1.0 + np_random.uniform(-1, 1) * SHADE_JITTER), 0, 1))
 
-    extra = tuple((role, brighten(own[role]) if role in own else FIXED_COLOURS[role]) for role in roles)
+    extra = tuple((role, brighten(own[role]) if role in own else FIXED_COLOURS[role]) for role in roles
+                  if role != "terrain")  # the ground's colour: nothing drawn
     return dataclasses.replace(appearance, extra=extra)
 
 
 def scenery_roles(scenery: conditions_model.Scenery) -> tuple[str, ...]:
-    """The surfaces beyond road and markings that ``scenery`` builds, in a fixed order."""
+    """The surfaces beyond road and markings that ``scenery`` builds, in a fixed order (``terrain``,
+    the ground beside a graded road, last)."""
     wanted = (("patch", scenery.patches), ("verge", scenery.verge_width), ("kerb", scenery.kerb),
               ("foliage", scenery.trees + scenery.bushes), ("trunk", scenery.trees), ("pole", scenery.poles),
               ("post", scenery.posts), ("fence", scenery.fences), ("building", scenery.buildings),
-              ("roof", scenery.buildings), ("car", scenery.parked_cars))
+              ("roof", scenery.buildings), ("car", scenery.parked_cars),
+              ("terrain", scenery.grade or scenery.bank_deg))
     return tuple(role for role, amount in wanted if amount)
 
 
-def _sections(track: Track) -> np.ndarray:
-    """Arc lengths of road cross-sections: dense where the road bends, sparse on straights.
+def _sections(track: Track, elevation: Elevation | None = None) -> np.ndarray:
+    """Arc lengths of road cross-sections: dense where the road bends (or, graded, where its
+    grade or bank changes), sparse on straights.
 
     PyBullet keeps about 100-200 bytes per mesh vertex for the life of the process (even
     across ``resetSimulation``), so the mesh uses as few vertices as the curvature allows.
@@ -129,23 +154,34 @@ def _sections(track: Track) -> np.ndarray:
     fine = np.append(np.arange(0.0, track.length, MESH_STEP), track.length)
     heading = track.pose(fine)[2]
     turn = np.concatenate([[0.0], np.cumsum(np.abs(np.diff(heading)))])
-    chosen, last_s, last_turn = [0.0], 0.0, 0.0
-    for s, t in zip(fine[1:-1], turn[1:-1]):
-        if t - last_turn >= MESH_MAX_TURN or s - last_s >= MESH_MAX_STEP:
+    limits = [(turn, MESH_MAX_TURN)]
+    if elevation is not None:
+        for angle, limit in ((np.arctan(elevation.grade_at(fine)), MESH_MAX_PITCH),
+                             (elevation.superelevation(fine), MESH_MAX_BANK)):
+            limits.append((np.concatenate([[0.0], np.cumsum(np.abs(np.diff(angle)))]), limit))
+    chosen, last_s, last = [0.0], 0.0, [0.0] * len(limits)
+    for i, s in enumerate(fine[1:-1], start=1):
+        if s - last_s >= MESH_MAX_STEP or any(total[i] - mark >= limit
+                                              for (total, limit), mark in zip(limits, last)):
             chosen.append(s)
-            last_s, last_turn = s, t
+            last_s, last = s, [total[i] for total, _ in limits]
     chosen.append(track.length)
     return np.asarray(chosen)
 
 
-def _strip(track: Track, s: np.ndarray, left: float, right: float, z: float):
-    """Vertices and triangles of a ribbon between lateral offsets ``right`` < ``left``."""
-    xl, yl = track.lateral_points(s, left)
-    xr, yr = track.lateral_points(s, right)
+def _strip(track: Track, s: np.ndarray, left: float, right: float, z: float, surface: Elevation | None = None):
+    """Vertices and triangles of a ribbon between lateral offsets ``right`` < ``left``, ``z``
+    above the ground plane or, on a graded road, above its ``surface``."""
     n = len(s)
     vertices = np.empty((2 * n, 3))
-    vertices[0::2] = np.c_[xl, yl, np.full(n, z)]
-    vertices[1::2] = np.c_[xr, yr, np.full(n, z)]
+    if surface is None:
+        xl, yl = track.lateral_points(s, left)
+        xr, yr = track.lateral_points(s, right)
+        vertices[0::2] = np.c_[xl, yl, np.full(n, z)]
+        vertices[1::2] = np.c_[xr, yr, np.full(n, z)]
+    else:
+        vertices[0::2] = np.stack(surface.surface(s, left), axis=1) + [0.0, 0.0, z]
+        vertices[1::2] = np.stack(surface.surface(s, right), axis=1) + [0.0, 0.0, z]
     i = np.arange(n - 1) * 2
     # Counter-clockwise seen from above: (left_i, right_i, left_i+1), (right_i, right_i+1, left_i+1).
     triangles = np.c_[i, i + 1, i + 2, i + 1, i + 3, i + 2].reshape(-1, 3)
@@ -153,13 +189,13 @@ def _strip(track: Track, s: np.ndarray, left: float, right: float, z: float):
 
 
 def _pieces(track: Track, sections: np.ndarray, starts: np.ndarray, length: float, left: float, right: float,
-            z: float):
+            z: float, surface: Elevation | None = None):
     """Many short ribbons (dashes, worn line pieces) merged into one mesh."""
     vertices, triangles, count = [], [], 0
     for start in starts:
         end = min(start + length, track.length)
         inner = sections[(sections > start) & (sections < end)]
-        v, t = _strip(track, np.concatenate([[start], inner, [end]]), left, right, z)
+        v, t = _strip(track, np.concatenate([[start], inner, [end]]), left, right, z, surface)
         triangles.append(t + count)
         vertices.append(v)
         count += len(v)
@@ -231,9 +267,15 @@ def SCENERY_OF(condition: str, conditions=conditions_model.BUILTIN):  # noqa: N8
 @dataclass(frozen=True)
 class RoadShapes:
     """Visual shape ids of one track's road and scenery (built once per world), by colour role,
-    in the order their bodies are created."""
+    in the order their bodies are created; whether the road is graded and where the far ground
+    plane goes then. (Not its :class:`Elevation`: that keeps the whole track alive, about 0.25 MB,
+    for every cached road; :meth:`World.show` rebuilds it, a fixed function of track and scenery.)"""
 
     shapes: tuple[tuple[str, int], ...]
+    graded: bool = False
+    """The scenery has grade or bank (sim.track.elevation)."""
+    ground_level: float = 0.0
+    """[m] where the ground plane (and the sky box with it) sits while this road is shown."""
 
 
 PATCH_LENGTH = (1.0, 4.0)  # [m] length range of asphalt repair patches
@@ -242,21 +284,39 @@ KERB_WIDTH = 0.25  # [m]
 DOUBLE_GAP = 0.12  # [m] between the two lines of a double centre line
 
 
-def _line(track, sections, wear, keep_fraction, left, right, period, length):
+def road_edges(lane_width: float) -> tuple[float, float]:
+    """(right, left) edges of the asphalt [m] as lateral offsets from the ego-lane centre."""
+    return -lane_width / 2 - SHOULDER, 1.5 * lane_width + SHOULDER
+
+
+def road_elevation(track: Track, scenery: conditions_model.Scenery, name: str) -> Elevation | None:
+    """The height and bank of ``track`` under the scenery ``name`` (a fixed function of the two
+    names, like its objects), or None when the scenery is level (grade and bank 0)."""
+    if not (scenery.grade or scenery.bank_deg):
+        return None
+    return Elevation(track, scenery.grade, scenery.bank_deg, scenery_model._rng(track, name, "elevation"),
+                     road_edges(track.lane_width))
+
+
+def _line(track, sections, wear, keep_fraction, left, right, period, length, surface=None):
     """A painted line between lateral offsets, dashed (``period`` > ``length``) or solid, worn."""
     if keep_fraction >= 1.0 and period <= length:
-        return _strip(track, sections, left, right, LINE_Z)
+        return _strip(track, sections, left, right, LINE_Z, surface)
     starts = np.arange(0.0, track.length, period)
     kept = starts[wear.uniform(size=len(starts)) < keep_fraction]
-    return _pieces(track, sections, kept, length, left, right, LINE_Z)
+    return _pieces(track, sections, kept, length, left, right, LINE_Z, surface)
 
 
 def build_road_shapes(client, track: Track, condition: str,
-                      conditions: conditions_model.ConditionSet = conditions_model.BUILTIN) -> RoadShapes:
-    """Meshes of the road surface, markings and scenery of ``track`` under ``condition``'s scenery.
+                      conditions: conditions_model.ConditionSet = conditions_model.BUILTIN,
+                      elevation: Elevation | None = None) -> RoadShapes:
+    """Meshes of the road surface, markings and scenery of ``track`` under ``condition``'s scenery
+    (and, when the scenery has grade or bank, of the ground beside the road and the collision
+    surface the tyres roll on).
 
     Which line pieces are worn away and where objects stand is a fixed function of the track
-    and the scenery, so the shapes can be reused for every episode on that track.
+    and the scenery, so the shapes can be reused for every episode on that track. ``elevation``:
+    the road's, if already built (:func:`road_elevation`).
     """
     name = conditions.resolve(condition).scenery
     scenery = conditions.scenery[name]
@@ -264,36 +324,48 @@ def build_road_shapes(client, track: Track, condition: str,
     wear = np.random.default_rng([zlib.crc32(track.name.encode()), zlib.crc32(name.encode())])
     lane = track.lane_width
     right_edge, left_edge = -lane / 2, 1.5 * lane  # [m] road edges relative to the ego-lane centre
-    sections = _sections(track)
+    if elevation is None:
+        elevation = road_elevation(track, scenery, name)
+    sections = _sections(track, elevation)
     shapes = [("asphalt", _mesh_shape(client, *_strip(track, sections, left_edge + SHOULDER,
-                                                      right_edge - SHOULDER, ROAD_Z)))]
+                                                      right_edge - SHOULDER, ROAD_Z, elevation)))]
     edges = {"both": ((right_edge, 1.0), (left_edge, -1.0)), "right_only": ((right_edge, 1.0),), "none": ()}
     for edge, inward in edges[scenery.edge_style]:
         left, right = max(edge, edge + inward * LINE_WIDTH), min(edge, edge + inward * LINE_WIDTH)
         # worn edge lines: 3 m pieces, some of them missing
-        v, t = _line(track, sections, wear, keep_fraction, left, right, DASH_LENGTH, DASH_LENGTH)
+        v, t = _line(track, sections, wear, keep_fraction, left, right, DASH_LENGTH, DASH_LENGTH, elevation)
         if v is not None:
             shapes.append(("edge_line", _mesh_shape(client, v, t)))
     middle, half = lane / 2, LINE_WIDTH / 2
     if scenery.centre_style == "dashed":
-        v, t = _line(track, sections, wear, keep_fraction, middle + half, middle - half, DASH_PERIOD, DASH_LENGTH)
+        v, t = _line(track, sections, wear, keep_fraction, middle + half, middle - half, DASH_PERIOD, DASH_LENGTH,
+                     elevation)
         if v is not None:
             shapes.append(("centre_line", _mesh_shape(client, v, t)))
     elif scenery.centre_style in ("solid", "double_yellow"):
         offsets = (0.0,) if scenery.centre_style == "solid" else (-DOUBLE_GAP, DOUBLE_GAP)
         for offset in offsets:
             v, t = _line(track, sections, wear, keep_fraction, middle + offset + half, middle + offset - half,
-                         DASH_LENGTH, DASH_LENGTH)
+                         DASH_LENGTH, DASH_LENGTH, elevation)
             if v is not None:
                 shapes.append(("centre_line", _mesh_shape(client, v, t)))
-    shapes += _surface_shapes(client, track, scenery, name, sections, right_edge - SHOULDER, left_edge + SHOULDER)
-    for role, mesh in scenery_model.object_meshes(track, scenery, name).items():
+    shapes += _surface_shapes(client, track, scenery, name, sections, right_edge - SHOULDER, left_edge + SHOULDER,
+                              elevation)
+    if elevation is None:
+        objects = scenery_model.object_meshes(track, scenery, name)
+    else:
+        objects = scenery_model.object_meshes(track, scenery, name, ground=elevation.ground)
+    for role, mesh in objects.items():
         vertices, triangles, normals = mesh
         shapes.append((role, _mesh_shape(client, vertices, triangles, normals=normals)))
-    return RoadShapes(shapes=tuple(shapes))
+    if elevation is None:
+        return RoadShapes(shapes=tuple(shapes))
+    vertices, triangles, level = terrain_mesh(elevation, sections)
+    shapes.append(("terrain", _mesh_shape(client, vertices, triangles)))
+    return RoadShapes(shapes=tuple(shapes), graded=True, ground_level=level)
 
 
-def _surface_shapes(client, track, scenery, name, sections, right, left) -> list[tuple[str, int]]:
+def _surface_shapes(client, track, scenery, name, sections, right, left, surface=None) -> list[tuple[str, int]]:
     """Patches and tar seams on the asphalt, verges and kerbs beside it (flat meshes)."""
     out = []
     if scenery.patches:
@@ -308,20 +380,82 @@ def _surface_shapes(client, track, scenery, name, sections, right, left) -> list
                 length, width = rng.uniform(*PATCH_LENGTH), rng.uniform(0.5, 2.5)
                 centre = rng.uniform(right + width / 2, left - width / 2)
             v, t = _pieces(track, sections, np.array([start]), length, centre + width / 2, centre - width / 2,
-                           PATCH_Z)
+                           PATCH_Z, surface)
             meshes.append((v, t, np.zeros_like(v)))
         if meshes:
             v, t, _ = scenery_model.merge(meshes)
             out.append(("patch", _mesh_shape(client, v, t)))
     if scenery.verge_width:
-        v1, t1 = _strip(track, sections, right, right - scenery.verge_width, VERGE_Z)
-        v2, t2 = _strip(track, sections, left + scenery.verge_width, left, VERGE_Z)
+        v1, t1 = _strip(track, sections, right, right - scenery.verge_width, VERGE_Z, surface)
+        v2, t2 = _strip(track, sections, left + scenery.verge_width, left, VERGE_Z, surface)
         out.append(("verge", _mesh_shape(client, np.r_[v1, v2], np.r_[t1, t2 + len(v1)])))
     if scenery.kerb:
-        v1, t1 = _strip(track, sections, right, right - KERB_WIDTH, PATCH_Z)
-        v2, t2 = _strip(track, sections, left + KERB_WIDTH, left, PATCH_Z)
+        v1, t1 = _strip(track, sections, right, right - KERB_WIDTH, PATCH_Z, surface)
+        v2, t2 = _strip(track, sections, left + KERB_WIDTH, left, PATCH_Z, surface)
         out.append(("kerb", _mesh_shape(client, np.r_[v1, v2], np.r_[t1, t2 + len(v1)])))
     return out
+
+
+def _grid(sections: int, columns: int) -> np.ndarray:
+    """Triangles of a (sections x columns) vertex grid whose columns run right to left,
+    counter-clockwise seen from above (as :func:`_strip`)."""
+    i, j = np.arange(sections - 1)[:, None], np.arange(columns - 1)[None, :]
+    here, ahead = i * columns + j, (i + 1) * columns + j
+    return np.stack([here + 1, here, ahead + 1, here, ahead, ahead + 1], axis=-1).reshape(-1, 3)
+
+
+def _reach(elevation: Elevation, s: np.ndarray, side: float) -> np.ndarray:
+    """How far [m] beyond the asphalt edge on ``side`` (+1 left, -1 right) the ground's cross-section
+    at each ``s`` may run before another stretch of the road (its asphalt and apron): a cross-section
+    never spans another bit of road (hairpins, roads coming back), whose own ground covers it."""
+    right, left = elevation.edges
+    keep = max(-right, left) + elevation_model.APRON + TERRAIN_KEEP  # [m] from the other road's centre line
+    edge = left if side > 0 else -right
+    reach = np.full(len(s), TERRAIN_COLUMNS[-1])
+    others, along_s = elevation._nearest_xy, elevation._nearest_s
+    for start in range(0, len(s), 64):  # blocks of cross-sections bound the memory
+        x, y, heading = elevation.centre(s[start:start + 64])
+        dx, dy = others[:, 0] - x[:, None], others[:, 1] - y[:, None]
+        cos, sin = np.cos(heading)[:, None], np.sin(heading)[:, None]
+        along, lateral = cos * dx + sin * dy, side * (cos * dy - sin * dx)
+        cuts = (np.abs(along) < TERRAIN_BAND) & (lateral > 0.0) & \
+            (np.abs(along_s - s[start:start + 64, None]) > TERRAIN_OWN)
+        nearest = np.where(cuts, lateral, np.inf).min(axis=1)
+        reach[start:start + 64] = np.minimum(reach[start:start + 64], nearest - keep - edge)
+    return np.maximum(reach, elevation_model.APRON)
+
+
+def terrain_mesh(elevation: Elevation, sections: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The ground beside a graded road: cross-sections at the road's ``sections`` (and beyond its
+    ends) from ``TERRAIN_COLUMNS[-1]`` m right of the asphalt to as far left, under the asphalt
+    too (where the road ends, the ground goes on). Heights follow :meth:`Elevation.ground` and
+    fade into the far ground plane, whose height is returned: ``FAR_BELOW`` under the lowest point.
+
+    Returns vertices, triangles and the far ground plane's height [m]."""
+    ends = np.asarray(TERRAIN_ENDS)
+    s = np.concatenate([-ends[::-1], sections, elevation.track.length + ends])
+    right, left = elevation.edges
+    columns = np.asarray(TERRAIN_COLUMNS)
+    beyond = np.concatenate([columns[::-1], [0.0, 0.0], columns])  # [m] beyond the asphalt edge, right to left
+    sides = np.concatenate([-np.ones(len(columns) + 1), np.ones(len(columns) + 1)])
+    reach = np.where(sides > 0, _reach(elevation, s, 1.0)[:, None], _reach(elevation, s, -1.0)[:, None])
+    beyond = np.minimum(beyond, reach)  # (sections, columns)
+    t = np.where(sides > 0, left + beyond, right - beyond)
+    x, y, z = elevation.surface(s[:, None], t)
+    far = beyond > elevation_model.APRON
+    z = np.where(far, 0.0, z)
+    z[far] = elevation.ground(x[far], y[far])
+    level = float(z.min()) - FAR_BELOW
+    fade = beyond - TERRAIN_FADE[0]
+    weight = np.clip(fade / (TERRAIN_FADE[1] - TERRAIN_FADE[0]), 0.0, 1.0)
+    weight = weight * weight * (3.0 - 2.0 * weight)
+    z = (1.0 - weight) * z + weight * level + GROUND_Z
+    vertices = np.stack([x, y, z], axis=-1).reshape(-1, 3)
+    triangles = _grid(len(s), len(beyond[0])).reshape(len(s) - 1, len(beyond[0]) - 1, 2, 3)
+    under = (s[:-1] >= 0.0) & (s[1:] <= elevation.track.length)  # the asphalt covers it: not drawn
+    keep = np.ones(triangles.shape[:2], bool)
+    keep[under, len(columns)] = False  # the column between the two asphalt edges
+    return vertices, triangles[keep].reshape(-1, 3), level
 
 
 class World:
@@ -350,7 +484,12 @@ class World:
         self.road_cache: dict[tuple[str, str], RoadShapes] = {}
         self.road_key: tuple[str, str] | None = None
         self.road_bodies: list[tuple[str, int]] = []
+        self.elevation: Elevation | None = None  # the shown road's height and bank (None: level)
+        self.surface_body: int | None = None  # graded roads: the level plane the car drives on (no visual)
+        self.ground_level = 0.0  # [m] height of the ground plane and sky box (lowered under graded roads)
         self._car_shape: int | None = None
+        self._plane_shape: int | None = None  # collision shape of the level plane graded roads are driven on
+        self._stand_in_shapes: tuple[int, ...] | None = None  # visual shapes of the ego car's stand-in
 
     def car_shape(self) -> int:
         """The visual shape of a moving car (``sim.traffic``), built once per world and shared
@@ -359,6 +498,24 @@ class World:
             vertices, triangles, normals = traffic_model.car_mesh()
             self._car_shape = _mesh_shape(self.client, vertices, triangles, normals=normals)
         return self._car_shape
+
+    def car_stand_in(self, params) -> int:
+        """A new visual-only body showing the ego car (``sim.vehicle.VehicleParams`` ``params``) for
+        the chase view of graded roads, where the simulated car has no visuals (``sim.env``):
+        the chassis, with the cabin and the four wheels as fixed links. It waits under the ground."""
+        if self._stand_in_shapes is None:
+            self._stand_in_shapes = tuple(_mesh_shape(self.client, *mesh[:2], normals=mesh[2])
+                                          for mesh in traffic_model.ego_meshes(params))
+        chassis, *links = self._stand_in_shapes
+        body = self.client.createMultiBody(
+            baseMass=0, baseVisualShapeIndex=chassis, basePosition=traffic_model.HIDDEN, linkMasses=[0, 0],
+            linkCollisionShapeIndices=[-1, -1], linkVisualShapeIndices=links, linkPositions=[[0, 0, 0]] * 2,
+            linkOrientations=[[0, 0, 0, 1]] * 2, linkInertialFramePositions=[[0, 0, 0]] * 2,
+            linkInertialFrameOrientations=[[0, 0, 0, 1]] * 2, linkParentIndices=[0, 0],
+            linkJointTypes=[p.JOINT_FIXED] * 2, linkJointAxis=[[0, 0, 1]] * 2)
+        for link, colour in zip((-1, 0, 1), traffic_model.EGO_COLOURS):
+            self.client.changeVisualShape(body, link, rgbaColor=[*colour, 1.0])
+        return body
 
     @staticmethod
     def _key(track_key: str, condition: str, conditions) -> tuple[str, str]:
@@ -384,10 +541,27 @@ class World:
             return
         for _, body in self.road_bodies:
             self.client.removeBody(body)
+        if self.surface_body is not None:
+            self.client.removeBody(self.surface_body)
+            self.surface_body = None
+        name = key[1]
+        self.elevation = road_elevation(track, conditions.scenery[name], name)
         if key not in self.road_cache:
-            self.road_cache[key] = build_road_shapes(self.client, track, condition, conditions)
-        self.road_bodies = [(role, _body(self.client, shape)) for role, shape in self.road_cache[key].shapes]
+            self.road_cache[key] = build_road_shapes(self.client, track, condition, conditions, self.elevation)
+        road = self.road_cache[key]
+        self.road_bodies = [(role, _body(self.client, shape)) for role, shape in road.shapes]
         self.road_key = key
+        if road.graded:  # the car drives in the road's frame: on this plane (sim.env)
+            if self._plane_shape is None:
+                self._plane_shape = self.client.createCollisionShape(p.GEOM_PLANE)
+            self.surface_body = self.client.createMultiBody(baseMass=0, baseCollisionShapeIndex=self._plane_shape,
+                                                            basePosition=[0.0, 0.0, DRIVING_PLANE_Z])
+            self.client.changeDynamics(self.surface_body, -1, lateralFriction=1.0, rollingFriction=0.0,
+                                       spinningFriction=0.0)
+        if road.ground_level != self.ground_level:  # graded roads lower it below their dips
+            for body in (self.ground, self.sky):
+                self.client.resetBasePositionAndOrientation(body, [0.0, 0.0, road.ground_level], [0, 0, 0, 1])
+            self.ground_level = road.ground_level
 
     def semantic_table(self, vehicles: tuple[int, ...] = ()) -> np.ndarray:
         """The ``SEMANTIC_CLASSES`` id of every body of the client, indexed by body id + 1 (index 0:

@@ -23,6 +23,7 @@ GROUND_Z = -0.03  # [m] (sim.scene.GROUND_Z)
 PATCH_Z = 0.005  # [m] patches lie between the asphalt (0) and the paint (0.01)
 VERGE_Z = -0.015  # [m] verges lie between the ground and the asphalt
 CLEARANCE = 1.5  # [m] free space between the road's edge and any object
+SINK = 0.15  # [m] on graded ground objects stand this far into it, so no base floats on a slope
 CENTRE_STEP = 2.0  # [m] spacing of the centre-line points objects are kept away from
 Mesh = tuple[np.ndarray, np.ndarray, np.ndarray]  # vertices (N, 3), triangles (M, 3), normals (N, 3)
 
@@ -101,8 +102,32 @@ def _clear_of_road(track: Track, spots, radius: float) -> list:
     return [spot for spot, d in zip(spots, distance) if d > half_road + CLEARANCE + radius]
 
 
-def object_meshes(track: Track, scenery: Scenery, name: str) -> dict[str, Mesh]:
-    """Merged meshes of the roadside objects of ``scenery`` along ``track``, by material role."""
+def _flat(x, y) -> np.ndarray:
+    """The ground's height [m] where nothing is graded (the plane, ``GROUND_Z``)."""
+    return np.full(np.shape(x), GROUND_Z)
+
+
+def _standing(spots, ground, radius: float = 0.0) -> list[tuple[float, float, float, float, float]]:
+    """``spots`` with the height [m] their object stands at: the ground under its centre or, with
+    ``radius``, the lowest ground under its footprint's corners (no corner floats), sunk by
+    ``SINK`` on graded ground (on the plane: exactly ``GROUND_Z``, as before elevation)."""
+    if not spots:
+        return []
+    x, y = np.array([spot[0] for spot in spots]), np.array([spot[1] for spot in spots])
+    if ground is _flat:
+        return [(*spot[:2], GROUND_Z, *spot[2:]) for spot in spots]
+    corners = np.array([[0.0, 0.0]] + ([[-1, -1], [1, -1], [1, 1], [-1, 1]] if radius else [])) * radius
+    heights = ground(x[:, None] + corners[:, 0], y[:, None] + corners[:, 1]).min(axis=1) - SINK
+    return [(*spot[:2], float(z), *spot[2:]) for spot, z in zip(spots, heights)]
+
+
+def object_meshes(track: Track, scenery: Scenery, name: str, ground=None) -> dict[str, Mesh]:
+    """Merged meshes of the roadside objects of ``scenery`` along ``track``, by material role.
+
+    ``ground(x, y)``: a graded road's ground height [m] (vectorised,
+    :meth:`~steerloop.sim.track.elevation.Elevation.ground`); its terrain is drawn ``GROUND_Z``
+    below that and objects stand ``SINK`` lower still. None: the level ground plane."""
+    ground = _flat if ground is None else _terrain(ground)
     parts: dict[str, list[Mesh]] = {}
 
     def add(role: str, mesh: Mesh) -> None:
@@ -110,46 +135,60 @@ def object_meshes(track: Track, scenery: Scenery, name: str) -> dict[str, Mesh]:
 
     if scenery.trees:
         rng = _rng(track, name, "trees")
-        for x, y, _, h in _clear_of_road(track, _spots(track, rng, scenery.trees, (1.0, -1.0), 2.0, 25.0), 2.0):
+        spots = _clear_of_road(track, _spots(track, rng, scenery.trees, (1.0, -1.0), 2.0, 25.0), 2.0)
+        for x, y, z, _, h in _standing(spots, ground):
             height = rng.uniform(5.0, 11.0)
-            add("trunk", box(x, y, GROUND_Z, 0.35, 0.35, height * 0.35, h))
-            add("foliage", pyramid(x, y, GROUND_Z + height * 0.25, rng.uniform(1.2, 2.2), height * 0.75, h))
+            add("trunk", box(x, y, z, 0.35, 0.35, height * 0.35, h))
+            add("foliage", pyramid(x, y, z + height * 0.25, rng.uniform(1.2, 2.2), height * 0.75, h))
     if scenery.bushes:
         rng = _rng(track, name, "bushes")
-        for x, y, _, h in _clear_of_road(track, _spots(track, rng, scenery.bushes, (1.0, -1.0), 0.5, 12.0), 1.0):
-            add("foliage", pyramid(x, y, GROUND_Z, rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.4), h + 0.4))
+        spots = _clear_of_road(track, _spots(track, rng, scenery.bushes, (1.0, -1.0), 0.5, 12.0), 1.0)
+        for x, y, z, _, h in _standing(spots, ground, 0.7):
+            add("foliage", pyramid(x, y, z, rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.4), h + 0.4))
     if scenery.poles:
         rng = _rng(track, name, "poles")
-        for x, y, _, h in _clear_of_road(track, _spots(track, rng, scenery.poles, (1.0,), 1.5, 2.5), 0.2):
-            add("pole", box(x, y, GROUND_Z, 0.25, 0.25, 8.0, h))
+        for x, y, z, _, h in _standing(_clear_of_road(track, _spots(track, rng, scenery.poles, (1.0,), 1.5, 2.5), 0.2),
+                                       ground):
+            add("pole", box(x, y, z, 0.25, 0.25, 8.0, h))
     if scenery.posts:
         rng = _rng(track, name, "posts")
-        for x, y, side, h in _clear_of_road(track, _spots(track, rng, scenery.posts, (1.0, -1.0), 0.3, 0.8), 0.0):
-            add("post", box(x, y, GROUND_Z, 0.12, 0.12, 1.1, h))
+        spots = _clear_of_road(track, _spots(track, rng, scenery.posts, (1.0, -1.0), 0.3, 0.8), 0.0)
+        for x, y, z, side, h in _standing(spots, ground):
+            add("post", box(x, y, z, 0.12, 0.12, 1.1, h))
             if rng.uniform() < 0.3:  # a sign board on some posts
-                add("post", box(x, y, GROUND_Z + 1.6, 0.08, 0.7, 0.7, h))
-                add("pole", box(x, y, GROUND_Z, 0.08, 0.08, 1.6, h))
+                add("post", box(x, y, z + 1.6, 0.08, 0.7, 0.7, h))
+                add("pole", box(x, y, z, 0.08, 0.08, 1.6, h))
     if scenery.fences:
-        add_fences(track, scenery, name, add)
+        add_fences(track, scenery, name, add, ground)
     if scenery.buildings:
         rng = _rng(track, name, "buildings")
-        for x, y, _, h in _clear_of_road(track, _spots(track, rng, scenery.buildings, (1.0, -1.0), 5.0, 22.0), 6.0):
+        spots = _clear_of_road(track, _spots(track, rng, scenery.buildings, (1.0, -1.0), 5.0, 22.0), 6.0)
+        for x, y, z, _, h in _standing(spots, ground, 6.0):
             sx, sy, sz = rng.uniform(6.0, 12.0), rng.uniform(6.0, 10.0), rng.uniform(3.0, 12.0)
-            add("building", box(x, y, GROUND_Z, sx, sy, sz, h))
-            add("roof", pyramid(x, y, GROUND_Z + sz, 0.7 * max(sx, sy), rng.uniform(1.0, 3.0), h + np.pi / 4))
+            add("building", box(x, y, z, sx, sy, sz, h))
+            add("roof", pyramid(x, y, z + sz, 0.7 * max(sx, sy), rng.uniform(1.0, 3.0), h + np.pi / 4))
     if scenery.parked_cars:
         rng = _rng(track, name, "parked_cars")
         lane = track.lane_width
         count = rng.poisson(scenery.parked_cars * track.length / 100.0)
         s = np.sort(rng.uniform(10.0, max(track.length - 10.0, 10.0), count))
         x, y = track.lateral_points(s, -0.5 * lane - 0.6 - 1.2)  # beyond the right shoulder
-        for a, b, h in zip(x, y, track.pose(s)[2]):
-            add("car", box(float(a), float(b), GROUND_Z + 0.25, 4.4, 1.8, 0.8, float(h)))
-            add("car", box(float(a), float(b), GROUND_Z + 1.05, 2.4, 1.6, 0.5, float(h)))
+        spots = [(float(a), float(b), float(h)) for a, b, h in zip(x, y, track.pose(s)[2])]
+        for a, b, z, h in _standing(spots, ground, 2.2):
+            add("car", box(a, b, z + 0.25, 4.4, 1.8, 0.8, h))
+            add("car", box(a, b, z + 1.05, 2.4, 1.6, 0.5, h))
     return {role: merge(meshes) for role, meshes in parts.items()}
 
 
-def add_fences(track: Track, scenery: Scenery, name: str, add) -> None:
+def _terrain(ground):
+    """Object heights from a graded road's ground function: on the terrain, which is drawn
+    ``GROUND_Z`` below it (sim.scene.terrain_mesh)."""
+    def height(x, y):
+        return ground(x, y) + GROUND_Z
+    return height
+
+
+def add_fences(track: Track, scenery: Scenery, name: str, add, ground=_flat) -> None:
     """Fence/guard-rail runs on the right, covering about ``scenery.fences`` of the route."""
     rng = _rng(track, name, "fences")
     run = 40.0  # [m] length of one run
@@ -159,7 +198,7 @@ def add_fences(track: Track, scenery: Scenery, name: str, add) -> None:
         s = np.arange(start, start + run, 4.0)
         x, y = track.lateral_points(s, lateral)
         heading = track.pose(s)[2]
-        for a, b, h in zip(x, y, heading):
-            add("fence", box(float(a), float(b), GROUND_Z, 0.12, 0.12, 0.9, float(h)))
-            add("fence", box(float(a + 2.0 * np.cos(h)), float(b + 2.0 * np.sin(h)), GROUND_Z + 0.55, 4.0, 0.08,
-                             0.3, float(h)))
+        spots = [(float(a), float(b), float(h)) for a, b, h in zip(x, y, heading)]
+        for a, b, z, h in _standing(spots, ground):
+            add("fence", box(a, b, z, 0.12, 0.12, 0.9, h))
+            add("fence", box(float(a + 2.0 * np.cos(h)), float(b + 2.0 * np.sin(h)), z + 0.55, 4.0, 0.08, 0.3, h))

@@ -32,6 +32,7 @@ import numpy as np
 from steerloop.sim.conditions import MAX_TRAFFIC, Scenery
 from steerloop.sim.scenery import box, merge
 from steerloop.sim.track import Track
+from steerloop.sim.track.elevation import Elevation
 
 CAR_LENGTH, CAR_WIDTH = 4.4, 1.8  # [m] (the parked cars' size, sim.scenery)
 ONCOMING_BODIES = 4  # bodies shared by the oncoming cars (at 20 cars/km they cover about 200 m ahead)
@@ -50,6 +51,22 @@ def car_mesh():
     """Vertices, triangles and normals of a car (body and cabin boxes) at the origin, heading +x."""
     return merge([box(0.0, 0.0, 0.25, CAR_LENGTH, CAR_WIDTH, 0.8, 0.0),
                   box(-0.3, 0.0, 1.05, 2.4, 1.6, 0.5, 0.0)])
+
+
+EGO_COLOURS = ((0.75, 0.1, 0.1), (0.2, 0.25, 0.3), (0.08, 0.08, 0.08))  # paint, glass, tyres (sim.vehicle's URDF)
+
+
+def ego_meshes(params):
+    """Meshes (vertices, triangles, normals) of the ego car's chassis, cabin and four wheels
+    (boxes; ``EGO_COLOURS``), in its base frame (the wheelbase midpoint at axle height), from the
+    ``sim.vehicle.VehicleParams`` ``params``: what the chase view of a graded road shows."""
+    bottom = 0.15  # [m] the chassis starts this far above the axles (sim.vehicle.vehicle_urdf)
+    chassis = box(0.0, 0.0, bottom, params.body_length, params.body_width, params.body_height, 0.0)
+    cabin = box(-0.4, 0.0, bottom + params.body_height, params.body_length * 0.5, params.body_width * 0.9, 0.5, 0.0)
+    half_wb, half_tw, r = params.wheelbase / 2, params.track_width / 2, params.wheel_radius
+    wheels = merge([box(x, y, -r, 2 * r, params.wheel_width, 2 * r, 0.0)
+                    for x in (-half_wb, half_wb) for y in (-half_tw, half_tw)])
+    return chassis, cabin, wheels
 
 
 def lane_pose(track: Track, s: float, offset: float) -> tuple[float, float, float]:
@@ -142,8 +159,10 @@ class TrafficBodies:
     def ids(self) -> tuple[int, ...]:
         return (*self.oncoming, *([self.lead] if self.lead is not None else []))
 
-    def place(self, track: Track, plan: TrafficPlan, time: float, ego_s: float, ego_length: float) -> None:
-        """Move every body to where its car is at ``time`` [s] with the ego car at progress ``ego_s`` [m]."""
+    def place(self, track: Track, plan: TrafficPlan, time: float, ego_s: float, ego_length: float,
+              elevation: Elevation | None = None) -> None:
+        """Move every body to where its car is at ``time`` [s] with the ego car at progress ``ego_s`` [m]
+        (on a graded road, on its surface: at its height, pitched and rolled with it)."""
         c = self.client
         for index, s in plan.oncoming(time, ego_s):
             slot = index % len(self.oncoming)  # consecutive cars: distinct slots, stable while shown
@@ -151,12 +170,21 @@ class TrafficBodies:
             if self.showing[slot] != index:
                 c.changeVisualShape(body, -1, rgbaColor=[*plan.colours[index], 1.0])
                 self.showing[slot] = index
-            x, y, heading = lane_pose(track, s, track.lane_width)
-            facing = c.getQuaternionFromEuler([0.0, 0.0, heading + math.pi])  # towards the ego car
-            c.resetBasePositionAndOrientation(body, [x, y, 0.0], facing)
+            self._put(body, track, s, track.lane_width, math.pi, elevation)  # facing the ego car
         if self.lead is not None:
-            x, y, heading = lane_pose(track, plan.lead_progress(ego_s, ego_length), 0.0)
-            c.resetBasePositionAndOrientation(self.lead, [x, y, 0.0], c.getQuaternionFromEuler([0.0, 0.0, heading]))
+            self._put(self.lead, track, plan.lead_progress(ego_s, ego_length), 0.0, 0.0, elevation)
+
+    def _put(self, body: int, track: Track, s: float, offset: float, turn: float, elevation) -> None:
+        """Place ``body`` at progress ``s`` and ``offset`` [m] left of the centre line, turned by
+        ``turn`` [rad] from the road's direction."""
+        c = self.client
+        x, y, heading = lane_pose(track, s, offset)
+        if elevation is None:
+            c.resetBasePositionAndOrientation(body, [x, y, 0.0], c.getQuaternionFromEuler([0.0, 0.0, heading + turn]))
+            return
+        x, y, z = (float(v) for v in elevation.surface(s, offset))
+        roll, pitch = elevation.attitude(s, offset, heading + turn)
+        c.resetBasePositionAndOrientation(body, [x, y, z], c.getQuaternionFromEuler([roll, pitch, heading + turn]))
 
     def remove(self) -> None:
         for body in self.ids:

@@ -17,6 +17,11 @@ Two controllers sit between the policy and the joints:
 
 Frames: the base link (and the centre of mass) sits at the middle of the wheelbase, at axle height; x forward,
 y left, z up. ``pose()`` reports that point on the ground plane.
+
+On a graded road the car drives in the road's frame (``sim.env``): on a level plane under gravity
+tilted like the road under it, its pose mapped onto the road for the cameras. It is loaded
+without visuals there (``visible=False``; a visual stand-in shows it in the chase view), and its
+speed is scaled from the plane to the road (``speed_scale``, 1 / cos(grade angle)).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import copy
 import hashlib
 import math
 import os
+import re
 import tempfile
 from collections import deque
 from dataclasses import dataclass
@@ -149,8 +155,8 @@ def ackermann(params: VehicleParams, angle: float) -> tuple[float, float]:
     return math.atan(L / (radius - half_tw)), math.atan(L / (radius + half_tw))
 
 
-def vehicle_urdf(params: VehicleParams) -> str:
-    """URDF text of the car described by ``params``."""
+def vehicle_urdf(params: VehicleParams, visible: bool = True) -> str:
+    """URDF text of the car described by ``params`` (without its visual elements if not ``visible``)."""
     half_wb, half_tw = params.wheelbase / 2, params.track_width / 2
     r, w, m = params.wheel_radius, params.wheel_width, params.wheel_mass
     bl, bw, bh, M = params.body_length, params.body_width, params.body_height, params.mass
@@ -187,7 +193,7 @@ def vehicle_urdf(params: VehicleParams) -> str:
     steer_limit = (f'<limit lower="{-params.max_wheel_angle * 1.2:.4f}" '
                    f'upper="{params.max_wheel_angle * 1.2:.4f}" effort="1e6" velocity="10"/>')
     cabin_z = body_z + bh / 2 + 0.25
-    return f"""<?xml version="1.0"?>
+    text = f"""<?xml version="1.0"?>
 <robot name="steerloop_car">
   <link name="chassis">
     <inertial><origin xyz="0 0 0"/><mass value="{M}"/>{box_inertia(M, bl, bw, bh)}</inertial>
@@ -197,11 +203,14 @@ def vehicle_urdf(params: VehicleParams) -> str:
   </link>{knuckle("front_left_knuckle")}{knuckle("front_right_knuckle")}{wheel_link("front_left_wheel")}{wheel_link("front_right_wheel")}{wheel_link("rear_left_wheel")}{wheel_link("rear_right_wheel")}{joint("front_left_steer", "revolute", "chassis", "front_left_knuckle", (half_wb, half_tw, 0), "0 0 1", steer_limit)}{joint("front_right_steer", "revolute", "chassis", "front_right_knuckle", (half_wb, -half_tw, 0), "0 0 1", steer_limit)}{joint("front_left_spin", "continuous", "front_left_knuckle", "front_left_wheel", (0, 0, 0), "0 1 0")}{joint("front_right_spin", "continuous", "front_right_knuckle", "front_right_wheel", (0, 0, 0), "0 1 0")}{joint("rear_left_spin", "continuous", "chassis", "rear_left_wheel", (-half_wb, half_tw, 0), "0 1 0")}{joint("rear_right_spin", "continuous", "chassis", "rear_right_wheel", (-half_wb, -half_tw, 0), "0 1 0")}
 </robot>
 """
+    if not visible:
+        text = re.sub(r"\n?\s*<visual>.*?</visual>", "", text)
+    return text
 
 
-def _urdf_path(params: VehicleParams) -> str:
+def _urdf_path(params: VehicleParams, visible: bool = True) -> str:
     """Path of the URDF for ``params``, written once into the temp directory (named by content)."""
-    text = vehicle_urdf(params)
+    text = vehicle_urdf(params, visible)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = os.path.join(tempfile.gettempdir(), f"steerloop_car_{digest}.urdf")
     if not os.path.exists(path):
@@ -212,8 +221,10 @@ def _urdf_path(params: VehicleParams) -> str:
 class Vehicle:
     """A car in a PyBullet client: load once, then ``reset`` and ``apply`` each control step."""
 
-    def __init__(self, client, params: VehicleParams, control_dt: float):
+    def __init__(self, client, params: VehicleParams, control_dt: float, visible: bool = True, floor: float = 0.0):
         self.client = client
+        self.speed_scale = 1.0  # [-] forward_speed() = the base's speed along its heading x this
+        self.floor = floor  # [m] height of the plane the car stands on
         self.params = params
         self.control_dt = control_dt
         self.steering = SteeringActuator(params, control_dt)
@@ -221,7 +232,7 @@ class Vehicle:
         self._base, self._pose, self._speed = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0)), (0.0, 0.0, 0.0), 0.0
         self.throttle = 0.0
         self._drive_torque = 0.0
-        self.body_id = client.loadURDF(_urdf_path(params), basePosition=[0, 0, params.wheel_radius],
+        self.body_id = client.loadURDF(_urdf_path(params, visible), basePosition=[0, 0, floor + params.wheel_radius],
                                        flags=p.URDF_USE_INERTIA_FROM_FILE)
         names = {client.getJointInfo(self.body_id, j)[1].decode(): j
                  for j in range(client.getNumJoints(self.body_id))}
@@ -245,7 +256,7 @@ class Vehicle:
         wheels at ``wheel_angle`` [rad] and ``command`` (normalised; default: the wheel angle's)
         waiting in the steering actuator's delay line."""
         c, r = self.client, self.params.wheel_radius
-        c.resetBasePositionAndOrientation(self.body_id, [x, y, r], c.getQuaternionFromEuler([0, 0, yaw]))
+        c.resetBasePositionAndOrientation(self.body_id, [x, y, self.floor + r], c.getQuaternionFromEuler([0, 0, yaw]))
         c.resetBaseVelocity(self.body_id, [speed * math.cos(yaw), speed * math.sin(yaw), 0.0], [0, 0, 0])
         for joint, angle in zip(self.steer_joints, ackermann(self.params, wheel_angle)):
             c.resetJointState(self.body_id, joint, angle, 0.0)
@@ -318,18 +329,20 @@ class Vehicle:
         return self._base
 
     def forward_speed(self) -> float:
-        """Speed along the car's heading [m/s] (negative when reversing)."""
-        return self._speed
+        """Speed along the car's heading [m/s] (negative when reversing), times ``speed_scale``."""
+        return self._speed * self.speed_scale
 
     def controller_state(self) -> dict:
         """The controllers' memory that PyBullet does not hold (actuator delay line and angle,
-        cruise integral, throttle, drive torque) and the base state, for copying the car."""
+        cruise integral, throttle, drive torque, speed scale) and the base state, for copying the car."""
         return {"steering": copy.deepcopy(self.steering), "cruise": copy.deepcopy(self.cruise),
-                "throttle": self.throttle, "drive_torque": self._drive_torque, "base": self._base}
+                "throttle": self.throttle, "drive_torque": self._drive_torque, "base": self._base,
+                "speed_scale": self.speed_scale}
 
     def restore_controller_state(self, state: dict) -> None:
         """Restore :meth:`controller_state` after the physics state was restored; re-reads the base."""
         self.steering = copy.deepcopy(state["steering"])
         self.cruise = copy.deepcopy(state["cruise"])
         self.throttle, self._drive_torque = state["throttle"], state["drive_torque"]
+        self.speed_scale = state["speed_scale"]
         self.refresh()

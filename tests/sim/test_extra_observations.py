@@ -149,7 +149,7 @@ def test_semantic_classes_are_what_is_drawn():
     assert image[semantic == GROUND][:, 1].mean() > image[semantic == GROUND][:, 0].mean()  # green meadow
     assert depth[semantic == SKY].min() > depth[semantic == ROAD].max()
     everything = conditions.Scenery(patches=1.0, verge_width=1.0, kerb=True, trees=1.0, bushes=1.0, poles=1.0,
-                                    posts=1.0, fences=1.0, buildings=1.0, parked_cars=1.0)
+                                    posts=1.0, fences=1.0, buildings=1.0, parked_cars=1.0, grade=0.05)  # + terrain
     assert set(scenery_roles(everything)) | {"asphalt", "edge_line", "centre_line"} == set(ROLE_CLASSES)
     assert ROLE_CLASSES["car"] == VEHICLE and ROLE_CLASSES["building"] == SCENERY
 
