@@ -254,7 +254,7 @@ class BenchArgs:
     resolution: tuple[int, int] = (66, 200)
     """Camera image size HxW [px]."""
     condition: str = "default"
-    """soak: the visual condition (its scenery is built for every track; env compares flat, default and the richest)."""
+    """soak: the visual condition (its scenery is built for every track; env compares flat, default and the richest level and graded ones)."""
     json: bool = False
     """Print one JSON object with every figure."""
 

@@ -272,8 +272,9 @@ CONDITIONS: dict[str, Composition] = {
     "rural-hills": Composition("hills", "noon", "dashcam"),
     "mountain-fog": Composition("mountain", "fog", "dashcam"),
 }
-RICHEST = "town-rain"  # the built-in condition with the most geometry and effects (bench env)
+RICHEST = "town-rain"  # the level built-in condition with the most geometry and effects (bench env)
 TRAFFIC = "town-traffic.rain.dashcam"  # RICHEST with oncoming cars (bench env: their cost side by side)
+GRADED = "mountain-fog"  # the graded built-in condition with the most geometry and effects: the costliest (bench env)
 AXES = {"scenery": SCENERY, "weather": WEATHER, "camera": CAMERAS}
 AXIS_TYPES = {"scenery": Scenery, "weather": Weather, "camera": CameraLook}
 

@@ -84,7 +84,7 @@ def test_bench_env_json():
         assert isinstance(bench[key], (int, float)) and bench[key] > 0, key
     assert bench["resolution"] == [16, 32]
     # flat, default, the richest condition and it with oncoming traffic side by side, each with its ratio to flat
-    assert set(bench["conditions"]) == {"flat", "default", "town-rain", "town-traffic.rain.dashcam"}
+    assert set(bench["conditions"]) == {"flat", "default", "town-rain", "town-traffic.rain.dashcam", "mountain-fog"}
     rows = bench["conditions"]
     traffic, without = rows["town-traffic.rain.dashcam"], rows["town-rain"]
     assert traffic["env_over_without_traffic"] == round(traffic["env_steps_per_s"] / without["env_steps_per_s"], 3)
