@@ -69,7 +69,8 @@ def test_road_meshes_leave_no_python_objects_behind():
     tracks = [generate_track(split_seed("train", i), length=400.0) for i in range(4)]
     try:
         # The reused holders grow once to the largest mesh so far: a longer road fills them first.
-        build_road_shapes(client, generate_track(split_seed("train", 99), length=1000.0), "worn")
+        for condition in ("default", "worn"):  # every surface role (default has verges and patches)
+            build_road_shapes(client, generate_track(split_seed("train", 99), length=1000.0), condition)
         gc.collect()
         tracemalloc.start()
         start = tracemalloc.get_traced_memory()[0]
