@@ -256,9 +256,9 @@ def test_a_push_moves_the_car_across_the_banked_road():
 def test_the_expert_completes_graded_routes(condition):
     env = LaneKeepEnv(resolution=TINY, track_length=250.0, condition=condition)
     try:
-        for index in range(3):
-            info, _ = drive_with_expert_label(env, seed=index, options={"track": split_seed("test", 10 + index)})
-            assert info["success"] and info["departures"] == 0, index
+        # one route each here; the slow 2x2 test drives every test/shift/generalization route
+        info, _ = drive_with_expert_label(env, seed=0, options={"track": split_seed("test", 10)})
+        assert info["success"] and info["departures"] == 0
     finally:
         env.close()
 
