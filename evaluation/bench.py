@@ -48,7 +48,8 @@ class _ConditionBench:
         self.poses = []  # camera poses along the env's own trajectory, so bare rendering sees the same scenes
         for _ in range(steps):
             env.step(np.array([env.expert_command()], np.float32))
-            self.poses.append(body_camera_matrices(env.client, spec, *vehicle.base_state(),
+            # the pose the env renders from (on a graded road: the car mapped onto the road surface)
+            self.poses.append(body_camera_matrices(env.client, spec, *env._camera_base(),
                                                    vehicle.params.wheel_radius))
         # the last pose's bare frame and depth buffer, for the image-formation effects alone
         self.frame, self.depth = render(env.client, spec.width, spec.height, *self.poses[-1], env.appearance.lighting,

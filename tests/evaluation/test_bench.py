@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from steerloop.evaluation.bench import bench_scale
@@ -42,3 +43,18 @@ def test_bench_stateful_step_reports_step_and_window_for_the_new_models():
         assert result[f"{arch}_seq_len"] == seq_len
         assert result[f"{arch}_step_ms"] > 0 and result[f"{arch}_window_ms"] > 0
         assert result[f"{arch}_step_speedup_over_window"] > 0
+
+
+def test_bench_env_renders_bare_frames_from_the_env_s_own_camera_pose_on_a_graded_road():
+    """On a graded road the simulated car drives on a level plane out of sight; the bare render
+    must replay the pose the env renders from (the car mapped onto the road), not the plane's."""
+    from steerloop.evaluation.bench import _ConditionBench
+    from steerloop.sim.camera import render
+
+    bench = _ConditionBench("mountain.noon", 20, (16, 32))  # ideal camera: the env's frame is the bare render
+    try:
+        env = bench.env
+        bare = render(env.client, 32, 16, *bench.poses[-1], env.appearance.lighting)
+        assert np.array_equal(bare, env.frames[env.episode_cameras[0].name])
+    finally:
+        bench.env.close()
