@@ -386,6 +386,7 @@ def test_oncoming_and_lead_cars_ride_on_the_graded_road():
     assert checked > 100
 
 
+@pytest.mark.slow  # the level-road version runs in the default suite (tests/sim/test_memory.py)
 def test_graded_road_meshes_leave_no_python_objects_behind():
     """As level roads (tests/sim/test_memory.py): the terrain goes through the reused holders and
     the road cache keeps no Elevation (nor its track) per road."""

@@ -157,6 +157,7 @@ def _same_results(out1: Path, out2: Path) -> None:
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
 
 
+@pytest.mark.slow  # ~10 s of Ray start-up; keeps the default suite under 4 min (bench scale and the large study's Ray test are slow too)
 def test_ray_backend_gives_the_same_results(smoke_expert, tmp_path, ray_local):
     out1, _ = smoke_expert
     evaluate("expert", load_suite("smoke"), tmp_path / "ray", resolution=TINY, progress=False, workers=2,
