@@ -260,10 +260,10 @@ def road_frame(elevation, s: float, offset: float, yaw: float, client, plan: tup
     road's point under the car at ``s``, banked ``offset`` (``plan``: its plan-view (x, y) if
     known), the rotation from the level plane to the road there (the car's heading ``yaw`` kept in
     plan view), and the ratio of speed along the road to speed in plan view (1 / cos(grade angle))."""
-    x, y, z = (float(v) for v in elevation.surface(s, offset))
+    point, roll, pitch = elevation.pose(s, offset, yaw)
+    x, y, z = (float(v) for v in point)
     if plan is not None:
         x, y = plan
-    roll, pitch = elevation.attitude(s, offset, yaw)
     on_road = np.asarray(client.getMatrixFromQuaternion(client.getQuaternionFromEuler([roll, pitch, yaw]))).reshape(3, 3)
     cos, sin = math.cos(yaw), math.sin(yaw)
     rotation = on_road @ np.array([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]])  # R_road Rz(-yaw)

@@ -182,9 +182,8 @@ class TrafficBodies:
         if elevation is None:
             c.resetBasePositionAndOrientation(body, [x, y, 0.0], c.getQuaternionFromEuler([0.0, 0.0, heading + turn]))
             return
-        x, y, z = (float(v) for v in elevation.surface(s, offset))
-        roll, pitch = elevation.attitude(s, offset, heading + turn)
-        c.resetBasePositionAndOrientation(body, [x, y, z], c.getQuaternionFromEuler([roll, pitch, heading + turn]))
+        point, roll, pitch = elevation.pose(s, offset, heading + turn)
+        c.resetBasePositionAndOrientation(body, [float(v) for v in point], c.getQuaternionFromEuler([roll, pitch, heading + turn]))
 
     def remove(self) -> None:
         for body in self.ids:

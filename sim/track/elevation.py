@@ -60,6 +60,7 @@ BLEND = 10.0  # [m] ... and then blends into the terrain field over this width (
 NEAREST_STEP = 1.0  # [m] spacing of the centre-line points the ground's nearest-road search uses
 NEAREST_CHUNK = 512  # [-] query points per block of the nearest-road search (bounds its memory)
 NORMAL_STEP = 0.01  # [m] central-difference step of the surface normal
+SCALAR_SECTIONS = 8  # [-] up to this many cross-sections are evaluated point by point (a car's pose)
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -110,9 +111,17 @@ class Elevation:
     # ------------------------------------------------------------------ the terrain field
     def field(self, x, y) -> np.ndarray:
         """The terrain field ``Z(x, y)`` [m] (vectorised)."""
-        return self._field(np.asarray(x, float), np.asarray(y, float))[0]
+        return self._field(np.asarray(x, float), np.asarray(y, float))
 
-    def _field(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _field(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``Z`` at points of any shape."""
+        px, py = x[..., None] - self.centres[:, 0], y[..., None] - self.centres[:, 1]
+        ratio = np.sqrt(px * px + py * py) / self.radii
+        cosine = 0.5 * (1.0 + np.cos(np.pi * ratio))  # the raised cosine, squared: C2 at the rim
+        total = (np.where(ratio < 1.0, cosine * cosine, 0.0) * self.amplitudes).sum(axis=-1)
+        return self._window(x, y)[0] * total
+
+    def _field_and_gradient(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``Z`` and its gradient ``(dZ/dx, dZ/dy)`` at points of any shape."""
         px, py = x[..., None] - self.centres[:, 0], y[..., None] - self.centres[:, 1]
         ratio = np.sqrt(px * px + py * py) / self.radii
@@ -124,14 +133,20 @@ class Elevation:
         total = (bump * self.amplitudes).sum(axis=-1)
         gx = (slope * self.amplitudes * px).sum(axis=-1)
         gy = (slope * self.amplitudes * py).sum(axis=-1)
-        # Faded in around the start: W(r0) = 0 within FLAT_START, raised cosine up to 1 over FADE_IN.
+        window, ramp, sx, sy, unit = self._window(x, y)
+        return window * total, window * gx + total * ramp * sx * unit, window * gy + total * ramp * sy * unit
+
+    def _window(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The fade-in ``W(r0)`` around the start (0 within ``FLAT_START``, a smootherstep (C2) up to
+        1 over ``FADE_IN``), its derivative ``dW/dr0`` [1/m], the offsets ``(sx, sy)`` [m] from the
+        start and ``1 / r0`` (0 at the start)."""
         sx, sy = x - self.start[0], y - self.start[1]
         r0 = np.sqrt(sx * sx + sy * sy)
         phase = np.clip((r0 - FLAT_START) / FADE_IN, 0.0, 1.0)
-        window = phase ** 3 * (10.0 - 15.0 * phase + 6.0 * phase ** 2)  # smootherstep: C2
+        window = phase ** 3 * (10.0 - 15.0 * phase + 6.0 * phase ** 2)
         ramp = 30.0 * phase ** 2 * (1.0 - phase) ** 2 / FADE_IN  # its derivative [1/m]
         unit = np.where(r0 > 0.0, 1.0 / np.where(r0 > 0.0, r0, 1.0), 0.0)
-        return (window * total, window * gx + total * ramp * sx * unit, window * gy + total * ramp * sy * unit)
+        return window, ramp, sx, sy, unit
 
     # ------------------------------------------------------------------ the centre line
     def centre(self, s) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -146,12 +161,12 @@ class Elevation:
     def height(self, s):
         """Height ``z(s)`` [m] of the centre line (vectorised)."""
         x, y, _ = self.centre(s)
-        return self._field(x, y)[0]
+        return self._field(x, y)
 
     def grade_at(self, s):
         """Grade ``dz/ds`` [-] of the centre line (vectorised; + = climbing)."""
         x, y, heading = self.centre(s)
-        _, gx, gy = self._field(x, y)
+        _, gx, gy = self._field_and_gradient(x, y)
         return gx * np.cos(heading) + gy * np.sin(heading)
 
     def _bank_table(self) -> tuple[np.ndarray, np.ndarray]:
@@ -178,12 +193,22 @@ class Elevation:
         [m] (level with the asphalt's edge beyond it; vectorised with broadcasting)."""
         s, t = np.asarray(s, float), np.asarray(t, float)
         shape = np.broadcast_shapes(s.shape, t.shape)  # read-only views (broadcast_arrays' writable ones warn)
-        s, t = np.broadcast_to(s, shape), np.broadcast_to(t, shape)
-        x, y, heading = self.centre(s)
-        phi = self.superelevation(s)
+        return self._across(self._section(np.broadcast_to(s, shape)), np.broadcast_to(t, shape))
+
+    def _section(self, s: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The cross-section at ``s``: the centre line's ``(x, y, heading)``, roll ``phi`` and height."""
+        if s.ndim == 1 and len(s) <= SCALAR_SECTIONS:  # a few points: the track's scalar pose is faster
+            x, y, heading = (np.array(v, float) for v in zip(*(self.centre(v) for v in s)))
+        else:
+            x, y, heading = self.centre(s)
+        return x, y, heading, self.superelevation(s), self._field(x, y)
+
+    def _across(self, section: tuple[np.ndarray, ...], t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The surface point at banked offset ``t`` across each ``section``."""
+        x, y, heading, phi, height = section
         clipped = np.clip(t, *self.edges)
         u = clipped * np.cos(phi) + (t - clipped)
-        return x - u * np.sin(heading), y + u * np.cos(heading), self.height(s) + clipped * np.sin(phi)
+        return x - u * np.sin(heading), y + u * np.cos(heading), height + clipped * np.sin(phi)
 
     def banked_offset(self, s, u):
         """Banked lateral offset ``t`` [m] of the point at horizontal offset ``u`` [m] at ``s``."""
@@ -195,17 +220,35 @@ class Elevation:
     def normal(self, s, t) -> np.ndarray:
         """Unit normal(s) of the road surface at ``s``, ``t`` (central differences; scalars give
         shape (3,), arrays (N, 3))."""
-        h = NORMAL_STEP
-        along = np.subtract(self.surface(s + np.asarray(h), t), self.surface(s - np.asarray(h), t))
-        across = np.subtract(self.surface(s, t + np.asarray(h)), self.surface(s, t - np.asarray(h)))
-        normal = np.cross(along, across, axis=0)
-        normal = np.moveaxis(normal / np.linalg.norm(normal, axis=0), 0, -1)
-        return normal
+        return self.point_and_normal(s, t)[1]
+
+    def point_and_normal(self, s, t) -> tuple[np.ndarray, np.ndarray]:
+        """The surface point(s) ``(x, y, z)`` and unit normal(s) at ``s``, ``t`` from one vectorised
+        :meth:`surface` call over the point and its four central-difference neighbours (scalars give
+        shapes (3,), arrays (N, 3))."""
+        s, t, h = np.asarray(s, float), np.asarray(t, float), NORMAL_STEP
+        shape = np.broadcast_shapes(s.shape, t.shape)
+        s, t = np.broadcast_to(s, shape), np.broadcast_to(t, shape)
+        # Sections at s, s + h, s - h; points at (s, t), (s +- h, t) along and (s, t +- h) across.
+        section = self._section(np.stack([s, s + h, s - h]))
+        rows = [0, 1, 2, 0, 0]
+        x, y, z = self._across(tuple(v[rows] for v in section), np.stack([t, t, t, t + h, t - h]))
+        ax, ay, az = x[1] - x[2], y[1] - y[2], z[1] - z[2]  # along the road
+        cx, cy, cz = x[3] - x[4], y[3] - y[4], z[3] - z[4]  # across it
+        nx, ny, nz = ay * cz - az * cy, az * cx - ax * cz, ax * cy - ay * cx
+        norm = np.sqrt(nx * nx + ny * ny + nz * nz)
+        return np.stack([x[0], y[0], z[0]], axis=-1), np.stack([nx / norm, ny / norm, nz / norm], axis=-1)
 
     def attitude(self, s: float, t: float, yaw: float) -> tuple[float, float]:
         """``(roll, pitch)`` [rad] (PyBullet's Euler angles, with ``yaw``) of a car standing on the
         surface at ``s``, ``t`` and heading ``yaw`` in plan view."""
         return attitude_on(self.normal(s, t), yaw)
+
+    def pose(self, s: float, t: float, yaw: float) -> tuple[np.ndarray, float, float]:
+        """The surface point ``(x, y, z)`` at ``s``, ``t`` and the ``(roll, pitch)`` [rad] of a car
+        standing there heading ``yaw`` in plan view (one :meth:`surface` call for both)."""
+        point, normal = self.point_and_normal(s, t)
+        return (point, *attitude_on(normal, yaw))
 
     # ------------------------------------------------------------------ the ground beside it
     def ground(self, x, y) -> np.ndarray:
@@ -222,7 +265,7 @@ class Elevation:
         road = self.height(s) + np.clip(t, *self.edges) * np.sin(phi)
         beyond = np.maximum(np.maximum(t - self.edges[1], self.edges[0] - t), 0.0)
         blend = _smoothstep((beyond - APRON) / BLEND)
-        return ((1.0 - blend) * road + blend * self._field(x, y)[0]).reshape(shape)
+        return ((1.0 - blend) * road + blend * self._field(x, y)).reshape(shape)
 
     def _nearest(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Progress ``s`` of the nearest centre-line point (extensions included) and the signed
@@ -250,7 +293,8 @@ def attitude_on(normal: np.ndarray, yaw: float) -> tuple[float, float]:
     ``yaw`` in plan view (PyBullet's Euler convention: R = Rz(yaw) Ry(pitch) Rx(roll))."""
     nx, ny, nz = (float(v) for v in normal)
     cos, sin = math.cos(yaw), math.sin(yaw)
-    forward = np.array([cos, sin, -(nx * cos + ny * sin) / nz])
-    forward /= np.linalg.norm(forward)
-    side = np.cross([nx, ny, nz], forward)
-    return math.atan2(float(side[2]), nz), math.asin(-float(forward[2]))
+    fz = -(nx * cos + ny * sin) / nz
+    length = math.sqrt(cos * cos + sin * sin + fz * fz)
+    fx, fy, fz = cos / length, sin / length, fz / length  # the body's x axis on the surface
+    side_z = nx * fy - ny * fx  # z of normal x forward: the body's y axis
+    return math.atan2(side_z, nz), math.asin(-fz)
