@@ -46,8 +46,12 @@ class _ConditionBench:
         env.reset(seed=0)
         vehicle, spec = env.vehicle, env.episode_cameras[0]
         self.poses = []  # camera poses along the env's own trajectory, so bare rendering sees the same scenes
+        self.commands = []  # the expert's steering, replayed by the env and by bare physics
+        self.gravity = []  # gravity in the car's frame per step (graded roads tilt it; level: straight down)
         for _ in range(steps):
-            env.step(np.array([env.expert_command()], np.float32))
+            self.commands.append(np.array([env.expert_command()], np.float32))
+            env.step(self.commands[-1])
+            self.gravity.append(env._gravity)  # the gravity that step simulated under
             # the pose the env renders from (on a graded road: the car mapped onto the road surface)
             self.poses.append(body_camera_matrices(env.client, spec, *env._camera_base(),
                                                    vehicle.params.wheel_radius))
@@ -61,17 +65,21 @@ class _ConditionBench:
             render(env.client, spec.width, spec.height, view, projection, env.appearance.lighting)
 
     def physics_only(self, n: int) -> None:
-        for _ in range(n):
-            self.env.vehicle.step_physics(self.env.substeps)
+        """The vehicle model driven as in the env: steering actuator, cruise control, gravity, PyBullet."""
+        env, vehicle = self.env, self.env.vehicle
+        speed = None if env.config.longitudinal else env.config.speed
+        for command, gravity in zip(self.commands[:n], self.gravity[:n]):
+            env._set_gravity(gravity)
+            vehicle.apply(float(command[0]), speed)
+            vehicle.step_physics(env.substeps)
 
     def image_formation(self, n: int) -> None:
         for _ in range(n):
             imaging.apply(self.frame, self.depth, self.env.effects)
 
     def env_steps(self, n: int) -> None:
-        env = self.env
-        for _ in range(n):
-            env.step(np.array([env.expert_command()], np.float32))
+        for command in self.commands[:n]:
+            self.env.step(command)
 
     def timed(self) -> dict[str, float]:
         out = {}
@@ -90,7 +98,10 @@ def bench_env(steps: int = 300, repeats: int = 5, resolution: tuple[int, int] = 
     interleaved repeat by repeat and condition by condition.
 
     The car follows the expert along a test track (300 steps stay on the route, so no reset
-    is timed); bare rendering replays the camera poses of that same drive. Image-formation
+    is timed); the env replays the expert's commands of that drive (the expert's own cost is the
+    driver's, not the env's), bare rendering replays its camera poses and bare physics its
+    commands through the vehicle model (steering actuator, cruise control, the gravity of a
+    graded road, PyBullet's steps): a coasting car costs PyBullet about half as much as a driven one. Image-formation
     effects (fog, noise, blur, JPEG...) count as environment time in ``env_overhead_ratio``;
     ``image_formation_ms_per_frame`` is their cost alone (sim.imaging.apply on one frame and depth
     buffer of the drive), and ``env_over_simulator`` counts them as the simulator's work (the

@@ -58,3 +58,24 @@ def test_bench_env_renders_bare_frames_from_the_env_s_own_camera_pose_on_a_grade
         assert np.array_equal(bare, env.frames[env.episode_cameras[0].name])
     finally:
         bench.env.close()
+
+
+@pytest.mark.parametrize("condition", ["flat", "mountain.noon"])
+def test_bench_env_bare_physics_drives_the_car_as_the_env_does(condition):
+    """Bare physics replays the drive's commands (and a graded road's gravity) through the vehicle
+    model: a coasting car costs PyBullet about half as much, so it must end where the env's car does."""
+    from steerloop.evaluation.bench import _ConditionBench
+
+    bench = _ConditionBench(condition, 30, (16, 32))
+    try:
+        env = bench.env
+        env.reset(seed=0)
+        bench.env_steps(30)
+        driven = env.vehicle.pose()
+        env.reset(seed=0)
+        bench.physics_only(30)
+        env.vehicle.refresh()
+        assert env.vehicle.pose() == driven
+        assert env.vehicle.forward_speed() > 0.9 * env.config.speed  # cruise control held the speed
+    finally:
+        env.close()
