@@ -9,9 +9,11 @@ command line so this package does not depend on ``evaluation``). Finished iterat
 recorded in ``OUT/dagger.json``; an interrupted run resumes at the first unfinished one
 (recording and training resume themselves inside an iteration).
 
-Each iteration's episodes cycle through ``conditions`` exactly as ``steerloop record``
-assigns them (episode k of an iteration drives under ``conditions[k % len(conditions)]``,
-whatever the number of workers); a user's ``condition_file`` counts by its content hash.
+The episodes cycle through ``conditions`` across the whole run: episode k of iteration i
+drives under ``conditions[(i * episodes_per_iter + k) % len(conditions)]`` whatever the number
+of workers (each iteration's recording gets the list rotated to where the last one stopped and
+assigns it as ``steerloop record`` does), so every condition is driven even when an iteration
+has fewer episodes than there are conditions; a user's ``condition_file`` counts by its content hash.
 """
 
 from __future__ import annotations
@@ -147,10 +149,13 @@ def _check_resumable(cfg: DaggerConfig, recorded: dict, table_path: Path) -> Non
 
 def _iteration_recording(cfg: DaggerConfig, i: int, learner: str, resolution: tuple[int, int]) -> RecordConfig:
     """What iteration ``i`` records: ``episodes_per_iter`` mixture episodes on training tracks,
-    cycling through ``cfg.conditions`` (a condition file must still hold the run's content)."""
+    continuing the run's cycle through ``cfg.conditions`` where iteration ``i - 1`` stopped (a
+    condition file must still hold the run's content)."""
+    start = i * cfg.episodes_per_iter % len(cfg.conditions)
+    conditions = (*cfg.conditions[start:], *cfg.conditions[:start])
     recording = RecordConfig(out=str(Path(cfg.out) / f"iter_{i:02d}" / "data"), episodes=cfg.episodes_per_iter,
                              suite="train", seed=cfg.seed * 1000 + i + 1, track_length=cfg.track_length,
-                             resolution=resolution, conditions=cfg.conditions, condition_file=cfg.condition_file,
+                             resolution=resolution, conditions=conditions, condition_file=cfg.condition_file,
                              workers=cfg.workers, backend=cfg.backend, address=cfg.address,
                              learner=learner, beta=cfg.beta(i), mixture=cfg.mixture,
                              extra={"dagger_iteration": i, "learner": learner})

@@ -99,6 +99,20 @@ def test_iteration_episodes_cycle_through_the_conditions(two_conditions):
     assert validate(str(data)) == []
 
 
+def test_the_condition_cycle_continues_across_iterations(tmp_path):
+    """Episode k of iteration i drives conditions[(i * episodes_per_iter + k) % n]: with 3 episodes an
+    iteration and 4 conditions, no condition is left out after the first iteration."""
+    cfg = DaggerConfig(init="i", data=["d"], out=str(tmp_path), episodes_per_iter=3,
+                       conditions=("default", "dusk", "worn", "desert"))
+    rotations = [_iteration_recording(cfg, i, "learner", TINY).conditions for i in range(3)]
+    assert rotations == [("default", "dusk", "worn", "desert"), ("desert", "default", "dusk", "worn"),
+                         ("worn", "desert", "default", "dusk")]
+    driven = [rotation[k % 4] for rotation in rotations for k in range(3)]
+    assert driven == ["default", "dusk", "worn", "desert", "default", "dusk", "worn", "desert", "default"]
+    single = DaggerConfig(init="i", data=["d"], out=str(tmp_path), episodes_per_iter=3)
+    assert _iteration_recording(single, 2, "learner", TINY).conditions == ("default",)
+
+
 @pytest.mark.slow  # two worker processes; record's own tests check 1 vs 2 workers in the default suite
 def test_worker_count_does_not_change_the_iteration_logs(bc_start, two_conditions):
     """The iteration's recording (the very RecordConfig run_dagger makes) with 2 workers equals
