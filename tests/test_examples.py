@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from steerloop.evaluation.cli import main
+from steerloop.evaluation.report.rows import PREDICTORS
 
 from helpers import SHORT_SPEC
 
@@ -106,4 +107,6 @@ def test_the_example_study_puts_the_users_model_beside_two_steerloop_models(trai
     assert mine["family"] == "mine" and mine["regime"] == "user" and mine["offline"]["rmse"] > 0
     report = (out / "report.md").read_text()
     assert "| mine | mine | user | n/a |" in report
-    assert len(summary["correlations"]) == 6 * 4  # three policies: every correlation includes the user's model
+    # every predictor against the 4 closed-loop metrics of a plain suite, each over all three policies
+    assert len(summary["correlations"]) == len(PREDICTORS) * 4
+    assert all(c["n"] == 3 for c in summary["correlations"])  # every correlation includes the user's model
