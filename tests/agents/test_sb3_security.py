@@ -30,7 +30,8 @@ from steerloop.training.rl import RLConfig, train_rl
 from helpers import SHORT_SPEC
 
 SB3_MIN = (36, 64)  # SB3's NatureCNN needs images of at least 36x36
-RUN = {"resolution": SB3_MIN, "track_length": 60.0, "tracks": 3, "n_steps": 32, "save_every": 32}  # train-rl CLI flags
+RUN = {"resolution": SB3_MIN, "track_length": 60.0, "tracks": 3, "n_steps": 32, "batch_size": 32,
+       "save_every": 32}  # train-rl CLI flags
 
 
 class Touch:
@@ -332,7 +333,7 @@ def test_train_rl_resume_refuses_the_crafted_checkpoint_without_running_it(craft
     evil, markers = crafted
     cfg = run_dir(tmp_path, evil)
     code = main(["train-rl", "--out", cfg.out, "--timesteps", "64", "--resolution", "36x64", "--track-length", "60",
-                 "--tracks", "3", "--n-steps", "32", "--save-every", "32", "--quiet"])
+                 "--tracks", "3", "--n-steps", "32", "--batch-size", "32", "--save-every", "32", "--quiet"])
     stderr = capsys.readouterr().err
     assert code == 2, stderr
     assert len(error_lines(stderr)) == 1 and "ppo_32_steps.zip: refusing" in stderr and "'evil'" in stderr, stderr
