@@ -48,10 +48,13 @@ class _ConditionBench:
         self.poses = []  # camera poses along the env's own trajectory, so bare rendering sees the same scenes
         self.commands = []  # the expert's steering, replayed by the env and by bare physics
         self.gravity = []  # gravity in the car's frame per step (graded roads tilt it; level: straight down)
+        self.traffic = []  # the moving cars' (body, position, orientation) per step, shown by bare rendering too
         for _ in range(steps):
             self.commands.append(np.array([env.expert_command()], np.float32))
             env.step(self.commands[-1])
             self.gravity.append(env._gravity)  # the gravity that step simulated under
+            bodies = env.traffic_bodies.ids if env.traffic_bodies is not None else ()
+            self.traffic.append([(body, *env.client.getBasePositionAndOrientation(body)) for body in bodies])
             # the pose the env renders from (on a graded road: the car mapped onto the road surface)
             self.poses.append(body_camera_matrices(env.client, spec, *env._camera_base(),
                                                    vehicle.params.wheel_radius))
@@ -61,7 +64,9 @@ class _ConditionBench:
 
     def render_only(self, n: int) -> None:
         env, spec = self.env, self.env.episode_cameras[0]
-        for view, projection in self.poses[:n]:
+        for (view, projection), cars in zip(self.poses[:n], self.traffic[:n]):
+            for body, position, orientation in cars:  # the scene as the env showed it: its cars where they were
+                env.client.resetBasePositionAndOrientation(body, position, orientation)
             render(env.client, spec.width, spec.height, view, projection, env.appearance.lighting)
 
     def physics_only(self, n: int) -> None:

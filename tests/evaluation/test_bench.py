@@ -79,3 +79,19 @@ def test_bench_env_bare_physics_drives_the_car_as_the_env_does(condition):
         assert env.vehicle.forward_speed() > 0.9 * env.config.speed  # cruise control held the speed
     finally:
         env.close()
+
+
+def test_bench_env_bare_render_shows_the_moving_cars_where_the_env_showed_them():
+    """The scene of each replayed camera pose includes the oncoming cars at that step's places."""
+    from steerloop.evaluation.bench import _ConditionBench
+
+    bench = _ConditionBench("town-traffic.noon.ideal", 20, (16, 32))
+    try:
+        env, first, last = bench.env, bench.traffic[0], bench.traffic[-1]
+        assert first and [body for body, *_ in first] == [body for body, *_ in last]
+        assert any(a[1] != b[1] for a, b in zip(first, last))  # the cars moved during the drive
+        env.reset(seed=0)
+        bench.render_only(20)
+        assert [(body, *env.client.getBasePositionAndOrientation(body)) for body, *_ in last] == last
+    finally:
+        bench.env.close()
