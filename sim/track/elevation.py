@@ -60,7 +60,6 @@ BLEND = 10.0  # [m] ... and then blends into the terrain field over this width (
 NEAREST_STEP = 1.0  # [m] spacing of the centre-line points the ground's nearest-road search uses
 NEAREST_CHUNK = 512  # [-] query points per block of the nearest-road search (bounds its memory)
 NORMAL_STEP = 0.01  # [m] central-difference step of the surface normal
-SCALAR_SECTIONS = 8  # [-] up to this many cross-sections are evaluated point by point (a car's pose)
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -113,21 +112,23 @@ class Elevation:
         """The terrain field ``Z(x, y)`` [m] (vectorised)."""
         return self._field(np.asarray(x, float), np.asarray(y, float))
 
-    def _field(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """``Z`` at points of any shape."""
+    def _bumps(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per point and bump: offsets ``(px, py)`` [m] from the bump's centre, ``r / R``, the raised
+        cosine (squared: C2 at the rim) and that square within the bump's radius (0 beyond)."""
         px, py = x[..., None] - self.centres[:, 0], y[..., None] - self.centres[:, 1]
         ratio = np.sqrt(px * px + py * py) / self.radii
-        cosine = 0.5 * (1.0 + np.cos(np.pi * ratio))  # the raised cosine, squared: C2 at the rim
-        total = (np.where(ratio < 1.0, cosine * cosine, 0.0) * self.amplitudes).sum(axis=-1)
-        return self._window(x, y)[0] * total
+        cosine = 0.5 * (1.0 + np.cos(np.pi * ratio))
+        return px, py, ratio, cosine, np.where(ratio < 1.0, cosine * cosine, 0.0)
+
+    def _field(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``Z`` at points of any shape (the height alone: no gradient)."""
+        bump = self._bumps(x, y)[-1]
+        return self._window(x, y)[0] * (bump * self.amplitudes).sum(axis=-1)
 
     def _field_and_gradient(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``Z`` and its gradient ``(dZ/dx, dZ/dy)`` at points of any shape."""
-        px, py = x[..., None] - self.centres[:, 0], y[..., None] - self.centres[:, 1]
-        ratio = np.sqrt(px * px + py * py) / self.radii
+        px, py, ratio, cosine, bump = self._bumps(x, y)
         inside = ratio < 1.0
-        cosine = 0.5 * (1.0 + np.cos(np.pi * ratio))  # the raised cosine, squared below: C2 at the rim
-        bump = np.where(inside, cosine * cosine, 0.0)
         # d/dr of the bump divided by r, finite at r = 0: 2 cosine * -(pi / R)^2 / 2 * sinc(r / R)
         slope = np.where(inside, -cosine * (np.pi / self.radii) ** 2 * np.sinc(ratio), 0.0)
         total = (bump * self.amplitudes).sum(axis=-1)
@@ -195,12 +196,10 @@ class Elevation:
         shape = np.broadcast_shapes(s.shape, t.shape)  # read-only views (broadcast_arrays' writable ones warn)
         return self._across(self._section(np.broadcast_to(s, shape)), np.broadcast_to(t, shape))
 
-    def _section(self, s: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The cross-section at ``s``: the centre line's ``(x, y, heading)``, roll ``phi`` and height."""
-        if s.ndim == 1 and len(s) <= SCALAR_SECTIONS:  # a few points: the track's scalar pose is faster
-            x, y, heading = (np.array(v, float) for v in zip(*(self.centre(v) for v in s)))
-        else:
-            x, y, heading = self.centre(s)
+    def _section(self, s: np.ndarray, centre: tuple | None = None) -> tuple[np.ndarray, ...]:
+        """The cross-section at ``s``: the centre line's ``(x, y, heading)`` (``centre``, if given),
+        roll ``phi`` and height."""
+        x, y, heading = self.centre(s) if centre is None else centre
         return x, y, heading, self.superelevation(s), self._field(x, y)
 
     def _across(self, section: tuple[np.ndarray, ...], t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -223,14 +222,18 @@ class Elevation:
         return self.point_and_normal(s, t)[1]
 
     def point_and_normal(self, s, t) -> tuple[np.ndarray, np.ndarray]:
-        """The surface point(s) ``(x, y, z)`` and unit normal(s) at ``s``, ``t`` from one vectorised
-        :meth:`surface` call over the point and its four central-difference neighbours (scalars give
-        shapes (3,), arrays (N, 3))."""
+        """The surface point(s) ``(x, y, z)`` and unit normal(s) at ``s``, ``t``: the point and its four
+        central-difference neighbours from the cross-sections at ``s`` and ``s +- NORMAL_STEP``, one
+        vectorised evaluation (scalars give shapes (3,), arrays (N, 3))."""
         s, t, h = np.asarray(s, float), np.asarray(t, float), NORMAL_STEP
         shape = np.broadcast_shapes(s.shape, t.shape)
         s, t = np.broadcast_to(s, shape), np.broadcast_to(t, shape)
         # Sections at s, s + h, s - h; points at (s, t), (s +- h, t) along and (s, t +- h) across.
-        section = self._section(np.stack([s, s + h, s - h]))
+        along = np.stack([s, s + h, s - h])
+        centre = None
+        if s.ndim == 0:  # one car, every step: the track's scalar pose is twice as fast on three points
+            centre = tuple(np.array(v, float) for v in zip(*(self.centre(v) for v in along)))
+        section = self._section(along, centre)
         rows = [0, 1, 2, 0, 0]
         x, y, z = self._across(tuple(v[rows] for v in section), np.stack([t, t, t, t + h, t - h]))
         ax, ay, az = x[1] - x[2], y[1] - y[2], z[1] - z[2]  # along the road
@@ -239,14 +242,9 @@ class Elevation:
         norm = np.sqrt(nx * nx + ny * ny + nz * nz)
         return np.stack([x[0], y[0], z[0]], axis=-1), np.stack([nx / norm, ny / norm, nz / norm], axis=-1)
 
-    def attitude(self, s: float, t: float, yaw: float) -> tuple[float, float]:
-        """``(roll, pitch)`` [rad] (PyBullet's Euler angles, with ``yaw``) of a car standing on the
-        surface at ``s``, ``t`` and heading ``yaw`` in plan view."""
-        return attitude_on(self.normal(s, t), yaw)
-
     def pose(self, s: float, t: float, yaw: float) -> tuple[np.ndarray, float, float]:
-        """The surface point ``(x, y, z)`` at ``s``, ``t`` and the ``(roll, pitch)`` [rad] of a car
-        standing there heading ``yaw`` in plan view (one :meth:`surface` call for both)."""
+        """The surface point ``(x, y, z)`` at ``s``, ``t`` and the ``(roll, pitch)`` [rad] (PyBullet's
+        Euler angles, with ``yaw``) of a car standing there heading ``yaw`` in plan view."""
         point, normal = self.point_and_normal(s, t)
         return (point, *attitude_on(normal, yaw))
 
